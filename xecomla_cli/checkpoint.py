@@ -1,0 +1,237 @@
+"""The stage checkpoint: a directory every stage writes and every later stage reads.
+
+    model.safetensors (or model-0000x-of-0000y.safetensors + model.safetensors.index.json)
+    config.json         the base architecture (Llama / Qwen2 / Mistral)
+    generation_config.json, tokenizer files
+    xecomla.json        format version, stage, MLA spec, source, parent, command, metrics
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import XecomlaError
+from .mla.spec import MLASpec
+
+FORMAT_VERSION = 1
+META_FILE = "xecomla.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "4GB"
+
+
+def command_line() -> str:
+    """The command that is running, for lineage (no secrets are ever passed as arguments)."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else []
+    return " ".join(argv)
+
+
+def atomic_directory(out_dir: Path, write: Callable[[Path], None], force: bool = False) -> Path:
+    """Run `write(tmp)` into a temporary sibling directory, then rename it to `out_dir`.
+
+    Refuses to replace an existing `out_dir` unless `force`. On any failure nothing is left.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise XecomlaError(f"output '{out_dir}' already exists: pass --force to replace it, or choose another -o")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_weights(model, directory: Path) -> None:
+    """Safetensors weights (sharded with an index when large); tied tensors are stored once."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
+    save_torch_state_dict(state, directory, max_shard_size=MAX_SHARD_SIZE)
+    for f in directory.glob("*.safetensors"):
+        f.chmod(0o644)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, with a clear error for a missing or corrupt file."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        raise XecomlaError(f"checkpoint '{directory}' has no {WEIGHTS_FILE}: it is incomplete, re-run the stage")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise XecomlaError(f"checkpoint '{directory}' is missing weight shard {name}: re-run the stage")
+        try:
+            state.update(load_file(path))
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise XecomlaError(f"checkpoint weights '{path}' are corrupt ({_short(exc)}): re-run the stage") from None
+    return state
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    model,
+    tokenizer,
+    stage: str,
+    spec: MLASpec | None,
+    source: str,
+    parent: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a stage checkpoint atomically and return its path."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "xecomla_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "parent": parent,
+        "command": command_line(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "mla": spec.to_dict() if spec is not None else None,
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        write_weights(model, tmp)
+        config = model.config
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+
+    return atomic_directory(Path(out_dir), write, force=force)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """`xecomla.json` of a checkpoint, validated."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise XecomlaError(f"checkpoint '{ckpt_dir}' does not exist: pass the directory a stage printed")
+    path = ckpt_dir / META_FILE
+    if not path.is_file():
+        raise XecomlaError(f"'{ckpt_dir}' is not an xecomla checkpoint (no {META_FILE}): pass a stage's output")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise XecomlaError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): re-run the stage") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise XecomlaError(
+            f"checkpoint '{ckpt_dir}' has format version {version}, this xecomla reads version "
+            f"{FORMAT_VERSION}: re-run the stage with this version"
+        )
+    if not (ckpt_dir / "config.json").is_file():
+        raise XecomlaError(f"checkpoint '{ckpt_dir}' has no config.json: it is incomplete, re-run the stage")
+    return meta
+
+
+def update_meta(ckpt_dir: str | Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Atomically rewrite `xecomla.json` after `update(meta)` changed it in place."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    update(meta)
+    tmp = ckpt_dir / f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, ckpt_dir / META_FILE)
+    return meta
+
+
+def record_metrics(ckpt_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge `metrics` into the checkpoint's recorded metrics."""
+    return update_meta(ckpt_dir, lambda meta: meta.setdefault("metrics", {}).update(metrics))
+
+
+def build_model(config, spec: MLASpec | None, dtype: torch.dtype):
+    """The checkpoint's architecture with uninitialised weights (they are loaded next)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .mla.convert import apply_spec
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if spec is not None:
+        apply_spec(model, spec)
+    return model
+
+
+def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a stage checkpoint as a `LoadedModel` (MLA layers rebuilt from the spec)."""
+    from transformers import AutoConfig
+
+    from .sources import LoadedModel, ResolvedSource, check_family, parse_device, parse_dtype
+
+    ckpt_dir = Path(ckpt_dir).resolve()
+    meta = read_meta(ckpt_dir)
+    config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
+    family = check_family(config)
+    spec = MLASpec.from_dict(meta["mla"]) if meta.get("mla") else None
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = getattr(torch, meta.get("dtype", "float32"))
+    state = read_weights(ckpt_dir)
+    model = build_model(config, spec, torch_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        shown = ", ".join((list(unexpected) + [m for m in missing if m not in tied])[:3])
+        raise XecomlaError(f"checkpoint '{ckpt_dir}' weights do not match its xecomla.json spec ({shown}): re-run the stage")
+    if tied:
+        model.tie_weights()
+    model.to(parse_device(device)).eval()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise XecomlaError(f"checkpoint '{ckpt_dir}' has no usable tokenizer ({_short(exc)}): re-run the stage") from None
+    resolved = ResolvedSource(str(ckpt_dir), ckpt_dir, is_checkpoint=True)
+    return LoadedModel(model, tokenizer, meta.get("source", str(ckpt_dir)), family, resolved, spec, meta)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,99 @@
+"""Architecture report, KV-cache budget table and per-layer SVD energy of a source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .mla.convert import decoder_layers
+from .mla.spec import attention_kind, attention_shape
+from .svd_init import energy_curve, layer_singular_values, rank_for_energy
+
+DEFAULT_RANKS = (32, 64, 96, 128, 192, 256, 384, 512)
+DELTAS = (0.90, 0.95, 0.99)
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def architecture(model, family: str) -> dict[str, Any]:
+    config = model.config
+    shape = attention_shape(config)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return {
+        "family": family,
+        "architectures": list(getattr(config, "architectures", None) or []),
+        **shape,
+        "attention": attention_kind(shape["num_heads"], shape["num_kv_heads"]),
+        "rope_theta": rope.get("rope_theta"),
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} or None,
+        "qkv_bias": getattr(decoder_layers(model)[0].self_attn.q_proj, "bias", None) is not None,
+        "vocab_size": config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def kv_cache(arch: dict[str, Any], dtype: torch.dtype, context: int, batch: int) -> dict[str, Any]:
+    """The original model's KV cache: 2·G·h values per token per layer."""
+    per_layer = 2 * arch["num_kv_heads"] * arch["head_dim"]
+    total = per_layer * arch["num_layers"]
+    b = dtype_bytes(dtype)
+    return {
+        "values_per_token_per_layer": per_layer,
+        "values_per_token": total,
+        "bytes_per_token": total * b,
+        "context": context,
+        "batch": batch,
+        "gb": total * b * context * batch / 1e9,
+    }
+
+
+def budget_table(
+    arch: dict[str, Any],
+    singular_values: dict[int, torch.Tensor],
+    ranks: list[int],
+    rope_dim: int,
+    dtype: torch.dtype,
+    context: int,
+    batch: int,
+) -> list[dict[str, Any]]:
+    """One row per candidate rank: cache values r + p, compression, SVD energy kept."""
+    original = 2 * arch["num_kv_heads"] * arch["head_dim"]
+    b = dtype_bytes(dtype)
+    curves = {i: energy_curve(s) for i, s in singular_values.items()}
+    rows = []
+    for r in ranks:
+        energies = [float(c[min(r, c.numel()) - 1]) for c in curves.values()]
+        values = r + rope_dim
+        rows.append({
+            "rank": r,
+            "cache_values_per_token_per_layer": values,
+            "compression": original / values,
+            "gb": values * arch["num_layers"] * b * context * batch / 1e9,
+            "energy_min": min(energies),
+            "energy_mean": sum(energies) / len(energies),
+            "energy_max": max(energies),
+            "energy_per_layer": energies,
+        })  # fmt: skip
+    return rows
+
+
+def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: int = 1) -> dict[str, Any]:
+    """The full report as a JSON-ready dict."""
+    model = loaded.model
+    arch = architecture(model, loaded.family)
+    dtype = next(model.parameters()).dtype
+    p = rope_dim if rope_dim is not None else arch["head_dim"] // 2
+    sv = layer_singular_values(model)
+    ranks = sorted(set(ranks or DEFAULT_RANKS))
+    return {
+        "source": loaded.source,
+        "architecture": arch,
+        "kv_cache": kv_cache(arch, dtype, context, batch),
+        "rope_dim": p,
+        "budget": budget_table(arch, sv, ranks, p, dtype, context, batch),
+        "rank_for_energy": {str(d): [rank_for_energy(sv[i], d) for i in sorted(sv)] for d in DELTAS},
+    }

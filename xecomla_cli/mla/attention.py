@@ -1,0 +1,201 @@
+"""Multi-head latent attention that drops into Hugging Face Llama / Qwen2 / Mistral layers.
+
+Per token x (hidden d), with H heads of dim h = n + p, latent rank r:
+
+    q            = W_q x                      (H, n + p)   [q_nope | q_rope] per head
+    [c ; k_rope] = W_dkv x                    (r + p)      latent and one shared RoPE key
+    c            = RMSNorm(c)                 optional (``latent_norm``)
+    [k_nope ; v] = W_ukv c                    (H, n + h)   per head, up-projection
+    k            = [k_nope | RoPE(k_rope)]    the RoPE key is shared by all heads
+
+Only ``c`` and ``RoPE(k_rope)`` are cached: r + p values per token per layer. They are stored
+in the model's ordinary ``DynamicCache`` (as that layer's "keys" and "values").
+
+Prefill and training expand K/V and use the model's attention backend (SDPA, eager…).
+Decoding uses the absorbed form, which never expands the cache:
+
+    q_lat = q_nope · W_uk                     (H, r)
+    o_lat = softmax(scale · (q_lat · cᵀ + q_rope · k_ropeᵀ)) · c
+    o     = o_lat · W_uvᵀ                     (H, h)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .rope import apply_rope, rope_cos_sin
+
+
+class LatentRMSNorm(nn.Module):
+    """RMSNorm over the latent (as DeepSeek-V3's ``kv_a_layernorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class MLAAttention(nn.Module):
+    """MLA replacement for ``LlamaAttention`` (same forward arguments and return values)."""
+
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        kv_rank: int,
+        rope_dim: int,
+        q_rank: int | None = None,
+        latent_norm: bool = False,
+        bias: bool = False,
+        o_bias: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.kv_rank = kv_rank
+        self.rope_dim = rope_dim
+        self.nope_dim = self.head_dim - rope_dim
+        self.q_rank = q_rank
+        self.scaling = self.head_dim**-0.5  # n + p = h: the original softmax scale
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = True
+        self.num_key_value_groups = 1  # K/V are expanded to all heads before the backend
+        self.sliding_window = getattr(config, "sliding_window", None) if self._uses_sliding_window() else None
+        H, h, d = self.num_heads, self.head_dim, config.hidden_size
+
+        if q_rank is None:
+            self.q_proj = nn.Linear(d, H * h, bias=bias)
+        else:
+            self.q_a_proj = nn.Linear(d, q_rank, bias=False)
+            self.q_b_proj = nn.Linear(q_rank, H * h, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(d, kv_rank + rope_dim, bias=bias)
+        self.kv_a_layernorm = LatentRMSNorm(kv_rank) if latent_norm else None
+        self.kv_b_proj = nn.Linear(kv_rank, H * (self.nope_dim + h), bias=bias)
+        self.o_proj = nn.Linear(H * h, d, bias=o_bias)
+        # Per-layer RoPE frequencies of the p RoPE dims (rotate-half pairs), saved with the weights.
+        self.register_buffer("rope_inv_freq", torch.zeros(rope_dim // 2), persistent=True)
+        self.rope_attention_scaling = 1.0
+
+    def _apply(self, fn, recurse=True):
+        # Keep the RoPE frequencies in fp32 whatever the module dtype: a bf16 frequency is off
+        # by ~0.4%, i.e. radians of phase error a few thousand positions in.
+        inv_freq = self.rope_inv_freq
+        super()._apply(fn, recurse)
+        self._buffers["rope_inv_freq"] = inv_freq.to(device=self.rope_inv_freq.device, dtype=torch.float32)
+        return self
+
+    def _uses_sliding_window(self) -> bool:
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None:
+            return layer_types[self.layer_idx] == "sliding_attention"
+        return getattr(self.config, "sliding_window", None) is not None
+
+    # ---- projections ----------------------------------------------------------------------
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_proj(x))
+
+    def project_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> c (B, T, r), k_rope (B, T, p) before rotation."""
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        if self.kv_a_layernorm is not None:
+            c = self.kv_a_layernorm(c)
+        return c, k_rope
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, n, r) and W_uv (H, h, r) from the up-projection."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.head_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        H, n, p = self.num_heads, self.nope_dim, self.rope_dim
+
+        q = self.project_q(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, h)
+        q_nope, q_rope = q.split([n, p], dim=-1)
+        c, k_rope = self.project_latent(hidden_states)  # (B, T, r), (B, T, p)
+
+        if position_ids is None:
+            position_ids = self._default_positions(B, T, past_key_values, hidden_states.device)
+        cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling, q.dtype)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, p)
+        c = c.unsqueeze(1)  # (B, 1, T, r)
+
+        if past_key_values is not None:
+            # The latent cache: r + p values per token, in the layer's ordinary cache slots.
+            c, k_rope = past_key_values.update(c, k_rope, self.layer_idx)
+
+        if past_key_values is not None and T == 1 and not self.training:
+            out = self.absorbed_decode(q_nope, q_rope, c, k_rope, attention_mask)  # (B, H, 1, h)
+            attn_weights = None
+            out = out.transpose(1, 2)
+        else:
+            out, attn_weights = self.expanded_attention(q_nope, q_rope, c, k_rope, attention_mask, **kwargs)
+        out = out.reshape(B, T, H * self.head_dim)
+        return self.o_proj(out), attn_weights
+
+    def expanded_attention(self, q_nope, q_rope, c, k_rope, attention_mask, **kwargs):
+        """Prefill/training path: expand the latents to per-head K and V, then the model's backend."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        B, H, L = c.shape[0], self.num_heads, c.shape[2]
+        kv = self.kv_b_proj(c.squeeze(1)).view(B, L, H, self.nope_dim + self.head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.head_dim], dim=-1)  # (B, H, L, n), (B, H, L, h)
+        k = torch.cat([k_nope, k_rope.expand(B, H, L, self.rope_dim)], dim=-1)  # (B, H, L, h)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, h)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        kwargs.pop("sliding_window", None)
+        return attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+
+    def absorbed_decode(self, q_nope, q_rope, c, k_rope, attention_mask):
+        """Decode path over the latent cache; returns (B, H, T, h). See module docstring."""
+        from .decode import latent_attention
+
+        w_uk, w_uv = self.up_weights()
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        o_lat = latent_attention(q_lat, q_rope, c, k_rope, attention_mask, self.scaling)  # (B, H, T, r)
+        out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, h)
+        if self.kv_b_proj.bias is not None:  # the V bias passes through softmax unchanged
+            b_v = self.kv_b_proj.bias.view(self.num_heads, -1)[:, self.nope_dim :]
+            out = out + b_v[None, :, None, :]
+        return out
+
+    @staticmethod
+    def _default_positions(B, T, cache, device):
+        start = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)

@@ -1,0 +1,103 @@
+"""The MLA spec: the single source of every user-facing size (ranks, cache values, ratios).
+
+It is saved in a stage checkpoint's `xecomla.json`; inspect, init-svd, eval and export all
+read sizes from here rather than recomputing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class MLASpec:
+    """Shape of an MLA conversion of a base model.
+
+    `kv_ranks[i]` is the latent rank r of layer i, or None where layer i keeps its original
+    attention (hybrid). Every converted layer caches r + rope_dim values per token.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int  # H, query heads
+    num_kv_heads: int  # G, KV heads of the original model
+    head_dim: int  # h
+    rope_dim: int  # p, decoupled RoPE dims (shared key)
+    kv_ranks: list[int | None]
+    q_rank: int | None = None  # low-rank queries (saves parameters, not cache)
+    latent_norm: bool = False  # RMSNorm on the latent c (DeepSeek-V3 has one)
+    method: str = "paper"  # how the weights were initialised
+    options: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def nope_dim(self) -> int:
+        """n = h - p: query/key dims without RoPE."""
+        return self.head_dim - self.rope_dim
+
+    @property
+    def converted_layers(self) -> list[int]:
+        return [i for i, r in enumerate(self.kv_ranks) if r is not None]
+
+    @property
+    def original_values_per_token_per_layer(self) -> int:
+        """2·G·h: K and V of every KV head."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def values_per_token(self, layer: int) -> int:
+        """Cached values per token in one layer: r + p when converted, else 2·G·h."""
+        r = self.kv_ranks[layer]
+        return self.original_values_per_token_per_layer if r is None else r + self.rope_dim
+
+    @property
+    def values_per_token_total(self) -> int:
+        return sum(self.values_per_token(i) for i in range(self.num_layers))
+
+    @property
+    def original_values_per_token_total(self) -> int:
+        return self.num_layers * self.original_values_per_token_per_layer
+
+    @property
+    def compression(self) -> float:
+        """Whole-model KV cache compression ratio (original / MLA)."""
+        return self.original_values_per_token_total / self.values_per_token_total
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cache_values_per_token"] = {
+            "per_layer": [self.values_per_token(i) for i in range(self.num_layers)],
+            "total": self.values_per_token_total,
+            "original_total": self.original_values_per_token_total,
+            "compression": round(self.compression, 4),
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MLASpec:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def attention_shape(config) -> dict[str, int]:
+    """(layers, hidden, H, G, h) of a Hugging Face Llama/Qwen2/Mistral config."""
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_heads": num_heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
+        "head_dim": head_dim,
+    }
+
+
+def attention_kind(num_heads: int, num_kv_heads: int) -> str:
+    if num_kv_heads == num_heads:
+        return "MHA"
+    if num_kv_heads == 1:
+        return "MQA"
+    return "GQA"

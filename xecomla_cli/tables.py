@@ -1,0 +1,94 @@
+"""Rich tables for the reports printed on stderr (numbers come from the report dicts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def _gb(x: float) -> str:
+    return f"{x:,.3f}" if x < 10 else f"{x:,.1f}"
+
+
+def architecture_table(report: dict[str, Any]) -> Table:
+    a, kv = report["architecture"], report["kv_cache"]
+    t = Table(title=f"{report['source']}: architecture", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rope = f"theta {a['rope_theta']:g}" if a["rope_theta"] else "-"
+    if a["rope_scaling"] and a["rope_scaling"].get("rope_type", "default") != "default":
+        rope += f", {a['rope_scaling']['rope_type']} scaling"
+    rows = [
+        ("family", f"{a['family']} ({', '.join(a['architectures']) or '-'})"),
+        ("layers", a["num_layers"]),
+        ("hidden size", a["hidden_size"]),
+        ("heads / KV heads", f"{a['num_heads']} / {a['num_kv_heads']} ({a['attention']})"),
+        ("head dim", a["head_dim"]),
+        ("RoPE", rope),
+        ("QKV bias", "yes" if a["qkv_bias"] else "no"),
+        ("parameters", f"{a['parameters'] / 1e6:,.1f}M ({a['dtype']})"),
+        ("KV cache / token / layer", f"{kv['values_per_token_per_layer']} values"),
+        ("KV cache / token", f"{kv['values_per_token']:,} values = {kv['bytes_per_token']:,} bytes"),
+        (f"KV cache @ {kv['context']:,} ctx x {kv['batch']}", f"{_gb(kv['gb'])} GB"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+def budget_table(report: dict[str, Any], per_layer: bool = False) -> Table:
+    kv = report["kv_cache"]
+    t = Table(
+        title=f"Latent rank budget (rope dim p = {report['rope_dim']}; SVD energy of stacked [K; V] per layer)",
+        title_justify="left",
+    )
+    for col in ("rank r", "cache r+p", "compression", f"GB @ {kv['context']:,}x{kv['batch']}", "energy min",
+                "mean", "max"):  # fmt: skip
+        t.add_column(col, justify="right")
+    if per_layer:
+        for i in range(len(report["budget"][0]["energy_per_layer"])):
+            t.add_column(f"L{i}", justify="right")
+    for row in report["budget"]:
+        cells = [
+            str(row["rank"]),
+            str(row["cache_values_per_token_per_layer"]),
+            f"{row['compression']:.2f}x",
+            _gb(row["gb"]),
+            f"{row['energy_min']:.3f}",
+            f"{row['energy_mean']:.3f}",
+            f"{row['energy_max']:.3f}",
+        ]
+        if per_layer:
+            cells += [f"{e:.3f}" for e in row["energy_per_layer"]]
+        t.add_row(*cells)
+    return t
+
+
+def energy_rank_table(report: dict[str, Any]) -> Table:
+    t = Table(title="Smallest rank reaching energy δ (per layer, multiple of 8)", title_justify="left")
+    t.add_column("δ", justify="right")
+    t.add_column("min", justify="right")
+    t.add_column("mean", justify="right")
+    t.add_column("max", justify="right")
+    t.add_column("per layer")
+    for delta, ranks in report["rank_for_energy"].items():
+        t.add_row(delta, str(min(ranks)), f"{sum(ranks) / len(ranks):.0f}", str(max(ranks)), " ".join(map(str, ranks)))
+    return t
+
+
+def spec_table(spec, title: str) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    ranks = [r for r in spec.kv_ranks if r is not None]
+    layers = spec.converted_layers
+    t.add_row("converted layers", f"{len(layers)} of {spec.num_layers}")
+    t.add_row("latent rank r", str(ranks[0]) if len(set(ranks)) == 1 else f"{min(ranks)}..{max(ranks)} (per layer)")
+    t.add_row("rope dim p", str(spec.rope_dim))
+    t.add_row("q rank", str(spec.q_rank) if spec.q_rank else "full")
+    t.add_row("latent norm", "yes" if spec.latent_norm else "no")
+    t.add_row("method", spec.method)
+    t.add_row("cache / token", f"{spec.values_per_token_total:,} values (original {spec.original_values_per_token_total:,})")
+    t.add_row("compression", f"{spec.compression:.2f}x")
+    return t
