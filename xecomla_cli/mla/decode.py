@@ -25,23 +25,25 @@ def latent_attention_reference(q_lat, q_rope, c, k_rope, attention_mask, scale):
 
 
 def latent_attention(q_lat, q_rope, c, k_rope, attention_mask, scale):
-    """Dispatch: the Triton decode kernel when it applies (CUDA, one query token, no padding
-    mask), else the PyTorch reference. Shapes as in `latent_attention_reference`."""
-    if q_lat.shape[2] == 1 and _mask_is_trivial(attention_mask, c.shape[-2]):
-        from ..kernels import mla_decode as kernel
+    """Dispatch: the Triton decode kernel when it applies (CUDA, or forced with
+    XECOMLA_DECODE_KERNEL=triton; one query token; no padding mask), else the PyTorch reference.
+    Shapes as in `latent_attention_reference`."""
+    from ..kernels import decode_backend
 
-        if kernel.use_triton(q_lat.device):
-            B, L = c.shape[0], c.shape[-2]
-            seq_lens = torch.full((B,), L, dtype=torch.int32, device=c.device)
-            out = kernel.mla_decode(
-                q_lat[:, :, 0].contiguous(),
-                q_rope[:, :, 0].contiguous(),
-                c[:, 0],
-                k_rope[:, 0],
-                seq_lens,
-                scale,
-            )
-            return out.unsqueeze(2)
+    if q_lat.shape[2] == 1 and decode_backend(q_lat.device) == "triton" and _mask_is_trivial(attention_mask, c.shape[-2]):
+        from ..kernels.mla_decode import mla_decode
+
+        B, L = c.shape[0], c.shape[-2]
+        seq_lens = torch.full((B,), L, dtype=torch.int32, device=c.device)
+        out = mla_decode(
+            q_lat[:, :, 0].contiguous(),
+            q_rope[:, :, 0].contiguous(),
+            c[:, 0],
+            k_rope[:, 0],
+            seq_lens,
+            scale,
+        )
+        return out.unsqueeze(2)
     return latent_attention_reference(q_lat, q_rope, c, k_rope, attention_mask, scale)
 
 
