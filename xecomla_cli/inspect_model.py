@@ -24,7 +24,7 @@ def architecture(model, family: str) -> dict[str, Any]:
     rope = dict(getattr(config, "rope_parameters", None) or {})
     return {
         "family": family,
-        "architectures": list(getattr(config, "architectures", None) or []),
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
         **shape,
         "attention": attention_kind(shape["num_heads"], shape["num_kv_heads"]),
         "rope_theta": rope.get("rope_theta"),
