@@ -125,6 +125,9 @@ def init_svd(
     layers: Annotated[Optional[str], typer.Option("--layers", help="Layers to convert, e.g. '0-11,20' (default: all).")] = None,
     latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
     kv_svd_rows: Annotated[str, typer.Option("--kv-svd-rows", help="'all' (paper: SVD of all K and V rows) or 'nope-v' (only the rows that are kept).")] = "all",
+    method: Annotated[str, typer.Option("--method", help="'paper' (default, data-free), a preset (mha2mla, rorope, complex, whiten, best) or components joined by '+' (qk-pairs, rot-pairs, rorope, complex, whiten, budget, seq).")] = "paper",
+    calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Calibration text for data-aware methods: .txt, .jsonl or a directory (default: a slice of the bundled public-domain Shakespeare).")] = None,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods.")] = 8192,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output checkpoint directory (default: runs/<source>-mla-<rank>).")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -139,6 +142,16 @@ def init_svd(
         raise XecomlaError(f"--kv-svd-rows must be one of {', '.join(KV_SVD_ROWS)}")
     if (kv_rank is None) == (energy is None):
         raise XecomlaError("give exactly one of --kv-rank R or --energy δ")
+    from .init_methods import calibration_steps, parse_method
+
+    cfg = parse_method(method)
+    if cfg.is_paper and calib_data is not None:
+        raise XecomlaError("--calib-data is only used by a data-aware --method (e.g. --method best): the paper init is data-free")
+    if cfg.budget and kv_rank is None:
+        raise XecomlaError("--method ...+budget spreads a total of layers x --kv-rank: give --kv-rank, not --energy")
+    if not cfg.is_paper:
+        kv_svd_rows = "nope-v"  # the data-aware latent is fitted on the kept rows only
+    method = "paper" if cfg.is_paper else method
     source = read_arg(source)
     start = time.perf_counter()
     loaded = load(source, dtype="float32", device=device)
@@ -148,11 +161,19 @@ def init_svd(
     layer_list = parse_layers(layers, model.config.num_hidden_layers)
     sv = layer_singular_values(model) if energy is not None else None
     spec = build_spec(model.config, kv_rank=kv_rank, energy=energy, rope_dim=rope_dim, q_rank=q_rank,
-                      layers=layer_list, latent_norm=latent_norm, kv_rows=kv_svd_rows, singular_values=sv)  # fmt: skip
-    out = output or Path("runs") / f"{_slug(source)}-mla-{f'r{kv_rank}' if kv_rank else f'e{energy:g}'}"
+                      layers=layer_list, latent_norm=latent_norm, method=method, kv_rows=kv_svd_rows,
+                      singular_values=sv)  # fmt: skip
+    calib_ids = None
+    if not cfg.is_paper:
+        from .calibration import calibration_ids
+
+        calib_ids = calibration_ids(loaded.tokenizer, calib_data, calib_tokens)
+        spec.options["calibration"] = {"data": str(calib_data) if calib_data else "shakespeare", "tokens": calib_ids.numel()}
+    out = output or Path("runs") / f"{_slug(source)}-mla-{f'r{kv_rank}' if kv_rank else f'e{energy:g}'}{'' if cfg.is_paper else '-' + method.replace('+', '-')}"
     with console.make_progress() as progress:
-        task = progress.add_task("SVD init", total=len(spec.converted_layers))
-        convert_model(model, spec, progress=lambda i: progress.advance(task))
+        task = progress.add_task("SVD init" if cfg.is_paper else f"{method} init",
+                                 total=len(spec.converted_layers) + calibration_steps(spec, cfg))  # fmt: skip
+        convert_model(model, spec, method=method, calib_ids=calib_ids, progress=lambda i: progress.advance(task))
     from .sources import parse_dtype
 
     if dtype != "float32":

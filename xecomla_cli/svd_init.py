@@ -16,6 +16,7 @@ Paper default (``method="paper"``, as the official code does it):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from .mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_atten
 from .mla.rope import model_inv_freq
 from .mla.spec import MLASpec, attention_shape
 
-METHODS = ("paper",)
+METHODS = ("paper", "mha2mla", "rorope", "complex", "whiten", "best")  # presets; see init_methods
 KV_SVD_ROWS = ("all", "nope-v")
 
 
@@ -75,10 +76,32 @@ def paper_rope_plan(config, head_dim: int, rope_dim: int) -> RopePlan:
     return RopePlan(torch.arange(n, head_dim), torch.arange(n), inv_freq, scaling)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run small LAPACK calls on one thread: these matrices gain nothing from threads, and OpenMP
+    threads spinning against other busy processes made an SVD 30x slower on 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_r (rows, r), S_r (r,), V_rᵀ (r, cols) of an fp32 matrix (computed in fp64 for accuracy)."""
-    u, s, vt = torch.linalg.svd(m.detach().double(), full_matrices=False)
+    """U_r (rows, r), S_r (r,), V_rᵀ (r, cols) of a matrix, computed in fp32."""
+    with single_thread():
+        u, s, vt = torch.linalg.svd(m.detach().float(), full_matrices=False)
     return u[:, :rank].float(), s[:rank].float(), vt[:rank].float()
+
+
+def _pad_rank(u, s, vt, rank: int):
+    """Zero-pad truncated SVD factors to `rank` components (zero singular values)."""
+    extra = rank - s.numel()
+    if extra <= 0:
+        return u, s, vt
+    return (torch.cat([u, u.new_zeros(u.shape[0], extra)], 1), torch.cat([s, s.new_zeros(extra)]),
+            torch.cat([vt, vt.new_zeros(extra, vt.shape[1])]))  # fmt: skip
 
 
 def repeat_heads(w: torch.Tensor, num_kv_heads: int, num_heads: int) -> torch.Tensor:
@@ -99,7 +122,8 @@ def kv_stack(w: AttentionWeights, H: int, G: int, plan: RopePlan, rows: str = "a
 def stacked_kv_singular_values(wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
     """Singular values of [W_k; W_v]. Repeating KV heads to all query heads scales them all by
     sqrt(H/G), so this gives the same energy fractions as the paper's repeated stack."""
-    return torch.linalg.svdvals(torch.cat([wk, wv]).detach().double()).float()
+    with single_thread():
+        return torch.linalg.svdvals(torch.cat([wk, wv]).detach().float())
 
 
 def energy_curve(s: torch.Tensor) -> torch.Tensor:
@@ -138,13 +162,17 @@ def mla_state_dict(
         sd[key] = w.bq.view(H, h)[:, order].reshape(-1)
 
     # KV latent: SVD of the stacked K/V rows; keep K-nope and V rows of U_r.
-    u, s, vt = truncated_svd(kv_stack(w, H, G, plan, kv_rows), r)
-    w_dkv = s[:, None] * vt  # (r, d)
+    # The paper's stack repeats each KV head's rows H/G times. Its SVD follows from the SVD of the
+    # unrepeated (G-head) stack, H/G times cheaper: same V, S·sqrt(H/G), rows of U repeated / sqrt(H/G).
+    g = H // G
+    u, s, vt = truncated_svd(kv_stack(w, G, G, plan, kv_rows), r)
+    u, s, vt = _pad_rank(u, s, vt, r)  # ranks above the stack's true rank 2·G·h get zero rows
+    w_dkv = (s * g**0.5)[:, None] * vt  # (r, d)
     k_rows = n if kv_rows == "nope-v" else h
-    u_k = u[: H * k_rows].view(H, k_rows, r)
+    u_k = repeat_heads(u[: G * k_rows], G, H) / g**0.5  # (H, k_rows, r)
     if kv_rows == "all":
         u_k = u_k[:, plan.nope_idx]
-    u_v = u[H * k_rows :].view(H, h, r)
+    u_v = repeat_heads(u[G * k_rows :], G, H) / g**0.5  # (H, h, r)
     sd["kv_b_proj.weight"] = torch.cat([u_k, u_v], dim=1).reshape(H * (n + h), r)
 
     # Shared RoPE key: the mean over KV heads of the RoPE rows of W_k.
@@ -190,10 +218,17 @@ def validate_spec(spec: MLASpec) -> None:
         )
 
 
-def convert_layer(model, spec: MLASpec, layer: int, method: str = "paper", kv_rows: str = "all") -> MLAAttention:
-    """Build the MLA attention of one layer from the model's original attention."""
-    if method not in METHODS:
-        raise XecomlaError(f"unknown --method '{method}': choose one of {', '.join(METHODS)}")
+def convert_layer(
+    model, spec: MLASpec, layer: int, method: str = "paper", kv_rows: str = "all", stats=None
+) -> MLAAttention:
+    """Build the MLA attention of one layer from the model's original attention.
+
+    ``method`` other than "paper" goes to ``init_methods`` (``stats``: the layer's calibration
+    ``LayerStats``, needed by the data-aware methods)."""
+    if method != "paper":
+        from .init_methods import convert_layer_with, parse_method
+
+        return convert_layer_with(model, spec, layer, parse_method(method), stats)
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
     plan = paper_rope_plan(model.config, spec.head_dim, spec.rope_dim)
@@ -201,6 +236,7 @@ def convert_layer(model, spec: MLASpec, layer: int, method: str = "paper", kv_ro
     new.load_state_dict(mla_state_dict(w, spec, layer, plan, kv_rows))
     new.rope_attention_scaling = plan.attention_scaling
     spec.options["rope_attention_scaling"] = plan.attention_scaling
+    new.train(old.training)
     return new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype)
 
 
@@ -226,6 +262,10 @@ def build_spec(
         raise XecomlaError("give exactly one of --kv-rank R or --energy δ")
     if energy is not None and not 0 < energy <= 1:
         raise XecomlaError(f"--energy {energy} is outside (0, 1]: e.g. --energy 0.95")
+    if method != "paper":
+        from .init_methods import parse_method
+
+        parse_method(method)  # one clear error for an unknown method
     ranks: list[int | None] = [None] * L
     for i in layers:
         ranks[i] = kv_rank if kv_rank is not None else rank_for_energy(singular_values[i], energy)
@@ -269,8 +309,17 @@ def layer_singular_values(model) -> dict[int, torch.Tensor]:
     }
 
 
-def convert_model(model, spec: MLASpec, method: str = "paper", progress=None) -> None:
-    """Replace every converted layer's attention by its SVD-initialised MLA, in place."""
+def convert_model(model, spec: MLASpec, method: str = "paper", progress=None, calib_ids=None) -> None:
+    """Replace every converted layer's attention by its SVD-initialised MLA, in place.
+
+    ``method`` other than "paper" (see ``init_methods``) calibrates on ``calib_ids`` (B, T);
+    ``progress(i)`` is called after each converted layer (and after each calibrated layer)."""
+    if method != "paper":
+        from .init_methods import convert_model_with, parse_method
+
+        tick = None if progress is None else (lambda phase, i: progress(i))
+        convert_model_with(model, spec, parse_method(method), calib_ids, tick)
+        return
     layers = decoder_layers(model)
     kv_rows = spec.options.get("kv_svd_rows", "all")
     for i in spec.converted_layers:

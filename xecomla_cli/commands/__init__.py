@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 
 # (module, function, command name); each module holds one thin command function.
-COMMANDS: list[tuple[str, str, str]] = []
+COMMANDS: list[tuple[str, str, str]] = [
+    ("eval_cmd", "eval_command", "eval"),
+    ("distill_cmd", "distill_command", "distill"),
+    ("export_cmd", "export_command", "export"),
+]
 
 
 def register_all(app) -> None:

@@ -1,0 +1,140 @@
+"""Data sources -> tokenised, packed, held-out blocks (data.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xecomla_cli.data import (
+    BlockSampler,
+    iter_documents,
+    pack,
+    parse_count,
+    prepare_text_data,
+    spread,
+    steps_for_tokens,
+    teacher_samples,
+    tokenize_document,
+)
+from xecomla_cli.errors import XecomlaError
+
+
+def test_parse_count():
+    assert parse_count("50k") == 50_000
+    assert parse_count("2M") == 2_000_000
+    assert parse_count("1.5B") == 1_500_000_000
+    assert parse_count("1234") == 1234
+    assert parse_count(7) == 7 and parse_count(None) is None
+    for bad in ("lots", "1.5X", "-3", "0"):
+        with pytest.raises(XecomlaError, match="--tokens"):
+            parse_count(bad)
+
+
+def test_text_jsonl_chat_and_directory(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("plain text document")
+    rows = [
+        {"text": "a text record"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"prompt": "Q: 1+1? ", "completion": "2"},
+    ]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "ignored.bin").write_bytes(b"\0\1")
+    docs = list(iter_documents(str(tmp_path), tokenizer))
+    assert docs[0] == "plain text document"
+    assert docs[1] == "a text record"
+    assert docs[2] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"  # chat template
+    assert docs[3] == "Q: 1+1? 2"
+
+
+def test_parquet_and_arrow(tmp_path, tokenizer):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["first row", "second row"], "id": [1, 2]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pa.ipc.new_stream(tmp_path / "d.arrow", table.schema) as w:  # the layout `datasets` writes
+        w.write_table(table)
+    assert list(iter_documents(str(tmp_path / "d.parquet"), tokenizer)) == ["first row", "second row"]
+    assert list(iter_documents(str(tmp_path / "d.arrow"), tokenizer)) == ["first row", "second row"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(XecomlaError, match="no 'text' or 'messages' column"):
+        list(iter_documents(str(tmp_path / "bad.parquet"), tokenizer))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tokenizer):
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(XecomlaError, match="line 2 is not valid JSON"):
+        list(iter_documents(str(tmp_path / "x.jsonl"), tokenizer))
+    (tmp_path / "y.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(XecomlaError, match="found: body"):
+        list(iter_documents(str(tmp_path / "y.jsonl"), tokenizer))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(XecomlaError, match="no readable files"):
+        list(iter_documents(str(tmp_path / "empty"), tokenizer))
+    with pytest.raises(XecomlaError):
+        list(iter_documents("./no/such/file.txt", tokenizer))
+
+
+def test_tokenize_appends_eos(tokenizer):
+    ids = tokenize_document("The quick brown fox", tokenizer)
+    assert ids[-1] == tokenizer.eos_token_id
+    assert ids[:-1] == tokenizer("The quick brown fox")["input_ids"]
+
+
+def test_validation_is_held_out_per_document(tmp_path, tokenizer):
+    """Long documents lose their tail to validation; nothing held out is trained on."""
+    words = [f"w{i}" for i in range(3000)]  # distinct words: every token position is traceable
+    (tmp_path / "long.txt").write_text(" ".join(words))
+    seq = 32
+    data = prepare_text_data(str(tmp_path / "long.txt"), tokenizer, seq, val_fraction=0.1, val_tokens=10**6)
+    ids = tokenize_document(" ".join(words), tokenizer)
+    assert data.tokens == len(ids)
+    cut = len(ids) - int(len(ids) * 0.1)
+    assert torch.equal(data.train.flatten(), torch.tensor(ids[: data.train.numel()]))
+    assert data.train.numel() <= cut
+    assert torch.equal(data.val.flatten(), torch.tensor(ids[cut : cut + data.val.numel()]))
+    assert data.train.shape[1] == data.val.shape[1] == seq
+    assert "validation blocks" in data.describe()
+
+
+def test_short_documents_are_held_out_whole(tmp_path, tokenizer):
+    lines = [json.dumps({"text": f"document number {i} says hello"}) for i in range(400)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    data = prepare_text_data(str(tmp_path / "d.jsonl"), tokenizer, 16, val_fraction=0.1, val_tokens=10**6)
+    assert data.documents == 400
+    n_val = data.val.numel()
+    assert 0.04 < n_val / (n_val + data.train.numel()) < 0.2
+    with pytest.raises(XecomlaError, match="not one training block"):
+        prepare_text_data(str(tmp_path / "d.jsonl"), tokenizer, 100_000)
+
+
+def test_pack_and_spread():
+    blocks = pack(torch.arange(10), 3)
+    assert blocks.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    many = pack(torch.arange(100), 2)
+    picked = spread(many, 5)
+    assert len(picked) == 5 and picked[0, 0] == 0 and picked[-1, 0] == 98
+
+
+def test_block_sampler_is_a_function_of_the_step():
+    s = BlockSampler(10, 4, seed=3)
+    first_epoch = torch.cat([s.indices(0), s.indices(1), s.indices(2)[:2]])
+    assert sorted(first_epoch.tolist()) == list(range(10))  # every block once per epoch
+    again = BlockSampler(10, 4, seed=3)
+    assert torch.equal(again.indices(7), s.indices(7))  # no hidden state: resuming is exact
+    assert not torch.equal(BlockSampler(10, 4, seed=4).indices(0), s.indices(0))
+    assert steps_for_tokens(50_000, 8, 512) == 13
+
+
+def test_teacher_samples_are_reproducible(tokenizer):
+    from conftest import make_model
+
+    model = make_model("llama")
+    a = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5)
+    b = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5)
+    assert a.shape == (3, 12) and torch.equal(a, b)
+    assert (a[:, 0] == tokenizer.bos_token_id).all()
+    assert int(a.max()) < len(tokenizer)
+    assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6))

@@ -1,0 +1,222 @@
+"""Distillation: the chunked KL loss, the training loop, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from xecomla_cli.distill import DistillConfig, lr_lambda, run_distill
+from xecomla_cli.errors import XecomlaError
+from xecomla_cli.kd_loss import IGNORE_INDEX, kd_loss, kd_loss_reference, next_token_labels
+
+
+# ---- the loss ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.0), (1.0, 0.5), (1.5, 1.0)])
+def test_chunked_loss_matches_full_logits(temperature, ce_weight):
+    """Value and gradients equal autograd through full logits, for any chunking."""
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab = 45, 12, 70
+    hs = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(vocab, d, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(n, 9, generator=g, dtype=torch.float64), torch.randn(vocab, 9, generator=g, dtype=torch.float64)
+    labels = next_token_labels(torch.randint(0, vocab, (3, 15), generator=g)).flatten()
+    ref = kd_loss_reference(hs @ ws.T, ht @ wt.T, labels, temperature=temperature, ce_weight=ce_weight)
+    ref_grads = torch.autograd.grad(ref, (hs, ws))
+    for chunk in (7, 16, 1000):
+        loss, stats = kd_loss(hs, ws, ht, wt, labels, temperature=temperature, ce_weight=ce_weight, chunk_size=chunk)
+        grads = torch.autograd.grad(loss, (hs, ws))
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert stats.tokens == n and stats.labelled == int((labels != IGNORE_INDEX).sum())
+
+
+def test_loss_statistics_and_no_grad():
+    g = torch.Generator().manual_seed(1)
+    hs, ws = torch.randn(10, 8, generator=g), torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (10,), generator=g)
+    with torch.no_grad():
+        loss, st = kd_loss(hs, ws, hs, ws, labels, teacher_ce=True)
+    assert not loss.requires_grad
+    assert st.kl_sum.item() == pytest.approx(0.0, abs=1e-5)  # teacher == student
+    ce = torch.nn.functional.cross_entropy(hs @ ws.T, labels, reduction="sum")
+    assert st.ce_sum.item() == pytest.approx(ce.item(), rel=1e-5)
+    assert st.teacher_ce_sum.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_vocabularies_are_cut_to_the_shorter_head():
+    """A padded head (e.g. Qwen2's) is compared over the shared vocabulary only."""
+    g = torch.Generator().manual_seed(2)
+    hs, ws = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(20, 4, generator=g, requires_grad=True)
+    wt = torch.randn(16, 4, generator=g)
+    loss, _ = kd_loss(hs, ws, hs.detach(), wt)
+    ref = kd_loss_reference(hs @ ws[:16].T, hs.detach() @ wt.T)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    assert ws.grad[16:].abs().max() == 0
+
+
+def test_bf16_autocast_loss_is_close():
+    g = torch.Generator().manual_seed(3)
+    hs, ws = torch.randn(32, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    ht, wt = torch.randn(32, 16, generator=g), torch.randn(50, 16, generator=g)
+    ref = kd_loss_reference(hs @ ws.T, ht @ wt.T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = kd_loss(hs, ws, ht, wt)
+    loss.backward()
+    assert ws.grad.dtype == torch.float32  # fp32 master weights get fp32 gradients
+    assert loss.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+def test_schedule_warms_up_and_decays():
+    f = lr_lambda(100, 10, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(99) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama teacher directory and its MLA (r=8) conversion as a stage checkpoint."""
+    from conftest import make_tokenizer
+
+    from xecomla_cli.checkpoint import save_checkpoint
+    from xecomla_cli.sources import load_model
+    from xecomla_cli.svd_init import build_spec, convert_model
+
+    teacher = tiny_model_dir("llama")
+    loaded = load_model(str(teacher))
+    spec = build_spec(loaded.model.config, kv_rank=8)
+    convert_model(loaded.model, spec)
+    ckpt = tmp_path_factory.mktemp("student") / "tiny-mla"
+    save_checkpoint(ckpt, model=loaded.model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=str(teacher))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from conftest import TEXT
+
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n".join(TEXT.split(". ")) * 60)
+    return path
+
+
+def _cfg(text_file, **kw) -> DistillConfig:
+    base = dict(data=str(text_file), steps=8, seq_len=32, batch_size=4, lr=3e-3, save_every=0, val_tokens=256)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_distill_lowers_validation_kl_and_writes_a_stage_checkpoint(student_ckpt, text_file, tmp_path):
+    from xecomla_cli.checkpoint import read_meta
+    from xecomla_cli.sources import load_model
+
+    out, metrics = run_distill(student_ckpt, _cfg(text_file, steps=12), output=tmp_path / "out")
+    assert metrics["val_kl"] < 0.8 * metrics["val_kl_initial"]
+    assert metrics["tokens_seen"] == 12 * 4 * 32
+    meta = read_meta(out)
+    assert meta["stage"] == "distill" and meta["parent"] == str(student_ckpt.resolve())
+    assert meta["metrics"]["val_kl"] == metrics["val_kl"] and meta["mla"]["kv_ranks"] == [8, 8, 8]
+    assert meta["distill"]["teacher"] == meta["source"]  # default teacher: the checkpoint's source
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["event"] == "train"] == list(range(1, 13))
+    assert lines[0]["event"] == "val" and lines[-1]["event"] == "val" and lines[-1]["step"] == 12
+    assert not (tmp_path / "out.run").exists()
+    student = load_model(str(out))  # a stage checkpoint every later stage reads
+    assert student.is_mla and student.meta["metrics"]["tokens_seen"] == 1536
+    with pytest.raises(XecomlaError, match="already exists"):
+        run_distill(student_ckpt, _cfg(text_file), output=out)
+
+
+def test_resume_continues_exactly(student_ckpt, text_file, tmp_path):
+    """A run killed after a save and resumed ends with the same weights and loss as an unkilled one."""
+    from xecomla_cli.checkpoint import read_weights
+
+    cfg = dict(steps=6, save_every=2, micro_batch=2, ce_weight=0.3)
+    _, full = run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "a")
+    losses: dict[int, float] = {}
+
+    def kill_at_5(step, record):
+        losses[step] = record["loss"]
+        if step == 5:
+            raise KeyboardInterrupt  # killed between the save at step 4 and the next one
+
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b", on_step=kill_at_5)
+    run_dir = tmp_path / "b.run"
+    assert json.loads((run_dir / "state" / "trainer.json").read_text())["step"] == 4
+    with pytest.raises(XecomlaError, match="--resume"):
+        run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b")
+    with pytest.raises(XecomlaError, match="lr"):
+        run_distill(student_ckpt, _cfg(text_file, **{**cfg, "lr": 1e-3}), output=tmp_path / "b", resume=True)
+    resumed_losses: dict[int, float] = {}
+    _, resumed = run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b", resume=True,
+                             on_step=lambda s, r: resumed_losses.__setitem__(s, r["loss"]))  # fmt: skip
+    assert sorted(resumed_losses) == [5, 6]
+    assert resumed_losses[5] == losses[5]
+    assert resumed["val_kl"] == full["val_kl"] and resumed["train_kl"] == full["train_kl"]
+    assert resumed["val_kl_initial"] == full["val_kl_initial"]
+    a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["event"] == "train"] == [1, 2, 3, 4, 5, 6]  # no duplicated steps
+
+
+def test_freeze_non_mla_trains_only_attention(student_ckpt, text_file, tmp_path):
+    from xecomla_cli.checkpoint import read_weights
+
+    out, _ = run_distill(student_ckpt, _cfg(text_file, steps=2, freeze_non_mla=True), output=tmp_path / "f")
+    before, after = read_weights(student_ckpt), read_weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert any("kv_b_proj" in k for k in changed)
+
+
+def test_teacher_with_another_tokenizer_is_refused(student_ckpt, text_file, tmp_path):
+    from conftest import make_model
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["completely different text " * 50], trainers.BpeTrainer(vocab_size=280, show_progress=False,
+                            special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    other = tmp_path / "other"
+    make_model("llama").save_pretrained(other)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(other)
+    with pytest.raises(XecomlaError, match="different tokenizer"):
+        run_distill(student_ckpt, _cfg(text_file, teacher=str(other)), output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_options(student_ckpt, text_file, tmp_path):
+    with pytest.raises(XecomlaError, match="exactly one of --tokens"):
+        run_distill(student_ckpt, _cfg(text_file, steps=None), output=tmp_path / "x")
+    with pytest.raises(XecomlaError, match="--fsdp"):
+        run_distill(student_ckpt, _cfg(text_file, fsdp=True), output=tmp_path / "x")
+    _, m = run_distill(student_ckpt, _cfg(text_file, steps=None, tokens=300, data="teacher", val_tokens=64),
+                       output=tmp_path / "t")  # fmt: skip
+    assert m["steps"] == math.ceil(300 / (4 * 32)) and m["distill_data"] == "teacher"
+
+
+def test_cli_pipe(student_ckpt, text_file, tmp_path):
+    """`... | xecomla distill - ...` prints the output directory, and only that, on stdout."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xecomla_cli", "-q", "distill", "-", "--data", str(text_file), "--tokens", "256",
+         "--seq-len", "32", "--batch-size", "4", "--val-tokens", "64", "-o", str(out)],
+        input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    bad = subprocess.run([sys.executable, "-m", "xecomla_cli", "distill", str(student_ckpt), "--tokens", "lots"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,183 @@
+"""The exported README.md: what the model is, how it was made, what it costs and scores.
+
+Every number comes from the checkpoint's ``xecomla.json`` (the MLA spec and recorded metrics) and
+from the export plan; nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import META_FILE
+from .mla.spec import MLASpec, attention_kind
+
+MAX_LINEAGE = 20
+DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def lineage(ckpt_dir: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checkpoint and its parents, oldest first: stage, path, command (parents that no longer
+    exist are listed with what the child recorded)."""
+    chain = [{"stage": meta.get("stage"), "path": str(ckpt_dir), "command": meta.get("command")}]
+    parent, seen = meta.get("parent"), {str(ckpt_dir)}
+    while parent and len(chain) < MAX_LINEAGE and parent not in seen:
+        seen.add(parent)
+        path = Path(parent)
+        try:
+            pmeta = json.loads((path / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            chain.append({"stage": None, "path": parent, "command": None})
+            break
+        chain.append({"stage": pmeta.get("stage"), "path": parent, "command": pmeta.get("command")})
+        parent = pmeta.get("parent")
+    return chain[::-1]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            rows.extend(_flatten(v, key + "."))
+        else:
+            rows.append((key, v))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _rank_rows(spec: MLASpec) -> list[str]:
+    """Per-layer table rows, runs of equal layers collapsed."""
+    rows, start = [], 0
+    for i in range(1, spec.num_layers + 1):
+        if i == spec.num_layers or spec.kv_ranks[i] != spec.kv_ranks[start]:
+            layers = str(start) if start == i - 1 else f"{start}–{i - 1}"
+            r = spec.kv_ranks[start]
+            kind = "original attention" if r is None else f"MLA r={r}, p={spec.rope_dim}"
+            rows.append(f"| {layers} | {kind} | {spec.values_per_token(start)} | {spec.original_values_per_token_per_layer} |")
+            start = i
+    return rows
+
+
+def render_card(
+    meta: dict[str, Any],
+    spec: MLASpec | None,
+    plan,
+    history: list[dict[str, Any]],
+    export_command: str,
+    fmt: str,
+    verify: dict[str, Any] | None = None,
+) -> str:
+    source = meta.get("source") or "unknown"
+    hub_base = "/" in source and not source.startswith((".", "/", "~")) and not Path(source).exists()
+    base_model = source if hub_base else DEMO_BASE if source == "demo" else None
+    if source == "demo":
+        source = f"{DEMO_BASE} (`demo`, the model embedded in xecomla)"
+    front = ["---", "library_name: transformers" if fmt == "hf" else "library_name: xecomla", "pipeline_tag: text-generation"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front += ["tags:", "- xecomla", "- mla", "- multi-head-latent-attention"]
+    if fmt == "hf":
+        front.append("- deepseek_v3")
+    front.append("---")
+    name = Path(history[-1]["path"]).name if history else "model"
+    out = front + ["", f"# {name} (X-EcoMLA)", ""]
+    out.append(
+        f"Multi-head latent attention (MLA) upcycled from **{source}** with "
+        "[xecomla](https://arxiv.org/abs/2503.11132) (X-EcoMLA: SVD initialisation of the pretrained "
+        "attention, then knowledge distillation). Keys and values are cached as one small latent vector "
+        "per token instead of per-head K and V."
+    )
+    out.append("")
+    if spec is not None:
+        opts = {k: v for k, v in (spec.options or {}).items()}
+        out += [
+            "## Method and options",
+            "",
+            f"- Initialisation method: `{spec.method}`",
+            f"- Base attention: {attention_kind(spec.num_heads, spec.num_kv_heads)}, {spec.num_heads} query heads, "
+            f"{spec.num_kv_heads} KV heads, head dim {spec.head_dim}, {spec.num_layers} layers, hidden {spec.hidden_size}",
+            f"- Decoupled RoPE dims p = {spec.rope_dim} (shared RoPE key), no-RoPE dims n = {spec.nope_dim}",
+            f"- Low-rank queries: {'q_rank = ' + str(spec.q_rank) if spec.q_rank else 'no'}",
+            f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
+        ]
+        out += [f"- `{k}`: {_fmt(v)}" for k, v in sorted(opts.items())]
+        out += ["", "## Cache size", ""]
+        total, orig = spec.values_per_token_total, spec.original_values_per_token_total
+        out += [
+            f"Cached values per token (all layers): **{total}** against {orig} for the original "
+            f"model: **{spec.compression:.2f}x** smaller KV cache.",
+        ]
+        if plan is not None:
+            exported = plan.cache_values_per_token(spec.num_layers)
+            out.append(
+                f"In this DeepSeek-V3 export a serving engine caches kv_lora_rank + qk_rope_head_dim = "
+                f"{plan.kv_lora_rank} + {plan.rope_dim} values per layer, {exported} per token "
+                f"({orig / exported:.2f}x smaller than the original)."
+            )
+        out += ["", "| layers | attention | cached values / token | original |", "|---|---|---|---|"]
+        out += _rank_rows(spec)
+        out.append("")
+    metrics = meta.get("metrics") or {}
+    out += ["## Evaluation (recorded in xecomla.json)", ""]
+    if metrics:
+        out += ["| metric | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics)]
+    else:
+        out.append("No metrics were recorded for this checkpoint (run `xecomla eval` on it).")
+    out.append("")
+    if plan is not None:
+        out += ["## DeepSeek-V3 layout", ""]
+        out += [
+            f"- `model_type: deepseek_v3`, dense MLP in every layer, `kv_lora_rank` {plan.kv_lora_rank}, "
+            f"`q_lora_rank` {plan.q_lora_rank}, `qk_rope_head_dim` {plan.rope_dim}, `rope_interleave: true`, "
+            f"`attention_bias: {str(plan.attention_bias).lower()}`, weights in {plan.dtype}",
+            f"- latent norm: `{plan.latent}`; queries: `{plan.queries}`",
+            "- "
+            + (
+                "No attention biases: loads in stock transformers, vLLM and SGLang."
+                if plan.portable
+                else "Uses attention biases (identity emulation of the mandatory latent norm): exact in stock "
+                "transformers; vLLM and SGLang drop DeepSeek attention biases, so serve a checkpoint "
+                "trained with `--latent-norm` there."
+            ),
+        ]
+        out += [f"- {n}" for n in plan.notes]
+        if verify:
+            out.append(
+                f"- Verified at export: stock transformers logits match xecomla's to {verify['max_abs_logit_diff']:.2e} "
+                f"(max |logit| {verify['max_abs_logit']:.3g}) on {verify['tokens']} tokens; greedy continuation "
+                f"{'identical' if verify['greedy_tokens_equal'] else 'DIFFERENT'}."
+            )
+        out += [
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")  # no trust_remote_code needed',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+            "```",
+            "",
+        ]
+    elif fmt == "xecomla":
+        out += [
+            "## Format",
+            "",
+            "xecomla stage checkpoint (MLA layers described by `xecomla.json`); load it with "
+            "`xecomla_cli.checkpoint.load_checkpoint` or pass the directory to any `xecomla` command.",
+            "",
+        ]
+    out += ["## How it was made", "", "```sh"]
+    for step in history:
+        out.append(step["command"] or f"# {step['stage'] or 'stage'} at {step['path']} (command not recorded)")
+    out.append(export_command or "xecomla export")
+    out += ["```", ""]
+    return "\n".join(out)
