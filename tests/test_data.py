@@ -138,3 +138,11 @@ def test_teacher_samples_are_reproducible(tokenizer):
     assert (a[:, 0] == tokenizer.bos_token_id).all()
     assert int(a.max()) < len(tokenizer)
     assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6))
+
+
+def test_hub_datasets_need_the_datasets_package(monkeypatch, tokenizer):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(XecomlaError, match="install `datasets`"):
+        list(iter_documents("hf:wikitext:wikitext-2-raw-v1", tokenizer))

@@ -327,6 +327,28 @@ def test_eval_command_json_and_checkpoint_metrics(monkeypatch, capsys, tmp_path,
     assert recorded["tasks"]["qa"]["n"] == 2 and "perplexity" in recorded and "teacher" in recorded
 
 
+def test_eval_speed_compares_with_the_original(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from xecomla_cli.checkpoint import save_checkpoint
+    from xecomla_cli.sources import load_model
+
+    src = str(tiny_model_dir("qwen2"))
+    loaded = load_model(src)
+    spec = build_spec(loaded.model.config, kv_rank=8)
+    convert_model(loaded.model, spec)
+    ckpt = save_checkpoint(tmp_path / "ck", model=loaded.model, tokenizer=loaded.tokenizer, stage="init-svd",
+                           spec=spec, source=src)  # fmt: skip
+    code, out, err = cli(monkeypatch, capsys, "eval", str(ckpt), "--speed", "--context", "16", "--batch", "2",
+                         "--new-tokens", "3", "--no-ppl", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    model, original = result["results"]["model"], result["results"]["teacher"]
+    assert result["teacher"] == src and result["teacher_role"].startswith("original")
+    assert model["speed"]["decode_path"].startswith("mla") and original["speed"]["decode_path"].startswith("original")
+    assert model["speed"]["context"] == original["speed"]["context"] == 16 and model["speed"]["batch"] == 2
+    assert model["kv_cache"]["compression"] == pytest.approx(64 / 16) and model["kv_cache"]["original_from"] == "measured"
+    assert "decode tokens/s" in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -335,7 +335,7 @@ def test_demo_pipeline_exports_what_plain_transformers_generates(tmp_path, demo_
     init = subprocess.run([*xecomla, "--quiet", "init-svd", "demo", "--kv-rank", "64", "-o", str(ckpt)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert init.returncode == 0, init.stderr[-2000:]
-    exp = subprocess.run([*xecomla, "--quiet", "export", "-", "-o", str(out)], input=init.stdout,
+    exp = subprocess.run([*xecomla, "export", "-", "-o", str(out)], input=init.stdout,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert exp.returncode == 0, exp.stderr[-2000:]
     assert exp.stdout.strip() == str(out)

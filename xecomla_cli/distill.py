@@ -56,7 +56,7 @@ class DistillConfig:
     steps: int | None = None  # ... or in optimizer steps
     seq_len: int = 512
     batch_size: int = 8  # sequences per optimizer step, all processes together
-    micro_batch: int | None = None  # sequences per forward/backward on one process (default: all)
+    micro_batch: int | None = None  # sequences per forward/backward on one process (default: all on GPU)
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup: float = 0.05  # < 1: fraction of the steps; >= 1: number of steps
@@ -67,13 +67,14 @@ class DistillConfig:
     ce_weight: float = 0.0
     freeze_non_mla: bool = False
     grad_checkpointing: bool = False
-    checkpoint_every: int = 1  # with grad_checkpointing: every n-th decoder layer
+    checkpoint_layers: int | None = None  # with grad_checkpointing: only the first n decoder layers
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
     fsdp: bool = False
     compile: bool = False  # torch.compile the decoder layers and the loss math
+    kd_kernel: str = "torch"  # torch (kd_loss) | liger (Liger-Kernel's fused linear JSD; GPU, no CE)
     save_every: int = 1000  # steps between resumable states (0: never)
-    eval_every: int | None = None  # steps between validations (default: 4 over the run)
+    eval_every: int | None = None  # steps between validations (default: total/4 on GPU, total/2 on CPU)
     log_every: int | None = None  # steps between metric lines (default: 1 on CPU, 10 on GPU)
     val_fraction: float = 0.02
     val_tokens: int | None = None  # default: 4k on CPU, 64k on GPU
@@ -189,18 +190,25 @@ class DistillModule(nn.Module):
     """The student and the loss in one forward, so DDP/FSDP see every parameter the loss uses."""
 
     def __init__(self, student, *, temperature: float, ce_weight: float, autocast: torch.dtype | None,
-                 compile_loss: bool = False):  # fmt: skip
+                 compile_loss: bool = False, kernel: str = "torch"):  # fmt: skip
         super().__init__()
         self.student = student
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.autocast = autocast
         self.compile_loss = compile_loss
+        self.kernel = kernel
 
     def forward(self, input_ids, teacher_hidden, teacher_weight, labels=None, teacher_ce: bool = False):
         dev = input_ids.device.type
         with torch.autocast(dev, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             h = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d)
+            if self.kernel == "liger" and torch.is_grad_enabled():
+                from .kd_loss import kd_loss_liger
+
+                loss, st = kd_loss_liger(h, self.student.lm_head.weight, teacher_hidden, teacher_weight,
+                                         temperature=self.temperature)  # fmt: skip
+                return loss, st.kl_sum, st.ce_sum, st.teacher_ce_sum
             loss, st = kd_loss(h, self.student.lm_head.weight, teacher_hidden, teacher_weight, labels,
                                temperature=self.temperature, ce_weight=self.ce_weight, compile=self.compile_loss,
                                teacher_ce=teacher_ce)  # fmt: skip
@@ -221,14 +229,17 @@ class Trainer:
         self.teacher = teacher.eval().requires_grad_(False)
         self.trainable = freeze_non_mla(student) if cfg.freeze_non_mla else sum(p.numel() for p in student.parameters())
         student.train()
-        if cfg.grad_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                                  every_n_layers=cfg.checkpoint_every)  # fmt: skip
+        if cfg.grad_checkpointing or cfg.checkpoint_layers is not None:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.checkpoint_layers is not None:  # the others keep their activations (faster, more memory)
+                for i, layer in enumerate(student.model.layers):
+                    layer.gradient_checkpointing = i < cfg.checkpoint_layers
         if cfg.compile:
             for layer in student.model.layers:
                 layer.compile()
         self.module = DistillModule(student, temperature=cfg.temperature, ce_weight=cfg.ce_weight,
-                                    autocast=autocast, compile_loss=cfg.compile and self.device.type == "cuda")  # fmt: skip
+                                    autocast=autocast, compile_loss=cfg.compile and self.device.type == "cuda",
+                                    kernel=cfg.kd_kernel)  # fmt: skip
         self.model: nn.Module = self.module
         if cfg.fsdp:
             self._shard(autocast)
@@ -250,7 +261,9 @@ class Trainer:
         )
         self.step = 0
         self.local_batch = cfg.batch_size // self.dist.world
-        self.micro = min(cfg.micro_batch or self.local_batch, self.local_batch)
+        # Default micro-batch: the whole batch on GPU; on CPU ~2k tokens (memory, not speed, grows with it).
+        default_micro = self.local_batch if self.device.type == "cuda" else max(1, 2048 // cfg.seq_len)
+        self.micro = max(1, min(cfg.micro_batch or default_micro, self.local_batch))
         self._teacher_val_hidden: list[torch.Tensor] | None = None
 
     def _shard(self, autocast) -> None:
@@ -568,6 +581,8 @@ def validate(cfg: DistillConfig, dist: Dist) -> None:
         raise XecomlaError("--micro-batch must be at least 1")
     if cfg.lr <= 0 or cfg.temperature <= 0 or cfg.ce_weight < 0:
         raise XecomlaError("--lr and --temperature must be positive and --ce-weight not negative")
+    if cfg.kd_kernel not in ("torch", "liger") or (cfg.kd_kernel == "liger" and cfg.ce_weight):
+        raise XecomlaError("--kd-kernel must be torch or liger (liger: KL only, no --ce-weight)")
     if cfg.fsdp and not dist.distributed:
         raise XecomlaError("--fsdp shards over several processes: launch with torchrun --nproc-per-node N")
 
@@ -665,7 +680,8 @@ def run_distill(
                 f.write(json.dumps(record) + "\n")
 
     log_every = cfg.log_every or (10 if device.type == "cuda" else 1)
-    eval_every = cfg.eval_every or max(1, math.ceil(cfg.total_steps / 4))
+    # Validation at the start, the end and in between: 3 times on GPU, once on CPU (it is slow there).
+    eval_every = cfg.eval_every or max(1, math.ceil(cfg.total_steps / (4 if device.type == "cuda" else 2)))
     start_time = time.perf_counter()
     elapsed_before = float(history.get("seconds", 0.0))
 

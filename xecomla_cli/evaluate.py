@@ -529,13 +529,14 @@ def evaluate_model(loaded, opts: EvalOptions, examples: dict[str, list[Example]]
         metrics["average"] = average(metrics["tasks"])
     if opts.kv:
         measured = measure_kv_cache(model)
-        if original_kv is not None:
+        spec = loaded.spec
+        if spec is None:  # an original model is its own reference
+            orig, source = measured["bytes_per_token"], "measured"
+        elif original_kv is not None:  # the original (or a same-shape teacher) measured in this run
             orig, source = original_kv["bytes_per_token"], "measured"
-        else:
-            s = loaded.spec
-            per_value = measured["bytes_per_token"] / measured["values_per_token"]
-            orig = (s.original_values_per_token_total if s else measured["values_per_token"]) * per_value
-            source = "spec" if s else "measured"
+        else:  # 2·G·h values per token per layer, at the measured bytes per value
+            orig = spec.original_values_per_token_total * measured["bytes_per_token"] / measured["values_per_token"]
+            source = "spec"
         metrics["kv_cache"] = kv_report(measured, expected_values=expected_values_per_token(model, loaded.spec),
                                         original_bytes_per_token=orig, original_from=source,
                                         context=opts.context, batch=opts.batch)  # fmt: skip
@@ -637,6 +638,7 @@ def run_eval(
     return the result dict printed by ``--json``. One model is in memory at a time."""
     import gc
 
+    from .mla.convert import spec_shape_matches
     from .sources import load_model, resolve
 
     load = load or (lambda src: load_model(src, dtype=dtype, device=device))
@@ -653,7 +655,7 @@ def run_eval(
     reference, role = teacher, "teacher" if teacher else None
     if reference is None and opts.speed and student.is_mla:
         reference, role = student.source, "original (speed and KV baseline)"
-    ref_metrics = None
+    ref_metrics = ref_kv = None
     if reference is not None:
         ref_opts = opts if role == "teacher" else EvalOptions(ppl=False, kv=opts.kv, context=opts.context,
                                                                batch=opts.batch, speed=True, new_tokens=opts.new_tokens,
@@ -666,6 +668,8 @@ def run_eval(
         ref = load(reference)
         log(f"[bold]{role}[/]: {reference}")
         ref_metrics = evaluate_model(ref, ref_opts, examples, label=role.split(" ")[0], progress_factory=progress_factory)
+        if student.is_mla and not ref.is_mla and spec_shape_matches(ref.config, student.spec):
+            ref_kv = ref_metrics.get("kv_cache")  # the original's cache, measured: the compression reference
         del ref
         gc.collect()
         if on.type == "cuda":
@@ -673,7 +677,7 @@ def run_eval(
         student.model.to(on)
     log(f"[bold]model[/]: {model_source}")
     metrics = evaluate_model(student, opts, examples, label="model", progress_factory=progress_factory,
-                             original_kv=(ref_metrics or {}).get("kv_cache"))  # fmt: skip
+                             original_kv=ref_kv)  # fmt: skip
     return {
         "model": str(resolved.directory) if resolved.is_checkpoint else model_source,
         "checkpoint": str(resolved.directory) if resolved.is_checkpoint else None,

@@ -53,8 +53,10 @@ EXPORT_DTYPES = ("auto", "float32", "bfloat16")
 EXPORT_META_FILE = "xecomla_export.json"
 MAX_SHARD_SIZE = "4GB"
 # Logit agreement the written model must reach before the directory is renamed into place,
-# relative to the largest |logit|, computed in fp32 (bf16: against our weights rounded to bf16).
-VERIFY_RTOL = {"float32": 1e-4, "bfloat16": 1e-3}
+# relative to the largest |logit|, computed in fp32 (bf16: against our weights rounded to bf16);
+# `verify_export` widens it to the model's own numerical noise. Mapping errors show up as O(1)
+# differences; rounding alone gives ~1e-6 on tiny models and ~1e-4 on the 30-layer demo.
+VERIFY_RTOL = {"float32": 1e-3, "bfloat16": 2e-3}
 # C² must exceed the latent's squared norm by this factor (2^24 is fp32's relative precision).
 MARGIN_BITS = 26
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -567,44 +569,61 @@ def verify_inputs(tokenizer, vocab_size: int, length: int = 48) -> torch.Tensor:
 @torch.no_grad()
 def verify_export(directory: Path, loaded, plan: ExportPlan) -> dict[str, Any]:
     """Load the written directory with stock transformers (no remote code) and compare logits and
-    a short greedy continuation with xecomla's model of the checkpoint (fp32 compute)."""
+    a short greedy continuation with xecomla's model of the checkpoint (fp32 compute).
+
+    The allowed difference is the larger of a fixed relative tolerance and the model's own
+    numerical noise: twice our model's SDPA-vs-eager difference, and for a bf16 export half of
+    what computing our model in bf16 changes (an ill-conditioned model, e.g. an untrained paper
+    init, amplifies ulp-level differences a thousandfold).
+    """
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False).eval()
     ours = loaded.model
-    restore = None
-    if plan.dtype != "float32":  # compare against our model with weights rounded the same way
-        restore = {k: v.clone() for k, v in ours.state_dict().items()}
-        with torch.no_grad():
-            for k, t in ours.state_dict().items():
-                if t.is_floating_point() and not k.endswith("rope_inv_freq"):  # kept in fp32 by design
-                    t.copy_(t.to(DTYPES[plan.dtype]).float())
+    restore = {k: v.clone() for k, v in ours.state_dict().items()} if plan.dtype != "float32" else None
+    if restore is not None:  # compare against our model with weights rounded the same way
+        for k, t in ours.state_dict().items():
+            if t.is_floating_point() and not k.endswith("rope_inv_freq"):  # kept in fp32 by design
+                t.copy_(t.to(DTYPES[plan.dtype]).float())
+    impl = ours.config._attn_implementation
     try:
         ids = verify_inputs(loaded.tokenizer, loaded.config.vocab_size).to(next(ours.parameters()).device)
         a = ours(ids).logits.float()
         b = exported(ids.to(exported.device)).logits.float()
-        scale = a.abs().max().item()
-        diff = (a - b).abs().max().item()
         gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id or 0)
         prompt = ids[:, :16]
         out_ours = ours.generate(prompt, **gen)[0, prompt.shape[1] :].tolist()
         out_exp = exported.generate(prompt.to(exported.device), **gen)[0, prompt.shape[1] :].tolist()
-    finally:
+        ours.config._attn_implementation = "eager"
+        noise = (ours(ids).logits.float() - a).abs().max().item()
+        ours.config._attn_implementation = impl
+        noise_dtype = 0.0
         if restore is not None:
+            ours.to(DTYPES[plan.dtype])
+            noise_dtype = (ours(ids).logits.float() - a).abs().max().item()
+    finally:
+        ours.config._attn_implementation = impl
+        if restore is not None:
+            ours.float()
             ours.load_state_dict(restore)
-    rtol = VERIFY_RTOL[plan.dtype]
+    scale = a.abs().max().item()
+    diff = (a - b).abs().max().item()
+    allowed = max(VERIFY_RTOL[plan.dtype] * scale, 2 * noise, 0.5 * noise_dtype)
     report = {
         "max_abs_logit_diff": diff,
         "max_abs_logit": scale,
         "relative": diff / max(scale, 1e-30),
-        "tolerance": rtol,
+        "allowed": allowed,
+        "noise_sdpa_vs_eager": noise,
         "greedy_tokens_equal": out_ours == out_exp,
         "tokens": len(ids[0]),
     }
-    if report["relative"] > rtol:
+    if restore is not None:
+        report[f"noise_{plan.dtype}_compute"] = noise_dtype
+    if diff > allowed:
         raise XecomlaError(
-            f"the exported model's logits differ from xecomla's by {diff:.3g} (max |logit| {scale:.3g}, tolerance "
-            f"{rtol:g} relative): nothing was written; report this with the checkpoint's xecomla.json"
+            f"the exported model's logits differ from xecomla's by {diff:.3g} (max |logit| {scale:.3g}, allowed "
+            f"{allowed:.3g}): nothing was written; report this with the checkpoint's xecomla.json"
         )
     return report
 

@@ -53,7 +53,7 @@ from .mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_atten
 from .mla.rope import model_inv_freq
 from .mla.spec import MLASpec
 
-COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "whiten", "budget", "seq")
+COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "whiten", "attn", "budget", "seq")
 PRESETS = {
     "mha2mla": "qk-pairs",
     "rorope": "rot-pairs+rorope",
@@ -74,6 +74,7 @@ class MethodConfig:
     whiten: bool = False
     budget: bool = False
     sequential: bool = False
+    attn: bool = False  # weigh the latent's K/V errors by their effect on the attention output
 
     @property
     def is_paper(self) -> bool:
@@ -100,7 +101,8 @@ def parse_method(text: str) -> MethodConfig:
     pairs = "qk" if "qk-pairs" in parts else "rot" if "rot-pairs" in parts else None
     if key != "mean" and pairs is None:
         pairs = "rot"  # a shared key per frequency needs the original pairs
-    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "seq" in parts)
+    return MethodConfig(pairs, key, "whiten" in parts or "attn" in parts, "budget" in parts, "seq" in parts,
+                        "attn" in parts)
 
 
 # ---- RoPE pairs ------------------------------------------------------------------------------
@@ -213,25 +215,66 @@ def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
 
 
-def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int):
-    """Rank-r factors minimising E||(W − up·down)x||² for E[xxᵀ] = C (identity when None).
+def sym_power(M: torch.Tensor, power: float, rel_eps: float = 1e-6) -> torch.Tensor:
+    """M^power of a symmetric PSD matrix (eigenvalues floored at rel_eps·max)."""
+    lam, Q = torch.linalg.eigh(M.double())
+    lam = lam.clamp_min(rel_eps * lam.max().clamp_min(1e-30))
+    return (Q * lam**power) @ Q.T
 
-    Returns up = U_r (rows, r), down = U_rᵀ W (r, d) and all eigenvalues of W C Wᵀ (descending):
-    the output energy each latent direction keeps (the Eckart-Young error is the sum of the rest).
+
+def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int, M: torch.Tensor | None = None):
+    """Rank-r factors minimising E||(W − up·down)x||²_M for E[xxᵀ] = C (identity when None) and
+    an output metric M (rows × rows, identity when None).
+
+    With A = M^{1/2} W and U_r the top-r eigenvectors of A C Aᵀ: up = M^{-1/2} U_r, down = U_rᵀ A.
+    Returns up (rows, r), down (r, d) and all eigenvalues of A C Aᵀ (descending): the output
+    energy each latent direction keeps (the Eckart-Young error is the sum of the rest).
     """
-    Wd = W.double()
-    M = Wd @ Wd.T if C is None else Wd @ C.double() @ Wd.T
-    evals, evecs = torch.linalg.eigh(M)
+    A = W.double() if M is None else sym_power(M, 0.5) @ W.double()
+    S = A @ A.T if C is None else A @ C.double() @ A.T
+    evals, evecs = torch.linalg.eigh(S)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     U = evecs[:, :rank]
-    return U.float(), (U.T @ Wd).float(), evals.float()
+    up = U if M is None else sym_power(M, -0.5) @ U
+    return up.float(), (U.T @ A).float(), evals.float()
 
 
-def output_energy(W: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
-    """Eigenvalues of W C Wᵀ (descending): the per-direction output energy of the kept K/V rows."""
-    Wd = W.double()
-    M = Wd @ Wd.T if C is None else Wd @ C.double() @ Wd.T
-    return torch.linalg.eigvalsh(M).flip(0).clamp_min(0).float()
+def output_energy(W: torch.Tensor, C: torch.Tensor | None, M: torch.Tensor | None = None) -> torch.Tensor:
+    """Eigenvalues of A C Aᵀ, A = M^{1/2} W (descending): what ``budget`` allocates by."""
+    A = W.double() if M is None else sym_power(M, 0.5) @ W.double()
+    S = A @ A.T if C is None else A @ C.double() @ A.T
+    return torch.linalg.eigvalsh(S).flip(0).clamp_min(0).float()
+
+
+def attention_metric(w, plan, stats: LayerStats, H: int, G: int, h: int) -> torch.Tensor:
+    """Block-diagonal metric (G(n+h), G(n+h)) weighing K-nope and V row errors by their effect on
+    the attention output. Per KV head g, over its query heads h' (o-projection block O_h', d×h):
+
+        V rows:  Σ_h' O_h'ᵀ O_h'                            (δv reaches the output through O)
+        K rows:  Σ_h' β_h' E[q_h',nope q_h',nopeᵀ] / h       (δk moves the scores by q·δk/√h, and a
+                 score change moves the output by about the spread of O_h' v: β_h' = tr(O_h' Cov(v_g) O_h'ᵀ))
+    """
+    d = w.wq.shape[1]
+    C = stats.cov.double()
+    mean = stats.cov_aug[-1, :-1].double()
+    Cc = C - mean[:, None] * mean[None]
+    wq = w.wq.view(H, h, d).double()
+    wv = w.wv.view(G, h, d).double()
+    wo = w.wo.double().view(d, H, h)
+    n = plan.nope_idx.numel()
+    blocks = []
+    for g in range(G):
+        Mk = torch.zeros(n, n, dtype=torch.float64)
+        Mv = torch.zeros(h, h, dtype=torch.float64)
+        cov_v = wv[g] @ Cc @ wv[g].T  # (h, h)
+        for hh in range(g * (H // G), (g + 1) * (H // G)):
+            O = wo[:, hh]  # (d, h)
+            Mv += O.T @ O
+            beta = torch.trace(O @ cov_v @ O.T)
+            Qn = wq[hh, plan.nope_idx]  # (n, d)
+            Mk += beta * (Qn @ C @ Qn.T) / h
+        blocks += [Mk, Mv]
+    return torch.block_diag(*blocks)
 
 
 def budget_ranks(energies: dict[int, torch.Tensor], rank: int, multiple: int = RANK_MULTIPLE,
@@ -302,7 +345,8 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
     W = kv_rows_kept(w, plan, G, h)
-    up, down, _ = whitened_factors(W, stats.cov if cfg.whiten else None, r)
+    M = attention_metric(w, plan, stats, H, G, h) if cfg.attn else None
+    up, down, _ = whitened_factors(W, stats.cov if cfg.whiten else None, r, M)
     up = up.view(G, n + h, r).repeat_interleave(H // G, dim=0)  # (H, n + h, r)
     sd["kv_b_proj.weight"] = up.reshape(H * (n + h), r)
     sd["kv_a_proj_with_mqa.weight"] = torch.cat([down, k_rope[:, : spec.hidden_size]])
@@ -342,7 +386,9 @@ def layer_energy(model, spec: MLASpec, layer: int, cfg: MethodConfig, stats: Lay
 
     w = AttentionWeights.of(decoder_layers(model)[layer].self_attn)
     plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
-    return output_energy(kv_rows_kept(w, plan, spec.num_kv_heads, spec.head_dim), stats.cov if cfg.whiten else None)
+    H, G, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    M = attention_metric(w, plan, stats, H, G, h) if cfg.attn else None
+    return output_energy(kv_rows_kept(w, plan, G, h), stats.cov if cfg.whiten else None, M)
 
 
 # ---- whole model -----------------------------------------------------------------------------

@@ -43,26 +43,41 @@ class KDStats:
     labelled: int
 
 
-def default_chunk_size(vocab: int, n_tokens: int) -> int:
-    """Positions per chunk so that one chunk's logits hold about CHUNK_ELEMENTS values."""
-    chunk = max(8, (CHUNK_ELEMENTS // max(vocab, 1)) // 8 * 8)
-    return min(chunk, n_tokens)
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with the result in `out_dtype`; on CUDA a bf16 GEMM writes fp32 directly (``out_dtype``)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            pass
+    return (a @ b).to(out_dtype)
 
 
 def project(h: torch.Tensor, w: torch.Tensor, matmul_dtype: torch.dtype) -> torch.Tensor:
     """fp32 logits h · wᵀ computed in `matmul_dtype` (bf16 tensor cores on GPU).
 
-    On CUDA the GEMM writes fp32 directly (``out_dtype``), so the logits are not rounded to bf16
-    before the softmax: the KL of two close distributions is a small difference of large numbers.
+    On CUDA the GEMM writes fp32 directly, so the logits are not rounded to bf16 before the
+    softmax: the KL of two close distributions is a small difference of large numbers.
     """
-    h = h.to(matmul_dtype)
-    w = w.to(matmul_dtype)
-    if h.is_cuda and matmul_dtype in (torch.bfloat16, torch.float16):
+    return _mm(h.to(matmul_dtype), w.to(matmul_dtype).t(), torch.float32)
+
+
+def _add_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (V, d) fp32 += gᵀ · h without a (V, d) temporary where the GEMM can accumulate in fp32."""
+    if grad_w.is_cuda and g.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.mm(h, w.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
+            return
+        except (TypeError, RuntimeError):
             pass
-    return (h @ w.t()).float()
+    grad_w += (g.t() @ h).float()
+
+
+def chunk_size_for(vocab: int, n_tokens: int, max_chunk: int | None = None) -> int:
+    """Equal chunks of at most `max_chunk` (default: CHUNK_ELEMENTS // vocab) positions."""
+    limit = max_chunk or max(8, CHUNK_ELEMENTS // max(vocab, 1))
+    n_chunks = -(-n_tokens // limit)
+    return -(-n_tokens // n_chunks)
 
 
 def kd_chunk_math(zs, zt, labels, temperature: float, kl_grad_scale: float, ce_grad_scale: float, teacher_ce: bool):
@@ -142,9 +157,9 @@ class _ChunkedKD(torch.autograd.Function):
                 if need_h or need_w:
                     g = g.to(matmul_dtype)
                     if need_h:
-                        grad_h[start:end] = (g @ ws_m).to(hs.dtype)  # (c, d)
+                        grad_h[start:end] = _mm(g, ws_m, hs.dtype)  # (c, d)
                     if need_w:
-                        grad_w += (g.t() @ h).float()  # (V, d)
+                        _add_grad_weight(grad_w, g, h)  # (V, d)
         loss = (temperature**2) * kl / n + (ce_weight * ce / n_lab if (ce_weight and n_lab) else 0.0)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(ws.dtype))
         ctx.mark_non_differentiable(kl, ce, t_ce)
@@ -193,12 +208,36 @@ def kd_loss(
         lab = torch.where(lab >= vocab, IGNORE_INDEX, lab)
     if matmul_dtype is None:
         matmul_dtype = torch.get_autocast_dtype(hs.device.type) if torch.is_autocast_enabled(hs.device.type) else hs.dtype
-    chunk = chunk_size or default_chunk_size(vocab, hs.shape[0])
+    chunk = chunk_size_for(vocab, hs.shape[0], chunk_size)
     want_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
     loss, kl, ce, t_ce = _ChunkedKD.apply(hs, ws, ht, wt, lab, float(temperature), float(ce_weight), chunk,
                                           matmul_dtype, compile, teacher_ce, want_grad)  # fmt: skip
     labelled = int((lab != IGNORE_INDEX).sum()) if lab is not None else 0
     return loss, KDStats(kl, ce, t_ce, hs.shape[0], labelled)
+
+
+def kd_loss_liger(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, KDStats]:
+    """The KL loss through Liger-Kernel's fused linear JSD (β = 0 is KL(teacher ‖ student)), when
+    that package is installed (GPU only). Same value as `kd_loss` without CE; for benchmarks."""
+    try:
+        from liger_kernel.ops import LigerFusedLinearJSDFunction
+    except ImportError:
+        raise ImportError("the liger loss needs liger-kernel: pip install liger-kernel") from None
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+    kl_mean = LigerFusedLinearJSDFunction.apply(hs, student_weight[:vocab], ht, teacher_weight[:vocab].detach(), None,
+                                                0.0, IGNORE_INDEX, float(temperature))  # fmt: skip
+    zero = kl_mean.new_zeros(()).float()
+    n = hs.shape[0]
+    return kl_mean * temperature**2, KDStats(kl_mean.detach().float() * n, zero, zero, n, 0)
 
 
 def kd_loss_reference(

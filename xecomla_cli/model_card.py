@@ -110,6 +110,11 @@ def render_card(
             f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
         ]
         out += [f"- `{k}`: {_fmt(v)}" for k, v in sorted(opts.items())]
+        for stage in ("distill", "dpo"):  # stage options recorded by later stages
+            recorded = meta.get(stage)
+            if isinstance(recorded, dict):
+                shown = [(k, v) for k, v in _flatten(recorded) if v is not None and len(_fmt(v)) <= 80]
+                out.append(f"- {stage.capitalize()} options: " + ", ".join(f"`{k}` {_fmt(v)}" for k, v in shown))
         out += ["", "## Cache size", ""]
         total, orig = spec.values_per_token_total, spec.original_values_per_token_total
         out += [
