@@ -179,8 +179,8 @@ def test_freeze_non_mla_trains_only_attention(student_ckpt, text_file, tmp_path)
 
 def test_teacher_with_another_tokenizer_is_refused(student_ckpt, text_file, tmp_path):
     from conftest import make_model
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()

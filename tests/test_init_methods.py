@@ -30,11 +30,11 @@ def calib(seed=0, B=4, T=48):
 # ---- method strings ---------------------------------------------------------------------------
 def test_parse_method():
     assert im.parse_method("paper").is_paper
-    assert im.parse_method("best") == im.MethodConfig("rot", "complex", True, True, False)
+    assert im.parse_method("best") == im.MethodConfig("rot", "complex", True, True)
     assert im.parse_method("mha2mla") == im.MethodConfig(pairs="qk")
     assert im.parse_method("complex").pairs == "rot"  # a per-frequency shared key needs whole pairs
     assert im.parse_method("qk-pairs+rorope") == im.MethodConfig("qk", "rorope")
-    assert im.parse_method("best+seq").sequential
+    assert im.parse_method("best+refit").refit
     for bad in ("nope", "rorope+complex", "qk-pairs+rot-pairs"):
         with pytest.raises(XecomlaError):
             im.parse_method(bad)
@@ -315,17 +315,33 @@ def test_layer_runner_stats_match_hidden_states():
         runner.advance(i)
 
 
-def test_sequential_runs_and_differs():
-    ids = calib()
-    outs = {}
-    for method in ("rot-pairs+complex+whiten", "rot-pairs+complex+whiten+seq"):
-        model = make_model("llama")
-        spec = build_spec(model.config, kv_rank=16, rope_dim=8, method=method)
-        convert_model(model, spec, method=method, calib_ids=ids)
-        with torch.no_grad():
-            outs[method] = model(ids).logits
-    a, b = outs.values()
-    assert torch.isfinite(b).all() and not torch.equal(a, b)
+def test_refit_output_reduces_layer_error_and_is_exact_at_full_rank():
+    import copy
+
+    ids = calib(B=6)
+    model = make_model("llama")
+    runner = LayerRunner(model, ids)
+    stats, xs = runner.stats(0), runner.attention_inputs(0)
+    old = model.model.layers[0].self_attn
+
+    def err(attn):
+        e = 0.0
+        for x, c in zip(xs, runner.chunks):
+            y = im.attention_head_outputs(old, x.float(), c) @ old.o_proj.weight.double().T
+            y2 = im.attention_head_outputs(attn, x.float(), c) @ attn.o_proj.weight.double().T
+            e += ((y - y2) ** 2).sum().item()
+        return e
+
+    for rank, method in [(16, "complex+whiten"), (48, "complex")]:
+        spec = build_spec(model.config, kv_rank=rank, rope_dim=8, method=method)
+        new = im.convert_layer_with(model, spec, 0, im.parse_method(method), stats)
+        refit = copy.deepcopy(new)
+        im.refit_output(old, refit, xs, runner.chunks)
+        assert err(refit) < 0.7 * err(new)
+    # When the MLA already reproduces the heads' outputs, the refit leaves W_o unchanged.
+    same = copy.deepcopy(old)
+    im.refit_output(old, same, xs, runner.chunks)
+    assert torch.allclose(same.o_proj.weight, old.o_proj.weight, atol=1e-4)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -200,6 +200,12 @@ class LayerRunner:
         return s
 
     @torch.no_grad()
+    def attention_inputs(self, i: int) -> list[torch.Tensor]:
+        """Layer i's attention inputs per chunk (B, T, d), kept in fp16 (half the memory)."""
+        layer = self.layers[i]
+        return [layer.input_layernorm(c["h"]).half() for c in self.chunks]
+
+    @torch.no_grad()
     def advance(self, i: int) -> None:
         """Run layer i (whatever its attention is now) on the hidden states."""
         layer = self.layers[i]

@@ -156,7 +156,7 @@ def plan_export(
         raise XecomlaError(
             f"layers have different latent ranks ({_rank_summary(ranks)}) but the DeepSeek-V3 layout has one "
             f"kv_lora_rank: pass --pad-ranks to pad every layer to r={R} with zero channels (exact, but the "
-            f"cache grows to {R + spec.rope_dim} values per layer), or {alt}"
+            f"cache grows to {R + extra + spec.rope_dim} values per layer), or {alt}"
         )
     if dtype not in DTYPES:
         raise XecomlaError(f"export --dtype {dtype} is not supported: use float32 or bfloat16")
@@ -175,7 +175,7 @@ def plan_export(
     else:  # keep the export bias-free (portable): DeepSeek-V3's q_lora would need a norm we lack
         queries, q_lora_rank = "dense-from-lora", None
     plan = ExportPlan(
-        latent=latent, queries=queries, kv_rank=R, kv_lora_rank=R + (1 if latent == "identity" else 0),
+        latent=latent, queries=queries, kv_rank=R, kv_lora_rank=R + extra,
         q_lora_rank=q_lora_rank, rope_dim=spec.rope_dim, attention_bias=attention_bias, dtype=dtype,
         padded_layers=padded,
     )  # fmt: skip
@@ -184,7 +184,7 @@ def plan_export(
         plan.notes.append(
             "kv_a_layernorm emulates the identity with one constant latent channel (bias C, norm weight 1/s): "
             f"DeepSeek-V3 caches {plan.kv_lora_rank} + {spec.rope_dim} values per token per layer against xecomla's "
-            f"{R} + {spec.rope_dim}"
+            f"{max(ranks)} + {spec.rope_dim}"
         )
     if queries == "dense-from-lora":
         plan.notes.append(

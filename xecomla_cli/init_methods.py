@@ -53,7 +53,7 @@ from .mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_atten
 from .mla.rope import model_inv_freq
 from .mla.spec import MLASpec
 
-COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "whiten", "attn", "budget", "seq")
+COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "whiten", "budget", "refit")
 PRESETS = {
     "mha2mla": "qk-pairs",
     "rorope": "rot-pairs+rorope",
@@ -73,8 +73,7 @@ class MethodConfig:
     key: str = "mean"  # shared RoPE key: "mean" of heads, "rorope" or "complex"
     whiten: bool = False
     budget: bool = False
-    sequential: bool = False
-    attn: bool = False  # weigh the latent's K/V errors by their effect on the attention output
+    refit: bool = False  # least-squares refit of o_proj to the original attention output
 
     @property
     def is_paper(self) -> bool:
@@ -101,8 +100,7 @@ def parse_method(text: str) -> MethodConfig:
     pairs = "qk" if "qk-pairs" in parts else "rot" if "rot-pairs" in parts else None
     if key != "mean" and pairs is None:
         pairs = "rot"  # a shared key per frequency needs the original pairs
-    return MethodConfig(pairs, key, "whiten" in parts or "attn" in parts, "budget" in parts, "seq" in parts,
-                        "attn" in parts)
+    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "refit" in parts)
 
 
 # ---- RoPE pairs ------------------------------------------------------------------------------
@@ -215,66 +213,17 @@ def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
 
 
-def sym_power(M: torch.Tensor, power: float, rel_eps: float = 1e-6) -> torch.Tensor:
-    """M^power of a symmetric PSD matrix (eigenvalues floored at rel_eps·max)."""
-    lam, Q = torch.linalg.eigh(M.double())
-    lam = lam.clamp_min(rel_eps * lam.max().clamp_min(1e-30))
-    return (Q * lam**power) @ Q.T
+def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int):
+    """Rank-r factors minimising E||(W − up·down)x||² for E[xxᵀ] = C (identity when None).
 
-
-def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int, M: torch.Tensor | None = None):
-    """Rank-r factors minimising E||(W − up·down)x||²_M for E[xxᵀ] = C (identity when None) and
-    an output metric M (rows × rows, identity when None).
-
-    With A = M^{1/2} W and U_r the top-r eigenvectors of A C Aᵀ: up = M^{-1/2} U_r, down = U_rᵀ A.
-    Returns up (rows, r), down (r, d) and all eigenvalues of A C Aᵀ (descending): the output
-    energy each latent direction keeps (the Eckart-Young error is the sum of the rest).
+    Returns up = U_r (rows, r), down = U_rᵀ W (r, d) and all eigenvalues of W C Wᵀ (descending):
+    the output energy each latent direction keeps (the Eckart-Young error is the sum of the rest).
     """
-    A = W.double() if M is None else sym_power(M, 0.5) @ W.double()
-    S = A @ A.T if C is None else A @ C.double() @ A.T
-    evals, evecs = torch.linalg.eigh(S)
+    Wd = W.double()
+    evals, evecs = torch.linalg.eigh(Wd @ Wd.T if C is None else Wd @ C.double() @ Wd.T)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     U = evecs[:, :rank]
-    up = U if M is None else sym_power(M, -0.5) @ U
-    return up.float(), (U.T @ A).float(), evals.float()
-
-
-def output_energy(W: torch.Tensor, C: torch.Tensor | None, M: torch.Tensor | None = None) -> torch.Tensor:
-    """Eigenvalues of A C Aᵀ, A = M^{1/2} W (descending): what ``budget`` allocates by."""
-    A = W.double() if M is None else sym_power(M, 0.5) @ W.double()
-    S = A @ A.T if C is None else A @ C.double() @ A.T
-    return torch.linalg.eigvalsh(S).flip(0).clamp_min(0).float()
-
-
-def attention_metric(w, plan, stats: LayerStats, H: int, G: int, h: int) -> torch.Tensor:
-    """Block-diagonal metric (G(n+h), G(n+h)) weighing K-nope and V row errors by their effect on
-    the attention output. Per KV head g, over its query heads h' (o-projection block O_h', d×h):
-
-        V rows:  Σ_h' O_h'ᵀ O_h'                            (δv reaches the output through O)
-        K rows:  Σ_h' β_h' E[q_h',nope q_h',nopeᵀ] / h       (δk moves the scores by q·δk/√h, and a
-                 score change moves the output by about the spread of O_h' v: β_h' = tr(O_h' Cov(v_g) O_h'ᵀ))
-    """
-    d = w.wq.shape[1]
-    C = stats.cov.double()
-    mean = stats.cov_aug[-1, :-1].double()
-    Cc = C - mean[:, None] * mean[None]
-    wq = w.wq.view(H, h, d).double()
-    wv = w.wv.view(G, h, d).double()
-    wo = w.wo.double().view(d, H, h)
-    n = plan.nope_idx.numel()
-    blocks = []
-    for g in range(G):
-        Mk = torch.zeros(n, n, dtype=torch.float64)
-        Mv = torch.zeros(h, h, dtype=torch.float64)
-        cov_v = wv[g] @ Cc @ wv[g].T  # (h, h)
-        for hh in range(g * (H // G), (g + 1) * (H // G)):
-            O = wo[:, hh]  # (d, h)
-            Mv += O.T @ O
-            beta = torch.trace(O @ cov_v @ O.T)
-            Qn = wq[hh, plan.nope_idx]  # (n, d)
-            Mk += beta * (Qn @ C @ Qn.T) / h
-        blocks += [Mk, Mv]
-    return torch.block_diag(*blocks)
+    return U.float(), (U.T @ Wd).float(), evals.float()
 
 
 def budget_ranks(energies: dict[int, torch.Tensor], rank: int, multiple: int = RANK_MULTIPLE,
@@ -345,8 +294,7 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
     W = kv_rows_kept(w, plan, G, h)
-    M = attention_metric(w, plan, stats, H, G, h) if cfg.attn else None
-    up, down, _ = whitened_factors(W, stats.cov if cfg.whiten else None, r, M)
+    up, down, _ = whitened_factors(W, stats.cov if cfg.whiten else None, r)
     up = up.view(G, n + h, r).repeat_interleave(H // G, dim=0)  # (H, n + h, r)
     sd["kv_b_proj.weight"] = up.reshape(H * (n + h), r)
     sd["kv_a_proj_with_mqa.weight"] = torch.cat([down, k_rope[:, : spec.hidden_size]])
@@ -386,9 +334,8 @@ def layer_energy(model, spec: MLASpec, layer: int, cfg: MethodConfig, stats: Lay
 
     w = AttentionWeights.of(decoder_layers(model)[layer].self_attn)
     plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
-    H, G, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    M = attention_metric(w, plan, stats, H, G, h) if cfg.attn else None
-    return output_energy(kv_rows_kept(w, plan, G, h), stats.cov if cfg.whiten else None, M)
+    C = stats.cov if cfg.whiten else None
+    return whitened_factors(kv_rows_kept(w, plan, spec.num_kv_heads, spec.head_dim), C, 0)[2]
 
 
 # ---- whole model -----------------------------------------------------------------------------
@@ -396,49 +343,80 @@ def convert_model_with(model, spec: MLASpec, cfg: MethodConfig, input_ids: torch
                        progress: Callable[[str, int], None] | None = None) -> None:  # fmt: skip
     """Convert every layer of ``spec`` in place with a data-aware method.
 
-    ``input_ids`` (B, T) is the calibration batch (needed unless the method is data-free).
-    With ``budget`` the spec's ranks are replaced by the budgeted per-layer ranks.
+    ``input_ids`` (B, T) is the calibration batch: one pass of the original model collects each
+    converted layer's statistics (and, for ``refit``, keeps its attention inputs in fp16). With
+    ``budget`` the spec's ranks are replaced by the budgeted per-layer ranks.
     ``progress(phase, layer)`` is called after each layer of each phase.
     """
     layers = spec.converted_layers
     tick = progress or (lambda phase, i: None)
-    if input_ids is None and not cfg.is_paper:
+    if input_ids is None:
         raise XecomlaError("this --method needs calibration data: pass calibration token ids")
     runner = LayerRunner(model, input_ids)
     stats: dict[int, LayerStats] = {}
-    sequential = cfg.sequential
-    if cfg.budget or not sequential:  # one pass over the original model
-        for i in range(max(layers) + 1):
-            if i in layers:
-                stats[i] = runner.stats(i)
-            if i < max(layers):
-                runner.advance(i)
-            tick("calibrate", i)
+    inputs: dict[int, list[torch.Tensor]] = {}
+    for i in range(max(layers) + 1):
+        if i in layers:
+            stats[i] = runner.stats(i)
+            if cfg.refit:
+                inputs[i] = runner.attention_inputs(i)
+        if i < max(layers):
+            runner.advance(i)
+        tick("calibrate", i)
     if cfg.budget:
         energies = {i: layer_energy(model, spec, i, cfg, stats[i]) for i in layers}
         ranks = budget_ranks(energies, _budget_rank(spec), max_rank=min(spec.hidden_size, energies[layers[0]].numel()))
         for i in layers:
             spec.kv_ranks[i] = ranks[i]
         spec.options["rank_budget"] = _budget_rank(spec) * len(layers)
-    if not sequential:
-        for i in layers:
-            decoder_layers(model)[i].self_attn = convert_layer_with(model, spec, i, cfg, stats[i])
-            tick("convert", i)
-        return
-    runner = LayerRunner(model, input_ids) if cfg.budget else runner
-    for i in range(max(layers) + 1):
-        if i in layers:
-            decoder_layers(model)[i].self_attn = convert_layer_with(model, spec, i, cfg, runner.stats(i))
-            tick("convert", i)
-        if i < max(layers):
-            runner.advance(i)
+    for i in layers:
+        old = decoder_layers(model)[i].self_attn
+        new = convert_layer_with(model, spec, i, cfg, stats[i])
+        if cfg.refit:
+            refit_output(old, new, inputs.pop(i), runner.chunks)
+        decoder_layers(model)[i].self_attn = new
+        tick("convert", i)
+
+
+def attention_head_outputs(attn, x: torch.Tensor, chunk: dict) -> torch.Tensor:
+    """The input of ``attn.o_proj`` (N, H·h) for attention inputs x (B, T, d): the heads' outputs."""
+    seen = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        attn(hidden_states=x, position_embeddings=chunk["emb"], attention_mask=chunk["mask"],
+             position_ids=chunk["pos"])  # fmt: skip
+    finally:
+        handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1]).double()
+
+
+@torch.no_grad()
+def refit_output(old, new, inputs: list[torch.Tensor], chunks: list[dict], ridge: float = 1e-3) -> None:
+    """Refit the MLA's output projection so that it reproduces the original attention output:
+
+        W_o' = argmin Σ_x ||W_o' y'(x) − W_o y(x)||² + λ||W_o' − W_o||²
+             = W_o (Σ y y'ᵀ + λI)(Σ y' y'ᵀ + λI)^{-1},   λ = ridge · tr(Σ y' y'ᵀ)/(H·h)
+
+    with y, y' the original and MLA heads' outputs (before o_proj) on the calibration inputs. It
+    absorbs what the latent and the shared RoPE key change systematically (e.g. a shrunken V).
+    """
+    A = B = None
+    for x, chunk in zip(inputs, chunks):
+        x = x.to(new.o_proj.weight.dtype)
+        y = attention_head_outputs(old, x, chunk)
+        y2 = attention_head_outputs(new, x, chunk)
+        A = y.T @ y2 if A is None else A + y.T @ y2
+        B = y2.T @ y2 if B is None else B + y2.T @ y2
+    eye = torch.eye(B.shape[0], dtype=B.dtype)
+    lam = ridge * torch.trace(B) / B.shape[0]
+    wo = new.o_proj.weight.double()
+    w_new = torch.linalg.solve(B + lam * eye, (wo @ (A + lam * eye)).T).T  # B, λI symmetric
+    new.o_proj.weight.copy_(w_new.to(new.o_proj.weight.dtype))
 
 
 def calibration_steps(spec: MLASpec, cfg: MethodConfig) -> int:
     """How many calibration-pass layer steps ``convert_model_with`` reports (for a progress bar)."""
-    if cfg.is_paper:
-        return 0
-    return (max(spec.converted_layers) + 1) if (cfg.budget or not cfg.sequential) else 0
+    return 0 if cfg.is_paper else max(spec.converted_layers) + 1
 
 
 def _budget_rank(spec: MLASpec) -> int:

@@ -130,7 +130,7 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, labels, temperature, ce_weight, chunk, matmul_dtype, compile, teacher_ce, want_grad):
-        n, vocab = hs.shape[0], ws.shape[0]
+        n = hs.shape[0]
         n_lab = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
         kl_scale = 1.0 / n
         ce_scale = ce_weight / n_lab if (ce_weight and n_lab) else 0.0

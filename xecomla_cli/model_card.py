@@ -159,8 +159,9 @@ def render_card(
         if verify:
             out.append(
                 f"- Verified at export: stock transformers logits match xecomla's to {verify['max_abs_logit_diff']:.2e} "
-                f"(max |logit| {verify['max_abs_logit']:.3g}) on {verify['tokens']} tokens; greedy continuation "
-                f"{'identical' if verify['greedy_tokens_equal'] else 'DIFFERENT'}."
+                f"(max |logit| {verify['max_abs_logit']:.3g}; xecomla's own SDPA-vs-eager difference "
+                f"{verify.get('noise_sdpa_vs_eager', float('nan')):.2e}) on {verify['tokens']} tokens; greedy "
+                f"continuation {'identical' if verify['greedy_tokens_equal'] else 'DIFFERENT'}."
             )
         out += [
             "",

@@ -42,9 +42,9 @@ def distill_command(
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions.
 
-    Prints the output checkpoint directory (metrics in its xecomla.json, the training curve in
-    metrics.jsonl). Under `torchrun --nproc-per-node N $(which xecomla) distill ...` it trains with
-    DDP (or FSDP with --fsdp); rank 0 writes.
+    Prints the output checkpoint directory; its xecomla.json holds the metrics, metrics.jsonl the training curve.
+
+    Several GPUs: `torchrun --nproc-per-node N $(which xecomla) distill CKPT ...` trains with DDP (FSDP with --fsdp); rank 0 writes.
     """
     from ..cli import emit, read_arg
     from ..data import parse_count

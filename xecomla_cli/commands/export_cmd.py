@@ -53,7 +53,8 @@ def export_command(
         v = result.verify
         console.log(
             f"verified with stock transformers: max |Δlogit| {v['max_abs_logit_diff']:.2e} "
-            f"(max |logit| {v['max_abs_logit']:.3g}), greedy {'identical' if v['greedy_tokens_equal'] else 'DIFFERENT'}"
+            f"(max |logit| {v['max_abs_logit']:.3g}; ours SDPA vs eager {v['noise_sdpa_vs_eager']:.2e}), "
+            f"greedy {'identical' if v['greedy_tokens_equal'] else 'DIFFERENT'}"
         )
     console.log(f"[green]wrote[/] {result.path}")
     if push_to_hub:
