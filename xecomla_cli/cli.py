@@ -211,6 +211,13 @@ from .commands import register_all  # noqa: E402
 register_all(app)
 
 
+def _errors():
+    """Errors are printed even under --quiet (which silences only progress and tables)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
 def main() -> None:
     """Console-script entry: one line per error, non-zero exit, traceback only with --debug."""
     import click
@@ -220,7 +227,7 @@ def main() -> None:
     except XecomlaError as exc:
         if _state["debug"]:
             raise
-        console.err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _errors().print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
         console.err.print("aborted")
@@ -234,5 +241,5 @@ def main() -> None:
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if _state["debug"]:
             raise
-        console.err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
+        _errors().print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
         sys.exit(1)
