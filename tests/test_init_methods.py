@@ -387,3 +387,28 @@ def test_cli_method(tiny_model_dir, tmp_path):
     assert res.exit_code != 0 and "unknown --method" in str(res.exception)
     res = run_cli(["init-svd", str(src), "--kv-rank", "16", "--calib-data", str(text), "-o", str(tmp_path / "y")])
     assert res.exit_code != 0 and "--method" in str(res.exception)
+
+
+# ---- dropping fast pairs that get no RoPE slot ---------------------------------------------------
+def test_fast_pairs_rule():
+    # E_Δ cos(θΔ) over Δ = 0..T-1: 1 for θ = 0 (kept unrotated for free), ~0 for a fast pair.
+    inv_freq = torch.tensor([0.0, 1e-4, 0.5, 1.0])
+    assert im.fast_pairs(inv_freq, context=2048).tolist() == [False, False, True, True]
+
+
+def test_drop_zeroes_the_dropped_score_terms():
+    ids = calib()
+    model = make_model("llama")
+    h = model.config.head_dim
+    spec = build_spec(model.config, kv_rank=16, rope_dim=8, method="rot-pairs+drop")
+    convert_model(model, spec, method="rot-pairs+drop", calib_ids=ids)
+    attn = model.model.layers[0].self_attn
+    n = spec.nope_dim
+    # Some no-RoPE dims turn fast in the tiny model's RoPE (theta 10000, h=16): their query rows are zero.
+    q = attn.q_proj.weight.view(spec.num_heads, h, -1)[:, :n]  # (H, n, d): no-RoPE query rows
+    zero_rows = (q.abs().sum(-1) == 0).all(0)  # (n,)
+    assert zero_rows.any() and not zero_rows.all()
+    # ... and the K up-projection spends nothing on them: its rows for those dims are zero too.
+    up = attn.kv_b_proj.weight.view(spec.num_heads, n + h, -1)[:, :n]
+    assert up[:, zero_rows].abs().max() < 1e-6 * up.abs().max()
+    assert model(ids).logits.isfinite().all()

@@ -196,7 +196,9 @@ def plan_export(
     if padded:
         plan.notes.append(f"layers {_ranges(padded)} are padded with zero latent channels to r={R}")
         if latent == "norm":
-            plan.notes.append("padded latent norms are rescaled by sqrt(r/R): exact but for the norm's eps, which grows to eps·R/r")
+            plan.notes.append(
+                "padded latent norms are rescaled by sqrt(r/R): exact but for the norm's eps, which grows to eps·R/r"
+            )
     return plan
 
 
@@ -274,7 +276,8 @@ def _check_rope(loaded, plan: ExportPlan) -> None:
                 f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} differs from DeepSeek-V3's "
                 f"{scaling} for these rope_parameters; export with --format xecomla instead"
             )
-    if not all(torch.equal(layer.self_attn.rope_inv_freq.float().cpu(), inv_freq) for layer in decoder_layers(loaded.model)):
+    layers = decoder_layers(loaded.model)
+    if not all(torch.equal(layer.self_attn.rope_inv_freq.float().cpu(), inv_freq) for layer in layers):
         plan.notes.append("RoPE frequencies agree with DeepSeek-V3's to 1e-6 relative (not bit for bit)")
     if rope_type != "default":
         plan.notes.append(
@@ -342,7 +345,7 @@ def interleave_perm(p: int) -> torch.Tensor:
 
 
 def latent_bound(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor) -> float:
-    """An upper bound of ‖W x + b‖ over every input x = ln_weight ⊙ x̂ with ‖x̂‖² ≤ d (an RMSNorm output)."""
+    """An upper bound of ‖W x + b‖ over every input x = ln_weight ⊙ x̂, ‖x̂‖² ≤ d (an RMSNorm output)."""
     d = weight.shape[1]
     w = weight.double() * ln_weight.double().abs()[None, :]
     bound = torch.linalg.matrix_norm(w, ord=2).item() * math.sqrt(d)
@@ -519,7 +522,8 @@ def export_checkpoint(
         (tmp / EXPORT_META_FILE).write_text(json.dumps(_export_meta(meta, plan, export_command), indent=2) + "\n")
         if verify:
             report.update(verify_export(tmp, loaded, plan))
-        (tmp / "README.md").write_text(render_card(meta, loaded.spec, plan, history, export_command, "hf", report or None))
+        card = render_card(meta, loaded.spec, plan, history, export_command, "hf", report or None)
+        (tmp / "README.md").write_text(card)
 
     path = atomic_directory(out_dir, write, force=force)
     return ExportResult(path, "hf", plan, report or None)
@@ -545,7 +549,9 @@ def _generation_config(ckpt_dir: Path, loaded):
 
 def _export_meta(meta: dict, plan: ExportPlan, command: str) -> dict:
     return {
-        "exported_from": {k: meta.get(k) for k in ("stage", "source", "parent", "command", "created", "xecomla_version")},
+        "exported_from": {
+            k: meta.get(k) for k in ("stage", "source", "parent", "command", "created", "xecomla_version")
+        },
         "mla": meta.get("mla"),
         "metrics": meta.get("metrics", {}),
         "export": {"command": command, "plan": asdict(plan), "portable": plan.portable},

@@ -33,8 +33,15 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 * ``budget``: per-layer ranks under the total budget Σ_i r_i = L·r (multiples of 8, at least
   8), greedily giving each next block of 8 to the layer whose block of eigenvalues of W C Wᵀ
   removes the largest fraction of that layer's output energy.
-* ``seq``: sequential calibration: layer i's statistics are taken with layers < i already
-  converted (inputs as the MLA model will see them).
+* ``drop``: with RoPE on chosen pairs, the pairs left without a RoPE slot keep their score term
+  unrotated, Re(conj(q)·k) instead of Re(conj(q)·k·e^{iθΔ}). For a term of random phase that costs
+  E|q·k|²(1 − E cos θΔ) in mean square, while dropping it (zero query and key rows, and no
+  latent spent on them) costs E|q·k|²/2: drop the pairs with E_{Δ~U[0,T)} cos θΔ < 1/2.
+* ``refit``: after the layer is converted, refit its output projection by ridge regression so
+  that it reproduces the original attention output on the calibration tokens (see
+  ``refit_output``).
+
+Statistics are those of the original model (one calibration pass, layer by layer).
 
 Presets: ``mha2mla`` = qk-pairs, ``rorope`` = rot-pairs+rorope, ``complex`` = rot-pairs+complex,
 ``whiten`` = paper RoPE + whiten, ``best`` = rot-pairs+complex+whiten+budget.
@@ -52,8 +59,9 @@ from .errors import XecomlaError
 from .mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from .mla.rope import model_inv_freq
 from .mla.spec import MLASpec
+from .svd_init import AttentionWeights, single_thread
 
-COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "whiten", "budget", "refit")
+COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "drop", "whiten", "budget", "refit")
 PRESETS = {
     "mha2mla": "qk-pairs",
     "rorope": "rot-pairs+rorope",
@@ -74,6 +82,7 @@ class MethodConfig:
     whiten: bool = False
     budget: bool = False
     refit: bool = False  # least-squares refit of o_proj to the original attention output
+    drop: bool = False  # drop the score terms of fast-turning pairs that get no RoPE slot
 
     @property
     def is_paper(self) -> bool:
@@ -100,7 +109,9 @@ def parse_method(text: str) -> MethodConfig:
     pairs = "qk" if "qk-pairs" in parts else "rot" if "rot-pairs" in parts else None
     if key != "mean" and pairs is None:
         pairs = "rot"  # a shared key per frequency needs the original pairs
-    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "refit" in parts)
+    if "drop" in parts and pairs is None:
+        pairs = "rot"
+    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "refit" in parts, "drop" in parts)
 
 
 # ---- RoPE pairs ------------------------------------------------------------------------------
@@ -155,7 +166,8 @@ def head_rotation(K: torch.Tensor, C: torch.Tensor, omega: torch.Tensor | None =
     sq = torch.ones(G, dtype=torch.float64) if omega is None else omega.double().clamp_min(1e-12).sqrt()
     Kw = sq[:, None].to(K.dtype) * K
     M = Kw @ C.to(K.dtype) @ Kw.conj().T  # (G, G) Hermitian: energy of the weighted keys
-    _, vec = torch.linalg.eigh(M.real if real else M)
+    with single_thread():
+        _, vec = torch.linalg.eigh(M.real if real else M)
     return vec.flip(1).to(K.dtype), sq
 
 
@@ -207,8 +219,10 @@ def rope_weights(w, plan, stats: LayerStats | None, H: int, G: int, h: int, key:
 
 # ---- latent -----------------------------------------------------------------------------------
 def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
-    """[W_k,nope; W_v] per KV head, stacked: (G·(n+h), d)."""
-    wk = w.wk.view(G, h, -1)[:, plan.nope_idx]
+    """[W_k,nope; W_v] per KV head, stacked: (G·(n+h), d) (dropped no-RoPE rows are zero)."""
+    wk = w.wk.view(G, h, -1)[:, plan.nope_idx].clone()
+    if plan.drop is not None:
+        wk[:, plan.drop] = 0
     wv = w.wv.view(G, h, -1)
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
 
@@ -220,7 +234,8 @@ def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int):
     the output energy each latent direction keeps (the Eckart-Young error is the sum of the rest).
     """
     Wd = W.double()
-    evals, evecs = torch.linalg.eigh(Wd @ Wd.T if C is None else Wd @ C.double() @ Wd.T)
+    with single_thread():
+        evals, evecs = torch.linalg.eigh(Wd @ Wd.T if C is None else Wd @ C.double() @ Wd.T)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     U = evecs[:, :rank]
     return U.float(), (U.T @ Wd).float(), evals.float()
@@ -265,7 +280,20 @@ def layer_plan(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None
         return paper_rope_plan(model.config, spec.head_dim, spec.rope_dim)
     inv_freq, scaling = model_inv_freq(model.config, spec.head_dim)
     scores = pair_scores(stats, spec.num_heads, spec.num_kv_heads, inv_freq if cfg.pairs == "rot" else None, context)
-    return pair_plan(select_pairs(scores, spec.rope_dim), spec.head_dim, inv_freq, scaling)
+    plan = pair_plan(select_pairs(scores, spec.rope_dim), spec.head_dim, inv_freq, scaling)
+    if cfg.drop:
+        plan.drop = fast_pairs(inv_freq, context)[plan.nope_idx % (spec.head_dim // 2)]
+    return plan
+
+
+def fast_pairs(inv_freq: torch.Tensor, context: int = ROPE_CONTEXT) -> torch.Tensor:
+    """Pairs (P,) bool that turn so fast that dropping their score term beats keeping it unrotated.
+
+    For a score term Re(a·e^{iθΔ}) with a of random phase, keeping it without RoPE costs
+    E|a|²(1 − cos θΔ) in mean square, dropping it costs E|a|²/2: drop when E_Δ[cos θΔ] < 1/2.
+    """
+    delta = torch.arange(context, dtype=torch.float64)
+    return torch.cos(inv_freq.double()[:, None] * delta).mean(1) < 0.5
 
 
 def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
@@ -278,7 +306,9 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
 
     # Queries [nope | rope] and the shared RoPE key.
     k_rope, q_rope = rope_weights(w, plan, stats, H, G, h, cfg.key, bias)
-    q_nope = w.wq.view(H, h, -1)[:, plan.nope_idx]
+    q_nope = w.wq.view(H, h, -1)[:, plan.nope_idx].clone()
+    if plan.drop is not None:  # dropped no-RoPE dims: no query, and no latent spent on their keys
+        q_nope[:, plan.drop] = 0
     wq = torch.cat([q_nope, q_rope[..., : spec.hidden_size]], dim=1).reshape(H * h, -1)
     if spec.q_rank is None:
         sd["q_proj.weight"] = wq
@@ -289,7 +319,10 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
         sd["q_a_proj.weight"] = s[:, None] * vt
         sd["q_b_proj.weight"] = u
     if bias:
-        bq = torch.cat([w.bq.view(H, h)[:, plan.nope_idx], q_rope[..., -1]], dim=1).reshape(-1)
+        bq_nope = w.bq.view(H, h)[:, plan.nope_idx].clone()
+        if plan.drop is not None:
+            bq_nope[:, plan.drop] = 0
+        bq = torch.cat([bq_nope, q_rope[..., -1]], dim=1).reshape(-1)
         sd["q_proj.bias" if spec.q_rank is None else "q_b_proj.bias"] = bq
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
@@ -314,8 +347,6 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
 
 def convert_layer_with(model, spec: MLASpec, layer: int, cfg: MethodConfig, stats: LayerStats | None):
     """Build the MLA attention of one layer with a data-aware method."""
-    from .svd_init import AttentionWeights
-
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
     plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
@@ -330,8 +361,6 @@ def convert_layer_with(model, spec: MLASpec, layer: int, cfg: MethodConfig, stat
 
 def layer_energy(model, spec: MLASpec, layer: int, cfg: MethodConfig, stats: LayerStats | None) -> torch.Tensor:
     """Output-energy eigenvalues of a layer's kept K/V rows (what ``budget`` allocates by)."""
-    from .svd_init import AttentionWeights
-
     w = AttentionWeights.of(decoder_layers(model)[layer].self_attn)
     plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
     C = stats.cov if cfg.whiten else None
@@ -410,7 +439,8 @@ def refit_output(old, new, inputs: list[torch.Tensor], chunks: list[dict], ridge
     eye = torch.eye(B.shape[0], dtype=B.dtype)
     lam = ridge * torch.trace(B) / B.shape[0]
     wo = new.o_proj.weight.double()
-    w_new = torch.linalg.solve(B + lam * eye, (wo @ (A + lam * eye)).T).T  # B, λI symmetric
+    with single_thread():
+        w_new = torch.linalg.solve(B + lam * eye, (wo @ (A + lam * eye)).T).T  # B, λI symmetric
     new.o_proj.weight.copy_(w_new.to(new.o_proj.weight.dtype))
 
 

@@ -62,7 +62,8 @@ def _rank_rows(spec: MLASpec) -> list[str]:
             layers = str(start) if start == i - 1 else f"{start}–{i - 1}"
             r = spec.kv_ranks[start]
             kind = "original attention" if r is None else f"MLA r={r}, p={spec.rope_dim}"
-            rows.append(f"| {layers} | {kind} | {spec.values_per_token(start)} | {spec.original_values_per_token_per_layer} |")
+            original = spec.original_values_per_token_per_layer
+            rows.append(f"| {layers} | {kind} | {spec.values_per_token(start)} | {original} |")
             start = i
     return rows
 
@@ -77,11 +78,13 @@ def render_card(
     verify: dict[str, Any] | None = None,
 ) -> str:
     source = meta.get("source") or "unknown"
+    stage = meta.get("stage")
     hub_base = "/" in source and not source.startswith((".", "/", "~")) and not Path(source).exists()
     base_model = source if hub_base else DEMO_BASE if source == "demo" else None
     if source == "demo":
         source = f"{DEMO_BASE} (`demo`, the model embedded in xecomla)"
-    front = ["---", "library_name: transformers" if fmt == "hf" else "library_name: xecomla", "pipeline_tag: text-generation"]
+    library = "transformers" if fmt == "hf" else "xecomla"
+    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation"]
     if base_model:
         front.append(f"base_model: {base_model}")
     front += ["tags:", "- xecomla", "- mla", "- multi-head-latent-attention"]
@@ -91,10 +94,10 @@ def render_card(
     name = Path(history[-1]["path"]).name if history else "model"
     out = front + ["", f"# {name} (X-EcoMLA)", ""]
     out.append(
-        f"Multi-head latent attention (MLA) upcycled from **{source}** with "
-        "[xecomla](https://arxiv.org/abs/2503.11132) (X-EcoMLA: SVD initialisation of the pretrained "
-        "attention, then knowledge distillation). Keys and values are cached as one small latent vector "
-        "per token instead of per-head K and V."
+        f"Multi-head latent attention (MLA) upcycled from **{source}** with xecomla, an implementation of "
+        "[X-EcoMLA](https://arxiv.org/abs/2503.11132) (SVD initialisation of the pretrained attention, then "
+        "knowledge distillation). Keys and values are cached as one small latent vector per token instead "
+        "of per-head K and V."
     )
     out.append("")
     if spec is not None:
@@ -102,9 +105,11 @@ def render_card(
         out += [
             "## Method and options",
             "",
+            f"- Stage: `{stage}`" + (" (SVD init only, not trained)" if stage == "init-svd" else ""),
             f"- Initialisation method: `{spec.method}`",
             f"- Base attention: {attention_kind(spec.num_heads, spec.num_kv_heads)}, {spec.num_heads} query heads, "
-            f"{spec.num_kv_heads} KV heads, head dim {spec.head_dim}, {spec.num_layers} layers, hidden {spec.hidden_size}",
+            f"{spec.num_kv_heads} KV heads, head dim {spec.head_dim}, {spec.num_layers} layers, "
+            f"hidden {spec.hidden_size}",
             f"- Decoupled RoPE dims p = {spec.rope_dim} (shared RoPE key), no-RoPE dims n = {spec.nope_dim}",
             f"- Low-rank queries: {'q_rank = ' + str(spec.q_rank) if spec.q_rank else 'no'}",
             f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
@@ -158,7 +163,8 @@ def render_card(
         out += [f"- {n}" for n in plan.notes]
         if verify:
             out.append(
-                f"- Verified at export: stock transformers logits match xecomla's to {verify['max_abs_logit_diff']:.2e} "
+                "- Verified at export: stock transformers logits match xecomla's to "
+                f"{verify['max_abs_logit_diff']:.2e} "
                 f"(max |logit| {verify['max_abs_logit']:.3g}; xecomla's own SDPA-vs-eager difference "
                 f"{verify.get('noise_sdpa_vs_eager', float('nan')):.2e}) on {verify['tokens']} tokens; greedy "
                 f"continuation {'identical' if verify['greedy_tokens_equal'] else 'DIFFERENT'}."

@@ -61,12 +61,14 @@ class RopePlan:
 
     ``rope_idx`` (p,) lists the original dims that become the RoPE dims, in rotate-half order
     (dim j pairs with dim j + p/2); ``nope_idx`` (n,) the rest; ``inv_freq`` (p/2,).
+    ``drop`` (n,) bool, optional: no-RoPE dims whose query·key term is dropped (``init_methods``).
     """
 
     rope_idx: torch.Tensor
     nope_idx: torch.Tensor
     inv_freq: torch.Tensor
     attention_scaling: float = 1.0
+    drop: torch.Tensor | None = None
 
 
 def paper_rope_plan(config, head_dim: int, rope_dim: int) -> RopePlan:
