@@ -84,7 +84,8 @@ def markdown(rows: list[dict], original: dict, opts: argparse.Namespace) -> str:
     for r in rows:
         cells = [r["budget"], r["method"], f"{r['init_seconds']:.0f}", f"{r['ppl']:,.1f}", f"{r['avg']:.4f}"]
         if trained:
-            cells += [f"{r['distilled']['ppl']:,.1f}", f"{r['distilled']['avg']:.4f}"]
+            d = r.get("distilled")
+            cells += [f"{d['ppl']:,.1f}", f"{d['avg']:.4f}"] if d else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="questions per task")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--distill-tokens", default="16k", help="distillation budget per method (0: none)")
+    ap.add_argument("--distill-methods", help="distil only these methods (default: all)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/init-methods"))
@@ -117,7 +119,10 @@ def main() -> None:
                          **evaluate(str(ckpt), opts.out / f"{ckpt.name}.eval.json", opts)})  # fmt: skip
             ckpts.append(ckpt)
     if opts.distill_tokens not in ("0", ""):  # then the same distillation budget for each
+        wanted = opts.distill_methods.split(",") if opts.distill_methods else None
         for row, ckpt in zip(rows, ckpts):
+            if wanted is not None and row["method"] not in wanted:
+                continue
             d = distill(ckpt, opts.distill_tokens)
             row["distilled"] = evaluate(str(d), opts.out / f"{d.name}.eval.json", opts)
 
@@ -129,7 +134,7 @@ def main() -> None:
         paper = next((r for r in rows if r["budget"] == row["budget"] and r["method"] == "paper"), None)
         if paper is not None:
             row["ppl_increase_vs_paper"] = increase(row, None) / increase(paper, None)
-            if "distilled" in row:
+            if "distilled" in row and "distilled" in paper:
                 row["distilled"]["ppl_increase_vs_paper"] = increase(row, "distilled") / increase(paper, "distilled")
     report = {"source": opts.source, "tasks": opts.tasks, "limit": opts.limit, "ppl_tokens": opts.ppl_tokens,
               "distill_tokens": opts.distill_tokens, "original": original, "rows": rows}  # fmt: skip

@@ -216,6 +216,30 @@ def test_refuses_rope_frequencies_the_config_cannot_express(tmp_path):
         export_checkpoint(ckpt, tmp_path / "out")
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+@pytest.mark.parametrize("method", ["deepseek", "fast-pairs"])
+def test_fast_pairs_methods_export_with_scaled_theta(tmp_path, method, rope):
+    """RoPE on the original p/2 fastest pairs is DeepSeek-V3's RoPE at theta^(p/h): exported exactly."""
+    overrides = {"rope_parameters": LLAMA3_ROPE} if rope == "llama3" else {}
+    model = make_model("llama", **overrides)
+    theta = model.config.rope_parameters["rope_theta"]
+    spec = build_spec(model.config, kv_rank=16, method=method)
+    torch.manual_seed(1)
+    convert_model(model, spec, method=method, calib_ids=torch.randint(0, 300, (4, 48)))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec,
+                           source="tiny-test")  # fmt: skip
+    result = export_checkpoint(ckpt, tmp_path / "out")
+    assert result.plan.rope_theta == pytest.approx(theta ** (8 / 16))
+    assert result.verify["greedy_tokens_equal"] and result.verify["relative"] < 1e-5
+    params = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
+    assert params["rope_theta"] == pytest.approx(theta**0.5) and params["rope_type"] == rope
+    assert_same_model(load_checkpoint(ckpt).model, stock_load(tmp_path / "out"))
+
+
 def test_existing_output_needs_force(tmp_path):
     ckpt = make_ckpt(tmp_path, "ckpt")
     (tmp_path / "out").mkdir()
@@ -230,16 +254,28 @@ def test_model_card_carries_lineage_ranks_and_metrics(tmp_path):
     model = load_checkpoint(init)
     distilled = save_checkpoint(tmp_path / "distilled", model=model.model, tokenizer=model.tokenizer, stage="distill",
                                 spec=model.spec, source="tiny-test", parent=str(init),
-                                metrics={"distill": {"tokens": 2_000_000, "final_kl": 0.3125}})  # fmt: skip
-    record_metrics(distilled, {"eval": {"ppl": 23.456, "arc_easy": 0.5123}})
+                                metrics={"tokens_seen": 2_000_000, "steps": 10, "val_kl_initial": 4.5, "val_kl": 0.3125,
+                                         "val_ppl_initial": 900.0, "val_ppl": 23.5, "val_ppl_teacher": 19.25,
+                                         "distill_teacher": "tiny-test", "distill_data": "demo",
+                                         "distill_tokens_per_s": 1234.5, "custom": {"thing": 7}})  # fmt: skip
+    task = {"n": 50, "acc": 0.5, "acc_norm": 0.5123, "primary": "acc_norm"}
+    record_metrics(distilled, {"eval": {
+        "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 23.456},
+        "tasks": {"arc_easy": task}, "average": {"value": 0.5123, "tasks": 1},
+        "kv_cache": {"bytes_per_token": 288, "dtype": "float32", "compression": 2.67},
+        "teacher": {"source": "tiny-test", "perplexity": {"ppl": 19.0}, "tasks": {"arc_easy": {**task, "acc_norm": 0.6}}},
+    }})  # fmt: skip
     export_checkpoint(distilled, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     for text in ("tiny-test", "`paper`", "| 0–2 | MLA r=16, p=8 | 24 | 64 |", "**72** against 192",
-                 "**2.67x**", "eval.ppl | 23.46", "eval.arc_easy | 0.5123", "distill.final_kl | 0.3125",
-                 "kv_lora_rank + qk_rope_head_dim = 16 + 8", "latent norm: `norm`", "## How it was made"):  # fmt: skip
+                 "**2.67x**", "| perplexity (lambada, 8192 tokens) | 23.46 | 19 |",
+                 "| arc_easy acc_norm (n=50) | 0.5123 | 0.6 |", "| KV cache bytes / token (float32) | 288 | — |",
+                 "2,000,000 tokens in 10 steps", "KL 4.5 → 0.3125", "perplexity 900 → 23.5 (teacher 19.25)",
+                 "| custom.thing | 7 |", "kv_lora_rank + qk_rope_head_dim = 16 + 8", "latent norm: `norm`",
+                 "## How it was made"):  # fmt: skip
         assert text in card, text
     meta = json.loads((tmp_path / "out" / "xecomla_export.json").read_text())
-    assert meta["metrics"]["eval"]["ppl"] == 23.456 and meta["export"]["portable"] is True
+    assert meta["metrics"]["eval"]["perplexity"]["ppl"] == 23.456 and meta["export"]["portable"] is True
 
 
 # ---- CLI and Hub push -------------------------------------------------------------------------

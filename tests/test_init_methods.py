@@ -35,7 +35,8 @@ def test_parse_method():
     assert im.parse_method("complex").pairs == "rot"  # a per-frequency shared key needs whole pairs
     assert im.parse_method("qk-pairs+rorope") == im.MethodConfig("qk", "rorope")
     assert im.parse_method("best+refit").refit
-    for bad in ("nope", "rorope+complex", "qk-pairs+rot-pairs"):
+    assert im.parse_method("deepseek") == im.MethodConfig("fast", "complex", True)
+    for bad in ("nope", "rorope+complex", "qk-pairs+rot-pairs", "fast-pairs+rot-pairs"):
         with pytest.raises(XecomlaError):
             im.parse_method(bad)
 
@@ -393,7 +394,7 @@ def test_cli_method(tiny_model_dir, tmp_path):
 def test_fast_pairs_rule():
     # E_Δ cos(θΔ) over Δ = 0..T-1: 1 for θ = 0 (kept unrotated for free), ~0 for a fast pair.
     inv_freq = torch.tensor([0.0, 1e-4, 0.5, 1.0])
-    assert im.fast_pairs(inv_freq, context=2048).tolist() == [False, False, True, True]
+    assert im.drop_pairs(inv_freq, context=2048).tolist() == [False, False, True, True]
 
 
 def test_drop_zeroes_the_dropped_score_terms():

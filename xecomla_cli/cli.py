@@ -125,7 +125,7 @@ def init_svd(
     layers: Annotated[Optional[str], typer.Option("--layers", help="Layers to convert, e.g. '0-11,20' (default: all).")] = None,
     latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
     kv_svd_rows: Annotated[str, typer.Option("--kv-svd-rows", help="'all' (paper: SVD of all K and V rows) or 'nope-v' (only the rows that are kept).")] = "all",
-    method: Annotated[str, typer.Option("--method", help="'paper' (default, data-free), a preset (mha2mla, rorope, complex, whiten, best) or components joined by '+' (qk-pairs, rot-pairs, rorope, complex, drop, whiten, budget, refit).")] = "paper",
+    method: Annotated[str, typer.Option("--method", help="'paper' (default, data-free), a preset (mha2mla, rorope, complex, whiten, best, deepseek) or components joined by '+' (qk-pairs, rot-pairs, fast-pairs, rorope, complex, drop, whiten, budget, refit).")] = "paper",
     calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Calibration text for data-aware methods: .txt, .jsonl or a directory (default: a slice of the bundled public-domain Shakespeare).")] = None,
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods.")] = 8192,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output checkpoint directory (default: runs/<source>-mla-<rank>).")] = None,

@@ -75,6 +75,7 @@ class ExportPlan:
     rope_dim: int
     attention_bias: bool
     dtype: str
+    rope_theta: float | None = None  # rope_theta written to config.json, when not the base model's
     padded_layers: list[int] = field(default_factory=list)
     latent_constants: list[float] = field(default_factory=list)  # C per layer (identity)
     q_constants: list[float] = field(default_factory=list)  # C per layer (lora-identity)
@@ -238,11 +239,24 @@ def _rank_summary(ranks: list[int]) -> str:
 
 
 # ---- RoPE -------------------------------------------------------------------------------------
-def _rope_parameters(config) -> dict[str, Any]:
+def _rope_parameters(config, theta: float | None = None) -> dict[str, Any]:
+    """The base model's rope_parameters, with rope_theta replaced by ``theta`` when given."""
     params = getattr(config, "rope_parameters", None)
     if not params:
         params = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
-    return {k: v for k, v in dict(params).items() if v is not None}
+    params = {k: v for k, v in dict(params).items() if v is not None}
+    if theta is not None:
+        params["rope_theta"] = theta
+    return params
+
+
+def _frequencies_match(loaded, inv_freq: torch.Tensor) -> bool:
+    from .mla.convert import decoder_layers
+
+    return all(
+        attn.rope_inv_freq.shape == inv_freq.shape and torch.allclose(attn.rope_inv_freq.float().cpu(), inv_freq, rtol=1e-6, atol=0)
+        for attn in (layer.self_attn for layer in decoder_layers(loaded.model))
+    )
 
 
 def deepseek_rope(config_dsv3) -> tuple[torch.Tensor, float]:
@@ -254,11 +268,29 @@ def deepseek_rope(config_dsv3) -> tuple[torch.Tensor, float]:
 
 
 def _check_rope(loaded, plan: ExportPlan) -> None:
-    """Every layer's RoPE frequencies must be the ones the exported rope_parameters give."""
+    """Every layer's RoPE frequencies must be the ones the exported rope_parameters give.
+
+    Two layouts qualify: the base model's rope_parameters at dim p (the paper init's fresh
+    frequencies), and the same with rope_theta' = θ^{p/h}, whose frequencies at dim p are the
+    original model's p/2 fastest pairs θ^{-2j/h}, j < p/2 (``--method fast-pairs``, ``deepseek``).
+    """
     from .mla.convert import decoder_layers
 
     config = deepseek_config(loaded, plan)
     inv_freq, scaling = deepseek_rope(config)
+    if not _frequencies_match(loaded, inv_freq):
+        theta = float(config.rope_parameters.get("rope_theta", 10000.0))
+        plan.rope_theta = theta ** (plan.rope_dim / loaded.spec.head_dim)
+        fast_config = deepseek_config(loaded, plan)
+        fast_freq, fast_scaling = deepseek_rope(fast_config)
+        if _frequencies_match(loaded, fast_freq):
+            config, inv_freq, scaling = fast_config, fast_freq, fast_scaling
+            plan.notes.append(
+                f"RoPE on the original model's {plan.rope_dim // 2} fastest frequency pairs: rope_theta "
+                f"{theta:g}^({plan.rope_dim}/{loaded.spec.head_dim}) = {plan.rope_theta:.6g} at dim {plan.rope_dim}"
+            )
+        else:
+            plan.rope_theta = None
     rope_type = config.rope_parameters.get("rope_type", "default")
     for i, layer in enumerate(decoder_layers(loaded.model)):
         attn = layer.self_attn
@@ -269,7 +301,7 @@ def _check_rope(loaded, plan: ExportPlan) -> None:
                 f"layer {i}'s RoPE frequencies differ from those DeepSeek-V3 computes from the base model's "
                 f"rope_parameters ({rope_type}, theta {config.rope_parameters.get('rope_theta')}, dim "
                 f"{plan.rope_dim}; max difference {worst:.3g}): this init keeps per-layer frequencies the layout "
-                "cannot express; export with --format xecomla instead"
+                "cannot express (init with --method deepseek or fast-pairs to export), or use --format xecomla"
             )
         if abs(float(attn.rope_attention_scaling) - scaling) > 1e-7:
             raise XecomlaError(
@@ -326,7 +358,7 @@ def deepseek_config(loaded, plan: ExportPlan):
         bos_token_id=tok("bos_token_id"),
         eos_token_id=tok("eos_token_id"),
         tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
-        rope_parameters=_rope_parameters(base),
+        rope_parameters=_rope_parameters(base, plan.rope_theta),
         rope_interleave=True,
         attention_bias=plan.attention_bias,
         attention_dropout=float(getattr(base, "attention_dropout", 0.0) or 0.0),

@@ -14,6 +14,10 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 * ``rot-pairs``: the same score times how much pair j rotates over the context,
   w_j = E_{Δ~U[0,T)} |e^{iθ_jΔ} − 1| = E 2|sin(θ_jΔ/2)|: a pair that barely turns loses
   nothing when it loses RoPE, so its RoPE slot goes to a pair that turns.
+* ``fast-pairs``: RoPE on the p/2 fastest-turning original pairs j = 0..p/2-1 in every layer, at
+  their original frequencies θ^{-2j/h}. These are exactly the frequencies DeepSeek-V3's RoPE
+  computes at dim p from rope_theta' = θ^{p/h} (Llama-3 scaling acts per frequency, so it agrees
+  too), which is what makes the result exportable; ``rot-pairs`` picks per layer and is not.
 * ``rorope`` (TransMLA's RoRoPE): per kept pair, rotate the G heads' keys by a real orthogonal
   G×G matrix (commutes with RoPE, as it acts on real and imaginary parts alike) so that the
   first rotated key holds the most energy; it becomes the shared RoPE key, the query heads get
@@ -44,7 +48,8 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 Statistics are those of the original model (one calibration pass, layer by layer).
 
 Presets: ``mha2mla`` = qk-pairs, ``rorope`` = rot-pairs+rorope, ``complex`` = rot-pairs+complex,
-``whiten`` = paper RoPE + whiten, ``best`` = rot-pairs+complex+whiten+budget.
+``whiten`` = paper RoPE + whiten, ``best`` = rot-pairs+complex+whiten+budget, ``deepseek`` =
+fast-pairs+complex+whiten (the best that ``export`` can write in the DeepSeek-V3 layout).
 """
 
 from __future__ import annotations
@@ -61,13 +66,14 @@ from .mla.rope import model_inv_freq
 from .mla.spec import MLASpec
 from .svd_init import AttentionWeights, single_thread
 
-COMPONENTS = ("qk-pairs", "rot-pairs", "rorope", "complex", "drop", "whiten", "budget", "refit")
+COMPONENTS = ("qk-pairs", "rot-pairs", "fast-pairs", "rorope", "complex", "drop", "whiten", "budget", "refit")
 PRESETS = {
     "mha2mla": "qk-pairs",
     "rorope": "rot-pairs+rorope",
     "complex": "rot-pairs+complex",
     "whiten": "whiten",
     "best": "rot-pairs+complex+whiten+budget",
+    "deepseek": "fast-pairs+complex+whiten",
 }
 ROPE_CONTEXT = 2048  # T of the rotation weight: the context over which a pair must keep turning
 RANK_MULTIPLE = 8
@@ -77,7 +83,7 @@ RANK_MULTIPLE = 8
 class MethodConfig:
     """What a ``--method`` string asks for."""
 
-    pairs: str | None = None  # None (paper: last p dims, fresh frequencies), "qk" or "rot"
+    pairs: str | None = None  # None (paper: last p dims, fresh frequencies), "qk", "rot" or "fast"
     key: str = "mean"  # shared RoPE key: "mean" of heads, "rorope" or "complex"
     whiten: bool = False
     budget: bool = False
@@ -101,12 +107,12 @@ def parse_method(text: str) -> MethodConfig:
             f"unknown --method '{text}': use paper, {', '.join(PRESETS)}, or components joined by '+' "
             f"({', '.join(COMPONENTS)}), e.g. rot-pairs+complex+whiten"
         )
-    if "qk-pairs" in parts and "rot-pairs" in parts:
-        raise XecomlaError("--method: choose one of qk-pairs and rot-pairs")
+    if sum(c in parts for c in ("qk-pairs", "rot-pairs", "fast-pairs")) > 1:
+        raise XecomlaError("--method: choose one of qk-pairs, rot-pairs and fast-pairs")
     if "rorope" in parts and "complex" in parts:
         raise XecomlaError("--method: choose one of rorope and complex")
     key = "rorope" if "rorope" in parts else "complex" if "complex" in parts else "mean"
-    pairs = "qk" if "qk-pairs" in parts else "rot" if "rot-pairs" in parts else None
+    pairs = next((c[: -len("-pairs")] for c in ("qk-pairs", "rot-pairs", "fast-pairs") if c in parts), None)
     if key != "mean" and pairs is None:
         pairs = "rot"  # a shared key per frequency needs the original pairs
     if "drop" in parts and pairs is None:
@@ -279,14 +285,18 @@ def layer_plan(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None
     if cfg.pairs is None:
         return paper_rope_plan(model.config, spec.head_dim, spec.rope_dim)
     inv_freq, scaling = model_inv_freq(model.config, spec.head_dim)
-    scores = pair_scores(stats, spec.num_heads, spec.num_kv_heads, inv_freq if cfg.pairs == "rot" else None, context)
-    plan = pair_plan(select_pairs(scores, spec.rope_dim), spec.head_dim, inv_freq, scaling)
+    if cfg.pairs == "fast":  # the same p/2 fastest pairs in every layer: DeepSeek-V3's RoPE at theta^(p/h)
+        pairs = torch.arange(spec.rope_dim // 2)
+    else:
+        scores = pair_scores(stats, spec.num_heads, spec.num_kv_heads, inv_freq if cfg.pairs == "rot" else None, context)
+        pairs = select_pairs(scores, spec.rope_dim)
+    plan = pair_plan(pairs, spec.head_dim, inv_freq, scaling)
     if cfg.drop:
-        plan.drop = fast_pairs(inv_freq, context)[plan.nope_idx % (spec.head_dim // 2)]
+        plan.drop = drop_pairs(inv_freq, context)[plan.nope_idx % (spec.head_dim // 2)]
     return plan
 
 
-def fast_pairs(inv_freq: torch.Tensor, context: int = ROPE_CONTEXT) -> torch.Tensor:
+def drop_pairs(inv_freq: torch.Tensor, context: int = ROPE_CONTEXT) -> torch.Tensor:
     """Pairs (P,) bool that turn so fast that dropping their score term beats keeping it unrotated.
 
     For a score term Re(a·e^{iθΔ}) with a of random phase, keeping it without RoPE costs

@@ -54,6 +54,65 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+DISTILL_KEYS = ("tokens_seen", "steps", "train_kl", "val_kl", "val_ppl", "val_ppl_teacher", "val_kl_initial",
+                "val_ppl_initial", "distill_seconds", "distill_tokens_per_s", "distill_data", "distill_teacher")  # fmt: skip
+
+
+def _eval_rows(ev: dict[str, Any]) -> list[str]:
+    """Benchmark rows (metric | this model | teacher) of the ``eval`` metrics that ``xecomla eval`` records."""
+    teacher = ev.get("teacher") or {}
+
+    def cell(d: dict[str, Any], *path: str) -> str:
+        for key in path:
+            d = d.get(key) if isinstance(d, dict) else None
+        return "—" if d is None else _fmt(d)
+
+    rows = []
+    ppl = ev.get("perplexity")
+    if isinstance(ppl, dict):
+        rows.append(f"| perplexity ({ppl.get('data')}, {ppl.get('tokens')} tokens) | {cell(ev, 'perplexity', 'ppl')} | "
+                    f"{cell(teacher, 'perplexity', 'ppl')} |")  # fmt: skip
+    for task, res in (ev.get("tasks") or {}).items():
+        if isinstance(res, dict) and res.get("primary") in res:
+            m = res["primary"]
+            rows.append(f"| {task} {m} (n={res.get('n')}) | {cell(res, m)} | {cell(teacher, 'tasks', task, m)} |")
+    if isinstance(ev.get("average"), dict):
+        avg = ev["average"]
+        rows.append(f"| average ({avg.get('tasks')} tasks) | {cell(avg, 'value')} | {cell(teacher, 'average', 'value')} |")
+    kv = ev.get("kv_cache")
+    if isinstance(kv, dict):
+        rows.append(f"| KV cache bytes / token ({kv.get('dtype')}) | {cell(kv, 'bytes_per_token')} | "
+                    f"{cell(teacher, 'kv_cache', 'bytes_per_token')} |")  # fmt: skip
+        rows.append(f"| KV cache compression | {cell(kv, 'compression')}x | — |")
+    return rows
+
+
+def _metrics_section(metrics: dict[str, Any]) -> list[str]:
+    """Benchmarks (eval), distillation and any other metrics recorded in xecomla.json."""
+    out = ["## Evaluation (recorded in xecomla.json)", ""]
+    if not metrics:
+        return out + ["No metrics were recorded for this checkpoint (run `xecomla eval` on it).", ""]
+    ev = metrics.get("eval")
+    rows = _eval_rows(ev) if isinstance(ev, dict) else []
+    if rows:
+        teacher = (ev.get("teacher") or {}).get("source", "not evaluated")
+        out += [f"`xecomla eval` ({ev.get('updated', 'date unknown')}; teacher: {teacher}):", "",
+                "| metric | this model | teacher |", "|---|---|---|", *rows, ""]  # fmt: skip
+    if "tokens_seen" in metrics:
+        m = metrics
+        out += [
+            f"Distillation: {m['tokens_seen']:,} tokens in {m.get('steps')} steps from `{m.get('distill_teacher')}` on "
+            f"`{m.get('distill_data')}` data ({_fmt(m.get('distill_tokens_per_s'))} tokens/s). Validation KL "
+            f"{_fmt(m.get('val_kl_initial'))} → {_fmt(m.get('val_kl'))}, validation perplexity "
+            f"{_fmt(m.get('val_ppl_initial'))} → {_fmt(m.get('val_ppl'))} (teacher {_fmt(m.get('val_ppl_teacher'))}).",
+            "",
+        ]
+    rest = [(k, v) for k, v in _flatten({k: v for k, v in metrics.items() if k not in DISTILL_KEYS and not (k == "eval" and rows)})]
+    if rest:
+        out += ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rest], ""]
+    return out
+
+
 def _rank_rows(spec: MLASpec) -> list[str]:
     """Per-layer table rows, runs of equal layers collapsed."""
     rows, start = [], 0
@@ -136,14 +195,7 @@ def render_card(
         out += ["", "| layers | attention | cached values / token | original |", "|---|---|---|---|"]
         out += _rank_rows(spec)
         out.append("")
-    metrics = meta.get("metrics") or {}
-    out += ["## Evaluation (recorded in xecomla.json)", ""]
-    if metrics:
-        out += ["| metric | value |", "|---|---|"]
-        out += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics)]
-    else:
-        out.append("No metrics were recorded for this checkpoint (run `xecomla eval` on it).")
-    out.append("")
+    out += _metrics_section(meta.get("metrics") or {})
     if plan is not None:
         out += ["## DeepSeek-V3 layout", ""]
         out += [
