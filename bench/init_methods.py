@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = "paper,mha2mla,rorope,complex,whiten,best"
+DEFAULT_METHODS = "paper,mha2mla,rorope,complex,whiten,best,deepseek"
 SIX_TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,openbookqa"
 
 
@@ -57,8 +57,8 @@ def init(method: str, rank: int, rope: int, out: Path) -> float:
     """init-svd with a method; returns the init time recorded in the checkpoint (model load included)."""
     if not (out / "xecomla.json").exists():
         t0 = time.perf_counter()
-        xecomla("init-svd", OPTS.source, "--kv-rank", str(rank), "--rope-dim", str(rope), "--method", method,
-                "-o", str(out), "--force", "--quiet")  # fmt: skip
+        xecomla("--quiet", "init-svd", OPTS.source, "--kv-rank", str(rank), "--rope-dim", str(rope), "--method", method,
+                "-o", str(out), "--force")  # fmt: skip
         (out.parent / f"{out.name}.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return float((out.parent / f"{out.name}.seconds").read_text())
 
@@ -66,8 +66,8 @@ def init(method: str, rank: int, rope: int, out: Path) -> float:
 def distill(ckpt: Path, tokens: str) -> Path:
     out = ckpt.parent / f"{ckpt.name}-distill-{tokens}"
     if not (out / "xecomla.json").exists():
-        xecomla("distill", str(ckpt), "--tokens", tokens, "--seq-len", str(OPTS.seq_len),
-                "--batch-size", str(OPTS.batch_size), "-o", str(out), "--force", "--quiet")  # fmt: skip
+        xecomla("--quiet", "distill", str(ckpt), "--tokens", tokens, "--seq-len", str(OPTS.seq_len),
+                "--batch-size", str(OPTS.batch_size), "-o", str(out), "--force")  # fmt: skip
         shutil.rmtree(out.parent / f"{out.name}.run", ignore_errors=True)  # resumable state, not needed
     return out
 

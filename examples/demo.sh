@@ -10,8 +10,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 step "1/5 inspect: architecture, KV cache, latent-rank budget"
 xecomla inspect demo --ranks 32,64,128,256
 
-step "2/5 init-svd: X-EcoMLA SVD initialisation, 4x smaller KV cache (r=64, p=32)"
-INIT=$(xecomla init-svd demo --kv-rank 64 -o "$DEMO_DIR/init-r64" --force)
+METHOD=${METHOD:-deepseek}   # 'paper' for the X-EcoMLA paper's data-free init (see README: init methods)
+step "2/5 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
+INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" -o "$DEMO_DIR/init-r64" --force)
 
 step "3/5 distill: KL distillation from the original model ($TOKENS tokens of public-domain text)"
 DISTILLED=$(xecomla distill "$INIT" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)

@@ -52,6 +52,14 @@ def test_init_svd_energy_hybrid_quiet(tiny_model_dir, tmp_path):
     assert torch.isfinite(lm.model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_errors_are_printed_even_under_quiet(tiny_model_dir, tmp_path):
+    proc = run("--quiet", "init-svd", str(tiny_model_dir("llama")), "--kv-rank", "9999", "-o", str(tmp_path / "x"),
+               check=False)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "outside 1..64" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -49,6 +49,8 @@ def _quiet_libraries(quiet: bool) -> None:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:  # read when tqdm is imported: e.g. transformers' GGUF loader uses tqdm directly
+        os.environ["TQDM_DISABLE"] = "1"
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
