@@ -113,6 +113,18 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
+def _option(value: Any) -> str:
+    """An init option for the card: a per-layer mapping is shown once when every layer agrees."""
+    if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+        first = next(iter(value.values()))
+        if all(v == first for v in value.values()):
+            return f"{_fmt(first)} (every layer)"
+        return f"per layer, {len(value)} layers (see xecomla.json)"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return _fmt(value)
+
+
 def _rank_rows(spec: MLASpec) -> list[str]:
     """Per-layer table rows, runs of equal layers collapsed."""
     rows, start = [], 0
@@ -173,7 +185,7 @@ def render_card(
             f"- Low-rank queries: {'q_rank = ' + str(spec.q_rank) if spec.q_rank else 'no'}",
             f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
         ]
-        out += [f"- `{k}`: {_fmt(v)}" for k, v in sorted(opts.items())]
+        out += [f"- `{k}`: {_option(v)}" for k, v in sorted(opts.items())]
         for stage in ("distill", "dpo"):  # stage options recorded by later stages
             recorded = meta.get(stage)
             if isinstance(recorded, dict):
