@@ -263,7 +263,7 @@ def test_model_card_carries_lineage_ranks_and_metrics(tmp_path):
         "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 23.456},
         "tasks": {"arc_easy": task}, "average": {"value": 0.5123, "tasks": 1},
         "kv_cache": {"bytes_per_token": 288, "dtype": "float32", "compression": 2.67},
-        "teacher": {"source": "tiny-test", "perplexity": {"ppl": 19.0}, "tasks": {"arc_easy": {**task, "acc_norm": 0.6}}},
+        "teacher": {"source": "tiny-test", "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 19.0}, "tasks": {"arc_easy": {**task, "acc_norm": 0.6}}},
     }})  # fmt: skip
     export_checkpoint(distilled, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()

@@ -70,15 +70,23 @@ def _eval_rows(ev: dict[str, Any]) -> list[str]:
     rows = []
     ppl = ev.get("perplexity")
     if isinstance(ppl, dict):
+        theirs = teacher.get("perplexity") or {}
+        same = (theirs.get("data"), theirs.get("tokens")) == (ppl.get("data"), ppl.get("tokens"))
         rows.append(f"| perplexity ({ppl.get('data')}, {ppl.get('tokens')} tokens) | {cell(ev, 'perplexity', 'ppl')} | "
-                    f"{cell(teacher, 'perplexity', 'ppl')} |")  # fmt: skip
+                    f"{cell(theirs, 'ppl') if same else '—'} |")  # fmt: skip
+    same_questions = True  # the teacher's numbers are shown only where it answered the same questions
     for task, res in (ev.get("tasks") or {}).items():
         if isinstance(res, dict) and res.get("primary") in res:
             m = res["primary"]
-            rows.append(f"| {task} {m} (n={res.get('n')}) | {cell(res, m)} | {cell(teacher, 'tasks', task, m)} |")
+            theirs = (teacher.get("tasks") or {}).get(task) or {}
+            same = theirs.get("n") == res.get("n")
+            same_questions &= same
+            rows.append(f"| {task} {m} (n={res.get('n')}) | {cell(res, m)} | {cell(theirs, m) if same else '—'} |")
     if isinstance(ev.get("average"), dict):
         avg = ev["average"]
-        rows.append(f"| average ({avg.get('tasks')} tasks) | {cell(avg, 'value')} | {cell(teacher, 'average', 'value')} |")
+        same_questions &= (teacher.get("average") or {}).get("tasks") == avg.get("tasks")
+        their_avg = cell(teacher, "average", "value") if same_questions else "—"
+        rows.append(f"| average ({avg.get('tasks')} tasks) | {cell(avg, 'value')} | {their_avg} |")
     kv = ev.get("kv_cache")
     if isinstance(kv, dict):
         rows.append(f"| KV cache bytes / token ({kv.get('dtype')}) | {cell(kv, 'bytes_per_token')} | "
