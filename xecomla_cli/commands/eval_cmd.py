@@ -77,7 +77,7 @@ def eval_command(
         result = evaluate.run_eval(model, opts, teacher=teacher, dtype=dtype, device=device,
                                    load=lambda src: load(src, dtype=dtype, device=device),
                                    progress_factory=bar, log=console.log)  # fmt: skip
-    console.err.print(_table(result))
+    console.err.print(_table(result, name=model))
     if result["checkpoint"]:
         existing = read_meta(result["checkpoint"]).get("metrics", {}).get("eval")
         record_metrics(result["checkpoint"], {"eval": evaluate.metrics_for_checkpoint(result, existing)})
@@ -85,14 +85,14 @@ def eval_command(
     emit(result if as_json else result["model"])
 
 
-def _table(result):
+def _table(result, name: str | None = None):
     from rich.table import Table
 
     from ..evaluate import comparison_rows
 
     has_teacher = result["results"].get("teacher") is not None
     spec_original = not has_teacher and result["mla"] and "kv_cache" in result["results"]["model"]
-    title = f"eval: {result['model']}" + (f"  vs  {result['teacher']} ({result['teacher_role']})" if has_teacher else "")
+    title = f"eval: {name or result['model']}" + (f"  vs  {result['teacher']} ({result['teacher_role']})" if has_teacher else "")
     t = Table(title=title, title_justify="left")
     t.add_column("metric")
     if has_teacher or spec_original:
