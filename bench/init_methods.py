@@ -54,7 +54,7 @@ def evaluate(model: str, cache: Path, opts: argparse.Namespace) -> dict:
 
 
 def init(method: str, rank: int, rope: int, out: Path) -> float:
-    """init-svd with a method; returns the init time recorded in the checkpoint (model load included)."""
+    """init-svd with a method; returns the command's wall-clock seconds (model load included), cached beside it."""
     if not (out / "xecomla.json").exists():
         t0 = time.perf_counter()
         xecomla("--quiet", "init-svd", OPTS.source, "--kv-rank", str(rank), "--rope-dim", str(rope), "--method", method,

@@ -292,16 +292,24 @@ def text_file(tmp_path):
     return path
 
 
-def test_eval_command_json_and_checkpoint_metrics(monkeypatch, capsys, tmp_path, tiny_model_dir, jsonl, text_file):
-    from xecomla_cli.checkpoint import read_meta, save_checkpoint
+def init_checkpoint(tiny_model_dir, family: str, kv_rank: int, tmp_path):
+    """(source dir, init-svd checkpoint) of a tiny random model of ``family``."""
+    from xecomla_cli.checkpoint import save_checkpoint
     from xecomla_cli.sources import load_model
 
-    src = str(tiny_model_dir("llama"))
+    src = str(tiny_model_dir(family))
     loaded = load_model(src)
-    spec = build_spec(loaded.model.config, kv_rank=16)
+    spec = build_spec(loaded.model.config, kv_rank=kv_rank)
     convert_model(loaded.model, spec)
     ckpt = save_checkpoint(tmp_path / "ck", model=loaded.model, tokenizer=loaded.tokenizer, stage="init-svd",
                            spec=spec, source=src)  # fmt: skip
+    return src, ckpt
+
+
+def test_eval_command_json_and_checkpoint_metrics(monkeypatch, capsys, tmp_path, tiny_model_dir, jsonl, text_file):
+    from xecomla_cli.checkpoint import read_meta
+
+    src, ckpt = init_checkpoint(tiny_model_dir, "llama", 16, tmp_path)
 
     code, out, err = cli(monkeypatch, capsys, "eval", str(ckpt), "--tasks", str(jsonl), "--limit", "4",
                          "--ppl-data", str(text_file), "--teacher", src, "--json")  # fmt: skip
@@ -328,15 +336,7 @@ def test_eval_command_json_and_checkpoint_metrics(monkeypatch, capsys, tmp_path,
 
 
 def test_eval_speed_compares_with_the_original(monkeypatch, capsys, tmp_path, tiny_model_dir):
-    from xecomla_cli.checkpoint import save_checkpoint
-    from xecomla_cli.sources import load_model
-
-    src = str(tiny_model_dir("qwen2"))
-    loaded = load_model(src)
-    spec = build_spec(loaded.model.config, kv_rank=8)
-    convert_model(loaded.model, spec)
-    ckpt = save_checkpoint(tmp_path / "ck", model=loaded.model, tokenizer=loaded.tokenizer, stage="init-svd",
-                           spec=spec, source=src)  # fmt: skip
+    src, ckpt = init_checkpoint(tiny_model_dir, "qwen2", 8, tmp_path)
     code, out, err = cli(monkeypatch, capsys, "eval", str(ckpt), "--speed", "--context", "16", "--batch", "2",
                          "--new-tokens", "3", "--no-ppl", "--json")  # fmt: skip
     assert code == 0, err

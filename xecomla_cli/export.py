@@ -250,12 +250,11 @@ def _rope_parameters(config, theta: float | None = None) -> dict[str, Any]:
     return params
 
 
-def _frequencies_match(loaded, inv_freq: torch.Tensor) -> bool:
-    from .mla.convert import decoder_layers
-
+def _frequencies_match(attns: list, inv_freq: torch.Tensor) -> bool:
+    """Every layer's RoPE frequencies equal ``inv_freq`` to 1e-6 relative."""
     return all(
-        attn.rope_inv_freq.shape == inv_freq.shape and torch.allclose(attn.rope_inv_freq.float().cpu(), inv_freq, rtol=1e-6, atol=0)
-        for attn in (layer.self_attn for layer in decoder_layers(loaded.model))
+        a.rope_inv_freq.shape == inv_freq.shape and torch.allclose(a.rope_inv_freq.float().cpu(), inv_freq, rtol=1e-6, atol=0)
+        for a in attns
     )
 
 
@@ -276,14 +275,15 @@ def _check_rope(loaded, plan: ExportPlan) -> None:
     """
     from .mla.convert import decoder_layers
 
+    attns = [layer.self_attn for layer in decoder_layers(loaded.model)]
     config = deepseek_config(loaded, plan)
     inv_freq, scaling = deepseek_rope(config)
-    if not _frequencies_match(loaded, inv_freq):
+    if not _frequencies_match(attns, inv_freq):
         theta = float(config.rope_parameters.get("rope_theta", 10000.0))
         plan.rope_theta = theta ** (plan.rope_dim / loaded.spec.head_dim)
         fast_config = deepseek_config(loaded, plan)
         fast_freq, fast_scaling = deepseek_rope(fast_config)
-        if _frequencies_match(loaded, fast_freq):
+        if _frequencies_match(attns, fast_freq):
             config, inv_freq, scaling = fast_config, fast_freq, fast_scaling
             plan.notes.append(
                 f"RoPE on the original model's {plan.rope_dim // 2} fastest frequency pairs: rope_theta "
@@ -292,10 +292,9 @@ def _check_rope(loaded, plan: ExportPlan) -> None:
         else:
             plan.rope_theta = None
     rope_type = config.rope_parameters.get("rope_type", "default")
-    for i, layer in enumerate(decoder_layers(loaded.model)):
-        attn = layer.self_attn
-        ours = attn.rope_inv_freq.float().cpu()
-        if ours.shape != inv_freq.shape or not torch.allclose(ours, inv_freq, rtol=1e-6, atol=0):
+    for i, attn in enumerate(attns):
+        if not _frequencies_match([attn], inv_freq):
+            ours = attn.rope_inv_freq.float().cpu()
             worst = (ours - inv_freq).abs().max().item() if ours.shape == inv_freq.shape else float("nan")
             raise XecomlaError(
                 f"layer {i}'s RoPE frequencies differ from those DeepSeek-V3 computes from the base model's "
@@ -308,8 +307,7 @@ def _check_rope(loaded, plan: ExportPlan) -> None:
                 f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} differs from DeepSeek-V3's "
                 f"{scaling} for these rope_parameters; export with --format xecomla instead"
             )
-    layers = decoder_layers(loaded.model)
-    if not all(torch.equal(layer.self_attn.rope_inv_freq.float().cpu(), inv_freq) for layer in layers):
+    if not all(torch.equal(attn.rope_inv_freq.float().cpu(), inv_freq) for attn in attns):
         plan.notes.append("RoPE frequencies agree with DeepSeek-V3's to 1e-6 relative (not bit for bit)")
     if rope_type != "default":
         plan.notes.append(

@@ -224,11 +224,19 @@ def rope_weights(w, plan, stats: LayerStats | None, H: int, G: int, h: int, key:
 
 
 # ---- latent -----------------------------------------------------------------------------------
+def nope_rows(t: torch.Tensor, plan) -> torch.Tensor:
+    """The no-RoPE rows (heads, n, ...) of per-head rows t (heads, h, ...), the dropped ones zeroed."""
+    rows = t[:, plan.nope_idx]
+    if plan.drop is None:
+        return rows
+    rows = rows.clone()
+    rows[:, plan.drop] = 0
+    return rows
+
+
 def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
     """[W_k,nope; W_v] per KV head, stacked: (G·(n+h), d) (dropped no-RoPE rows are zero)."""
-    wk = w.wk.view(G, h, -1)[:, plan.nope_idx].clone()
-    if plan.drop is not None:
-        wk[:, plan.drop] = 0
+    wk = nope_rows(w.wk.view(G, h, -1), plan)
     wv = w.wv.view(G, h, -1)
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
 
@@ -316,9 +324,7 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
 
     # Queries [nope | rope] and the shared RoPE key.
     k_rope, q_rope = rope_weights(w, plan, stats, H, G, h, cfg.key, bias)
-    q_nope = w.wq.view(H, h, -1)[:, plan.nope_idx].clone()
-    if plan.drop is not None:  # dropped no-RoPE dims: no query, and no latent spent on their keys
-        q_nope[:, plan.drop] = 0
+    q_nope = nope_rows(w.wq.view(H, h, -1), plan)  # dropped dims: no query, and no latent spent on their keys
     wq = torch.cat([q_nope, q_rope[..., : spec.hidden_size]], dim=1).reshape(H * h, -1)
     if spec.q_rank is None:
         sd["q_proj.weight"] = wq
@@ -329,10 +335,7 @@ def method_state_dict(w, spec: MLASpec, layer: int, plan, cfg: MethodConfig,
         sd["q_a_proj.weight"] = s[:, None] * vt
         sd["q_b_proj.weight"] = u
     if bias:
-        bq_nope = w.bq.view(H, h)[:, plan.nope_idx].clone()
-        if plan.drop is not None:
-            bq_nope[:, plan.drop] = 0
-        bq = torch.cat([bq_nope, q_rope[..., -1]], dim=1).reshape(-1)
+        bq = torch.cat([nope_rows(w.bq.view(H, h), plan), q_rope[..., -1]], dim=1).reshape(-1)
         sd["q_proj.bias" if spec.q_rank is None else "q_b_proj.bias"] = bq
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
