@@ -51,7 +51,7 @@ def build_pair(shape: str, kv_rank: int, device: torch.device, student_dtype, te
 
     from xecomla_cli.mla.convert import apply_spec
     from xecomla_cli.mla.rope import model_inv_freq
-    from xecomla_cli.svd_init import build_spec
+    from xecomla_cli.init import build_spec
 
     config = LlamaConfig(**SHAPES[shape])
     config._attn_implementation = "sdpa"

@@ -87,7 +87,7 @@ def student_ckpt(tmp_path_factory, tiny_model_dir):
 
     from xecomla_cli.checkpoint import save_checkpoint
     from xecomla_cli.sources import load_model
-    from xecomla_cli.svd_init import build_spec, convert_model
+    from xecomla_cli.init import build_spec, convert_model
 
     teacher = tiny_model_dir("llama")
     loaded = load_model(str(teacher))

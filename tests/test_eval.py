@@ -14,7 +14,7 @@ from conftest import make_model, make_tokenizer
 from xecomla_cli import eval_tasks as et
 from xecomla_cli import evaluate as ev
 from xecomla_cli.errors import XecomlaError
-from xecomla_cli.svd_init import build_spec, convert_model
+from xecomla_cli.init import build_spec, convert_model
 
 REQUESTS = [
     ("The quick brown", " fox jumps"),

@@ -44,7 +44,7 @@ def test_demo_accuracy_on_a_fixed_subset_is_deterministic(demo):
 
 
 def test_demo_kv_memory_original_and_init_svd(demo):
-    from xecomla_cli.svd_init import build_spec, convert_model
+    from xecomla_cli.init import build_spec, convert_model
 
     original = ev.measure_kv_cache(demo.model)
     assert original["values_per_token"] == 30 * 2 * 3 * 64 and original["bytes_per_token"] == 30 * 384 * 4

@@ -15,7 +15,7 @@ from conftest import make_model, make_tokenizer
 from xecomla_cli.checkpoint import load_checkpoint, record_metrics, save_checkpoint
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.export import export_checkpoint, identity_constant, interleave_perm, norm_scale
-from xecomla_cli.svd_init import build_spec, convert_model
+from xecomla_cli.init import build_spec, convert_model
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 7, 123, 250, 3, 64, 11, 200, 31]])
 

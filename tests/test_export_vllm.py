@@ -29,7 +29,7 @@ import torch
 from conftest import make_model, make_tokenizer
 from xecomla_cli.checkpoint import save_checkpoint
 from xecomla_cli.export import export_checkpoint
-from xecomla_cli.svd_init import build_spec, convert_model
+from xecomla_cli.init import build_spec, convert_model
 
 PROMPT = list(range(5, 45))
 NEW_TOKENS = 8

@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import make_model, save_model
 
-from xecomla_cli import checkpoint, svd_init
+from xecomla_cli import checkpoint
 from xecomla_cli.errors import XecomlaError
+from xecomla_cli.init import build_spec, convert_model
 from xecomla_cli.inspect_model import inspect
-from xecomla_cli.sources import load_model, parse_device, parse_dtype
+from xecomla_cli.loaded import parse_device, parse_dtype
+from xecomla_cli.sources import load_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "mha"])
@@ -81,15 +83,22 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path):
 @pytest.fixture()
 def converted(tiny_model_dir):
     lm = load_model(str(tiny_model_dir("llama")))
-    spec = svd_init.build_spec(lm.model.config, kv_rank=16)
-    svd_init.convert_model(lm.model, spec)
+    spec = build_spec(lm.model.config, kv_rank=16)
+    convert_model(lm.model, spec)
     return lm, spec
 
 
 def test_checkpoint_round_trip_is_bit_exact(converted, tmp_path):
     lm, spec = converted
-    out = checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                     spec=spec, source="tiny", metrics={"x": 1})  # fmt: skip
+    out = checkpoint.save_checkpoint(
+        tmp_path / "ck",
+        model=lm.model,
+        tokenizer=lm.tokenizer,
+        stage="init-svd",
+        spec=spec,
+        source="tiny",
+        metrics={"x": 1},
+    )
     back = load_model(str(out))
     assert back.is_mla and back.spec == spec and back.meta["stage"] == "init-svd"
     a, b = lm.model.state_dict(), back.model.state_dict()
@@ -108,8 +117,9 @@ def test_checkpoint_round_trip_is_bit_exact(converted, tmp_path):
 def test_bf16_checkpoint_round_trip(converted, tmp_path):
     lm, spec = converted
     lm.model.to(torch.bfloat16)
-    out = checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                     spec=spec, source="tiny")  # fmt: skip
+    out = checkpoint.save_checkpoint(
+        tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd", spec=spec, source="tiny"
+    )
     back = checkpoint.load_checkpoint(out, dtype="auto")
     for k, v in lm.model.state_dict().items():
         assert torch.equal(v, back.model.state_dict()[k]), k
@@ -118,8 +128,9 @@ def test_bf16_checkpoint_round_trip(converted, tmp_path):
 def test_sharded_checkpoint_loads(converted, tmp_path, monkeypatch):
     lm, spec = converted
     monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", "100KB")
-    out = checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                     spec=spec, source="tiny")  # fmt: skip
+    out = checkpoint.save_checkpoint(
+        tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd", spec=spec, source="tiny"
+    )
     assert (out / checkpoint.INDEX_FILE).is_file() and len(list(out.glob("*.safetensors"))) > 1
     back = load_model(str(out))
     for k, v in lm.model.state_dict().items():
@@ -143,15 +154,23 @@ def test_failed_write_leaves_nothing(converted, tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                   spec=spec, source="tiny", write_extra=boom)  # fmt: skip
+        checkpoint.save_checkpoint(
+            tmp_path / "ck",
+            model=lm.model,
+            tokenizer=lm.tokenizer,
+            stage="init-svd",
+            spec=spec,
+            source="tiny",
+            write_extra=boom,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_validation_errors(converted, tmp_path):
     lm, spec = converted
-    out = checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                     spec=spec, source="tiny")  # fmt: skip
+    out = checkpoint.save_checkpoint(
+        tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd", spec=spec, source="tiny"
+    )
     with pytest.raises(XecomlaError, match="does not exist"):
         checkpoint.read_meta(tmp_path / "nope")
     bad = tmp_path / "v2"
@@ -176,8 +195,15 @@ def test_validation_errors(converted, tmp_path):
 
 def test_record_metrics_merges(converted, tmp_path):
     lm, spec = converted
-    out = checkpoint.save_checkpoint(tmp_path / "ck", model=lm.model, tokenizer=lm.tokenizer, stage="init-svd",
-                                     spec=spec, source="tiny", metrics={"a": 1})  # fmt: skip
+    out = checkpoint.save_checkpoint(
+        tmp_path / "ck",
+        model=lm.model,
+        tokenizer=lm.tokenizer,
+        stage="init-svd",
+        spec=spec,
+        source="tiny",
+        metrics={"a": 1},
+    )
     checkpoint.record_metrics(out, {"b": 2})
     assert checkpoint.read_meta(out)["metrics"] == {"a": 1, "b": 2}
 
@@ -197,5 +223,5 @@ def test_inspect_energy_matches_independent_svd(tiny_model_dir):
             m = torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]).detach().double()
             s = torch.linalg.svdvals(m) ** 2
             assert row["energy_per_layer"][i] == pytest.approx(float(s[:r].sum() / s.sum()), abs=1e-5)
-    for delta, ranks in report["rank_for_energy"].items():
+    for ranks in report["rank_for_energy"].values():
         assert all(r % 8 == 0 for r in ranks)

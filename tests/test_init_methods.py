@@ -1,4 +1,4 @@
-"""Data-aware initialisations (init_methods, calibration): the math, then the CLI."""
+"""Data-aware initialisations (init.methods and its components, init.calibration): the math, then the CLI."""
 
 from __future__ import annotations
 
@@ -7,19 +7,30 @@ import json
 
 import pytest
 import torch
-
-from xecomla_cli import init_methods as im
-from xecomla_cli.calibration import LayerRunner, LayerStats, attention_stats, calibration_ids, read_texts
-from xecomla_cli.errors import XecomlaError
-from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
-from xecomla_cli.svd_init import build_spec, convert_model
-
 from conftest import make_model, make_tokenizer
+
+from xecomla_cli.errors import XecomlaError
+from xecomla_cli.init import build_spec, convert_model
+from xecomla_cli.init.calibrated import attention_head_outputs, refit_output
+from xecomla_cli.init.calibration import (
+    LayerRunner,
+    LayerStats,
+    attention_stats,
+    calibration_documents,
+    calibration_ids,
+)
+from xecomla_cli.init.convert import convert_layer
+from xecomla_cli.init.latent import budget_ranks, whitened_factors
+from xecomla_cli.init.methods import MethodConfig, parse_method
+from xecomla_cli.init.rope_pairs import drop_pairs, pair_plan, pair_scores, rotation_weight, select_pairs
+from xecomla_cli.init.shared_key import head_rotation, shared_key_fit
+from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
 
 
 def kl(out, ref):
-    return torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                      reduction="batchmean").item()  # fmt: skip
+    return torch.nn.functional.kl_div(
+        out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"
+    ).item()
 
 
 def calib(seed=0, B=4, T=48):
@@ -29,22 +40,22 @@ def calib(seed=0, B=4, T=48):
 
 # ---- method strings ---------------------------------------------------------------------------
 def test_parse_method():
-    assert im.parse_method("paper").is_paper
-    assert im.parse_method("best") == im.MethodConfig("rot", "complex", True, True)
-    assert im.parse_method("mha2mla") == im.MethodConfig(pairs="qk")
-    assert im.parse_method("complex").pairs == "rot"  # a per-frequency shared key needs whole pairs
-    assert im.parse_method("qk-pairs+rorope") == im.MethodConfig("qk", "rorope")
-    assert im.parse_method("best+refit").refit
-    assert im.parse_method("deepseek") == im.MethodConfig("fast", "complex", True)
+    assert parse_method("paper").is_paper
+    assert parse_method("best") == MethodConfig("rot", "complex", True, True)
+    assert parse_method("mha2mla") == MethodConfig(pairs="qk")
+    assert parse_method("complex").pairs == "rot"  # a per-frequency shared key needs whole pairs
+    assert parse_method("qk-pairs+rorope") == MethodConfig("qk", "rorope")
+    assert parse_method("best+refit").refit
+    assert parse_method("deepseek") == MethodConfig("fast", "complex", True)
     for bad in ("nope", "rorope+complex", "qk-pairs+rot-pairs", "fast-pairs+rot-pairs"):
         with pytest.raises(XecomlaError):
-            im.parse_method(bad)
+            parse_method(bad)
 
 
 # ---- RoPE pairs --------------------------------------------------------------------------------
 def test_rotation_weight():
     theta = torch.tensor([1.0, 1e-2, 1e-6])
-    w = im.rotation_weight(theta, 2048)
+    w = rotation_weight(theta, 2048)
     # A fast pair averages |e^{iθΔ} − 1| = 4/π; a slow one ≈ θ·mean(Δ).
     assert w[0] == pytest.approx(4 / torch.pi, rel=2e-2)
     assert w[2] == pytest.approx(1e-6 * 2047 / 2, rel=1e-3)
@@ -59,11 +70,11 @@ def test_pair_selection_by_qk_norm():
     q[:, 2] = 5.0  # pair 2: large queries
     k[0, 7] = 3.0  # pair 7: one KV head only
     stats = LayerStats(1, torch.eye(3, dtype=torch.float64), q.double(), k.double())
-    assert im.select_pairs(im.pair_scores(stats, H, G), 6).tolist() == [2, 5, 7]
+    assert select_pairs(pair_scores(stats, H, G), 6).tolist() == [2, 5, 7]
     # Rotation weighting: the same norms on a pair that does not turn lose to one that does.
     theta = torch.tensor([1.0] * 7 + [1e-7])
-    assert 7 not in im.select_pairs(im.pair_scores(stats, H, G, theta), 6).tolist()
-    plan = im.pair_plan(torch.tensor([2, 5]), 16, torch.arange(8.0))
+    assert 7 not in select_pairs(pair_scores(stats, H, G, theta), 6).tolist()
+    plan = pair_plan(torch.tensor([2, 5]), 16, torch.arange(8.0))
     assert plan.rope_idx.tolist() == [2, 5, 10, 13] and plan.inv_freq.tolist() == [2.0, 5.0]
     assert sorted(plan.nope_idx.tolist() + plan.rope_idx.tolist()) == list(range(16))
 
@@ -95,7 +106,7 @@ def test_head_rotation_keeps_scores_of_full_rank_keys(real):
     g = 1
     C = torch.randn(d, d, dtype=torch.float64)
     C = C @ C.T
-    U = [im.head_rotation(Kw[:, j], C, real=real)[0] for j in range(m)]
+    U = [head_rotation(Kw[:, j], C, real=real)[0] for j in range(m)]
     for Uj in U:
         assert torch.allclose(Uj.conj().T @ Uj, torch.eye(G, dtype=Uj.dtype), atol=1e-10)
         assert real is False or Uj.imag.abs().max() == 0
@@ -129,8 +140,8 @@ def test_shared_key_fit_is_the_best_rank_one():
         R = K - z[:, None] * s[None]
         return (omega * torch.einsum("gc,cd,gd->g", R, C.to(R.dtype), R.conj()).real).sum()
 
-    z, s = im.shared_key_fit(K, C, omega)
-    zr, sr = im.shared_key_fit(K, C, omega, real=True)
+    z, s = shared_key_fit(K, C, omega)
+    zr, sr = shared_key_fit(K, C, omega, real=True)
     best = err(z, s)
     assert best <= err(zr, sr) + 1e-9  # a real rotation (RoRoPE) is a special case of the complex fit
     assert best <= err(torch.ones(G, dtype=K.dtype), K.mean(0)) + 1e-9  # ... and so is the mean of heads
@@ -140,7 +151,7 @@ def test_shared_key_fit_is_the_best_rank_one():
         assert err(z + dz, s + ds) >= best - 1e-9
     # Exact when the heads' keys are complex multiples of one key.
     Km = torch.tensor([1.0, 0.5 - 2j, -1j], dtype=K.dtype)[:, None] * K[0]
-    z, s = im.shared_key_fit(Km, C)
+    z, s = shared_key_fit(Km, C)
     assert torch.allclose(z[:, None] * s[None], Km, atol=1e-10)
 
 
@@ -149,8 +160,7 @@ def structured_model(family: str, real_multiples: bool = False):
     head's keys there are complex multiples of the first's: representable exactly by an MLA with
     one shared RoPE key of p = 8 dims at full latent rank."""
     model = make_model(family)
-    H, G, h = 4, 2, 16
-    P = h // 2
+    G, h = 2, 16
     zs = torch.tensor([1.5, -0.5, 2.0, 0.7]) if real_multiples else torch.tensor([1 + 1j, 0.5 - 1j, -2j, 0.7 + 0.2j])
     with torch.no_grad():
         for layer in model.model.layers:
@@ -215,7 +225,7 @@ def test_whitened_factors_minimise_output_error():
     def err(up, down):
         return ((X @ (W - up.double() @ down.double()).T) ** 2).sum(1).mean().item()
 
-    up, down, ev = im.whitened_factors(W, C, r)
+    up, down, ev = whitened_factors(W, C, r)
     e = err(up, down)
     assert e == pytest.approx(ev[r:].double().sum().item(), rel=1e-4)  # Eckart-Young in the C metric
     # The same optimum as the SVD of W C^{1/2} (down = S_r V_rᵀ C^{-1/2}).
@@ -224,7 +234,7 @@ def test_whitened_factors_minimise_output_error():
     down2 = torch.diag(s[:r]) @ vt[:r] @ Q @ torch.diag(lam.rsqrt()) @ Q.T
     assert e == pytest.approx(err(u[:, :r], down2), rel=1e-6)
     # Better than the data-free SVD, and than any nearby subspace.
-    up0, down0, _ = im.whitened_factors(W, None, r)
+    up0, down0, _ = whitened_factors(W, None, r)
     assert e < 0.9 * err(up0, down0)
     for _ in range(10):
         Un, _ = torch.linalg.qr(up.double() + 1e-2 * torch.randn(rows, r, dtype=torch.float64))
@@ -255,18 +265,19 @@ def test_whiten_is_exact_at_full_rank_and_better_below():
 def test_budget_ranks_optimal_and_within_budget():
     torch.manual_seed(0)
     energies = {i: torch.rand(48).sort(descending=True).values ** (i + 1) for i in range(3)}
-    ranks = im.budget_ranks(energies, 16)
+    ranks = budget_ranks(energies, 16)
     assert sum(ranks.values()) == 48 and all(r % 8 == 0 and 8 <= r <= 48 for r in ranks.values())
 
     def kept(rs):
         return sum((energies[i][: rs[i]] / energies[i].sum()).sum().item() for i in rs)
 
     best = max(
-        (dict(zip(range(3), rs)) for rs in itertools.product(range(8, 49, 8), repeat=3) if sum(rs) == 48), key=kept
+        (dict(zip(range(3), rs, strict=True)) for rs in itertools.product(range(8, 49, 8), repeat=3) if sum(rs) == 48),
+        key=kept,
     )
     assert kept(ranks) == pytest.approx(kept(best))
     with pytest.raises(XecomlaError):
-        im.budget_ranks(energies, 4)
+        budget_ranks(energies, 4)
 
 
 def test_budget_method_keeps_total_cache():
@@ -285,14 +296,14 @@ def test_calibration_texts_and_ids(tmp_path):
     tok = make_tokenizer()
     (tmp_path / "a.txt").write_text("Shall I compare thee to a summer's day? " * 40)
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "The quick brown fox jumps. " * 40}) + "\n\n")
-    assert len(list(read_texts(tmp_path))) == 2
-    assert list(read_texts(tmp_path / "b.jsonl"))[0].startswith("The quick")
+    assert len(list(calibration_documents(tmp_path))) == 2
+    assert list(calibration_documents(tmp_path / "b.jsonl"))[0].startswith("The quick")
     ids = calibration_ids(tok, tmp_path, tokens=300, seq_len=64)
     assert ids.shape[1] == 64 and ids.numel() >= 300
     default = calibration_ids(tok, None, tokens=256, seq_len=128)  # the Shakespeare slice
     assert default.shape == (2, 128)
     with pytest.raises(XecomlaError):
-        list(read_texts(tmp_path / "missing.txt"))
+        list(calibration_documents(tmp_path / "missing.txt"))
     with pytest.raises(XecomlaError):
         calibration_ids(tok, tmp_path / "a.txt", tokens=5000, seq_len=5000)
 
@@ -327,21 +338,21 @@ def test_refit_output_reduces_layer_error_and_is_exact_at_full_rank():
 
     def err(attn):
         e = 0.0
-        for x, c in zip(xs, runner.chunks):
-            y = im.attention_head_outputs(old, x.float(), c) @ old.o_proj.weight.double().T
-            y2 = im.attention_head_outputs(attn, x.float(), c) @ attn.o_proj.weight.double().T
+        for x, c in zip(xs, runner.chunks, strict=True):
+            y = attention_head_outputs(old, x.float(), c) @ old.o_proj.weight.double().T
+            y2 = attention_head_outputs(attn, x.float(), c) @ attn.o_proj.weight.double().T
             e += ((y - y2) ** 2).sum().item()
         return e
 
     for rank, method in [(16, "complex+whiten"), (48, "complex")]:
         spec = build_spec(model.config, kv_rank=rank, rope_dim=8, method=method)
-        new = im.convert_layer_with(model, spec, 0, im.parse_method(method), stats)
+        new = convert_layer(model, spec, 0, parse_method(method), stats)
         refit = copy.deepcopy(new)
-        im.refit_output(old, refit, xs, runner.chunks)
+        refit_output(old, refit, xs, runner.chunks)
         assert err(refit) < 0.7 * err(new)
     # When the MLA already reproduces the heads' outputs, the refit leaves W_o unchanged.
     same = copy.deepcopy(old)
-    im.refit_output(old, same, xs, runner.chunks)
+    refit_output(old, same, xs, runner.chunks)
     assert torch.allclose(same.o_proj.weight, old.o_proj.weight, atol=1e-4)
 
 
@@ -364,8 +375,25 @@ def test_cli_method(tiny_model_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 60)
     out = tmp_path / "best"
-    res = run_cli(["--quiet", "init-svd", str(src), "--kv-rank", "16", "--rope-dim", "8", "--method", "best",
-                   "--calib-data", str(text), "--calib-tokens", "256", "-o", str(out)])  # fmt: skip
+    res = run_cli(
+        [
+            "--quiet",
+            "init-svd",
+            str(src),
+            "--kv-rank",
+            "16",
+            "--rope-dim",
+            "8",
+            "--method",
+            "best",
+            "--calib-data",
+            str(text),
+            "--calib-tokens",
+            "256",
+            "-o",
+            str(out),
+        ]
+    )
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
     assert lm.spec.method == "best" and sum(lm.spec.kv_ranks) == 48
@@ -394,7 +422,7 @@ def test_cli_method(tiny_model_dir, tmp_path):
 def test_fast_pairs_rule():
     # E_Δ cos(θΔ) over Δ = 0..T-1: 1 for θ = 0 (kept unrotated for free), ~0 for a fast pair.
     inv_freq = torch.tensor([0.0, 1e-4, 0.5, 1.0])
-    assert im.drop_pairs(inv_freq, context=2048).tolist() == [False, False, True, True]
+    assert drop_pairs(inv_freq, context=2048).tolist() == [False, False, True, True]
 
 
 def test_drop_zeroes_the_dropped_score_terms():

@@ -7,22 +7,23 @@ import torch
 from conftest import make_model
 from transformers import DynamicCache
 
-from xecomla_cli import svd_init
+from xecomla_cli.init import build_spec, convert_model
+from xecomla_cli.init.common import AttentionWeights, layer_singular_values, repeat_heads
 from xecomla_cli.mla.attention import MLAAttention
 from xecomla_cli.mla.convert import decoder_layers
 from xecomla_cli.mla.spec import MLASpec
 
 
 def convert(model, **kw) -> MLASpec:
-    spec = svd_init.build_spec(model.config, **kw)
-    svd_init.convert_model(model, spec)
+    spec = build_spec(model.config, **kw)
+    convert_model(model, spec)
     return spec
 
 
 def kv_rows(attn, H, G):
     """The original K and V weights repeated to all query heads: (H, h, d) each."""
-    w = svd_init.AttentionWeights.of(attn)
-    return svd_init.repeat_heads(w.wk, G, H), svd_init.repeat_heads(w.wv, G, H)
+    w = AttentionWeights.of(attn)
+    return repeat_heads(w.wk, G, H), repeat_heads(w.wv, G, H)
 
 
 # ---- SVD factors -----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_full_rank_reproduces_original_knope_and_v(family):
     full = min(2 * G * h, 64)  # the rank of the stacked [K; V] (d = 64)
     originals = [kv_rows(layer.self_attn, H, G) for layer in decoder_layers(model)]
     convert(model, kv_rank=full, rope_dim=p)
-    for (wk, wv), layer in zip(originals, decoder_layers(model)):
+    for (wk, wv), layer in zip(originals, decoder_layers(model), strict=True):
         mla = layer.self_attn
         approx = mla.kv_b_proj.weight.view(H, n + h, full) @ mla.kv_a_proj_with_mqa.weight[:full]
         torch.testing.assert_close(approx[:, :n], wk[:, :n], rtol=1e-4, atol=1e-5)
@@ -192,8 +193,8 @@ def test_hybrid_leaves_unconverted_layers_identical():
 
 def test_energy_ranks_follow_the_rule():
     model = make_model("llama")
-    sv = svd_init.layer_singular_values(model)
-    spec = svd_init.build_spec(model.config, energy=0.9, singular_values=sv)
+    sv = layer_singular_values(model)
+    spec = build_spec(model.config, energy=0.9, singular_values=sv)
     for i, s in sv.items():
         e = (s.double() ** 2).cumsum(0) / (s.double() ** 2).sum()
         smallest = int((e < 0.9 - 1e-7).sum()) + 1
@@ -217,11 +218,24 @@ def test_qwen2_biases_are_carried():
 def test_llama_3_2_1b_shape_gives_6_4x():
     """Same code path as meta-llama/Llama-3.2-1B-Instruct (attention shape exact; 2 layers, small vocab)."""
     model = make_model(
-        "llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        intermediate_size=256, num_hidden_layers=2, vocab_size=512, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )  # fmt: skip
+        "llama",
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     spec = convert(model, kv_rank=128)
     assert spec.rope_dim == 32 and spec.values_per_token(0) == 160
     assert spec.original_values_per_token_per_layer == 1024
@@ -251,10 +265,12 @@ def test_generation_through_triton_kernel_matches_reference(monkeypatch):
     convert(model, kv_rank=12, rope_dim=6)
     ids = torch.randint(0, 300, (2, 6))
     monkeypatch.setenv("XECOMLA_DECODE_KERNEL", "reference")
-    ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    ref = model.generate(
+        ids, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
     monkeypatch.setenv("XECOMLA_DECODE_KERNEL", "triton")
-    tri = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    tri = model.generate(
+        ids, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
     assert torch.equal(ref.sequences, tri.sequences)
     torch.testing.assert_close(torch.stack(tri.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)

@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .errors import XecomlaError
+from .loaded import LoadedModel, ResolvedSource, check_family, first_line, model_dtype_name, parse_device, parse_dtype
 from .mla.spec import MLASpec
 
 FORMAT_VERSION = 1
@@ -97,7 +98,9 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(path))
         except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise XecomlaError(f"checkpoint weights '{path}' are corrupt ({_short(exc)}): re-run the stage") from None
+            raise XecomlaError(
+                f"checkpoint weights '{path}' are corrupt ({first_line(exc)}): re-run the stage"
+            ) from None
     return state
 
 
@@ -124,7 +127,7 @@ def save_checkpoint(
         "source": source,
         "parent": parent,
         "command": command_line(),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": model_dtype_name(model),
         "mla": spec.to_dict() if spec is not None else None,
         "metrics": metrics or {},
         **(extra or {}),
@@ -202,8 +205,6 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str
     """Load a stage checkpoint as a `LoadedModel` (MLA layers rebuilt from the spec)."""
     from transformers import AutoConfig
 
-    from .sources import LoadedModel, ResolvedSource, check_family, parse_device, parse_dtype
-
     ckpt_dir = Path(ckpt_dir).resolve()
     meta = read_meta(ckpt_dir)
     config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
@@ -218,7 +219,9 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         shown = ", ".join((list(unexpected) + [m for m in missing if m not in tied])[:3])
-        raise XecomlaError(f"checkpoint '{ckpt_dir}' weights do not match its xecomla.json spec ({shown}): re-run the stage")
+        raise XecomlaError(
+            f"checkpoint '{ckpt_dir}' weights do not match its xecomla.json spec ({shown}): re-run the stage"
+        )
     if tied:
         model.tie_weights()
     model.to(parse_device(device)).eval()
@@ -227,11 +230,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise XecomlaError(f"checkpoint '{ckpt_dir}' has no usable tokenizer ({_short(exc)}): re-run the stage") from None
+        raise XecomlaError(
+            f"checkpoint '{ckpt_dir}' has no usable tokenizer ({first_line(exc)}): re-run the stage"
+        ) from None
     resolved = ResolvedSource(str(ckpt_dir), ckpt_dir, is_checkpoint=True)
     return LoadedModel(model, tokenizer, meta.get("source", str(ckpt_dir)), family, resolved, spec, meta)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -71,6 +71,15 @@ def demo_text_dir() -> Path:
     return texts
 
 
+def demo_plays() -> list[Path]:
+    """One file per play of the demo text (modern spelling: no First Folio, no metadata)."""
+    root = demo_text_dir()
+    files = sorted(f for f in root.glob("*.txt") if f.name != "metadata.txt" and not f.stem.endswith("_f"))
+    if not files:
+        raise XecomlaError(f"no plays found under {root}: reinstall it with {DEMO_INSTALL}")
+    return files
+
+
 def demo_available() -> bool:
     try:
         demo_text_dir()

@@ -116,7 +116,7 @@ class Dist:
 
 def setup_distributed(device: str = "auto") -> Dist:
     """Read torchrun's environment; start the process group (NCCL on GPU, gloo on CPU)."""
-    from .sources import parse_device
+    from .loaded import parse_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

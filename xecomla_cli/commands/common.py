@@ -1,0 +1,97 @@
+"""What every command shares: argument and option types, reading '-' from stdin, printing results.
+
+Commands import from here (never from ``cli``): stdout carries only results (an output
+directory, or JSON with --json) so stages chain in pipes; progress and tables go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import console
+from ..errors import XecomlaError
+
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="'demo', a Hub id, a local HF directory, a .gguf file, a checkpoint, or '-' (read from stdin)."
+    ),
+]
+CkptArg = Annotated[str, typer.Argument(help="A stage checkpoint directory, or '-' (read the path from stdin).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or auto.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")]
+RopeDimOpt = Annotated[
+    int | None, typer.Option("--rope-dim", help="Decoupled RoPE dims p (default: half the head dim).")
+]
+
+
+def read_arg(value: str) -> str:
+    """'-' means: the path is the last non-empty line on stdin (the previous stage's output)."""
+    if value != "-":
+        return value
+    if sys.stdin.isatty():
+        raise XecomlaError("'-' reads the input path from stdin, but nothing was piped in")
+    lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    if not lines:
+        raise XecomlaError("'-' reads the input path from stdin, but stdin was empty: did the previous stage fail?")
+    return lines[-1]
+
+
+def emit(result) -> None:
+    """Write a result to stdout: a path as one line, anything else as JSON."""
+    if isinstance(result, (str, Path)):
+        print(str(result), flush=True)
+    else:
+        print(json.dumps(result, indent=2, default=str), flush=True)
+
+
+def load(source: str, dtype: str = "float32", device: str = "cpu"):
+    """Load a source with a spinner on stderr."""
+    from ..sources import load_model
+
+    with console.status(f"loading {source}"):
+        return load_model(source, dtype=dtype, device=device)
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    """'64,128' -> [64, 128], with one clear error for anything else."""
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise XecomlaError(f"{name} '{text}' is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise XecomlaError(f"{name} '{text}' must list positive integers")
+    return values
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
+    """A factory ``bar(description, total) -> advance(n=1)`` of progress bars on stderr.
+
+    The display starts with the first bar, so spinners (``console.status``) may run before it."""
+    progress = console.make_progress()
+    started = False
+
+    def bar(description: str, total: int) -> Callable[..., None]:
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
+        task = progress.add_task(description, total=total)
+        return lambda n=1: progress.advance(task, n)
+
+    try:
+        yield bar
+    finally:
+        if started:
+            progress.stop()

@@ -1,0 +1,91 @@
+"""`xecomla init-svd`: convert a model's attention to MLA with the X-EcoMLA SVD initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import console
+from .common import DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
+
+METHOD_HELP = (
+    "'paper' (default, data-free), a preset (mha2mla, rorope, complex, whiten, best, deepseek) or components "
+    "joined by '+' (qk-pairs, rot-pairs, fast-pairs, rorope, complex, drop, whiten, budget, refit)."
+)
+
+
+def init_svd_command(
+    source: SourceArg,
+    kv_rank: Annotated[int | None, typer.Option("--kv-rank", help="Latent rank r of every converted layer.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy", help="Per-layer rank: smallest keeping this fraction of the stacked K/V SVD energy (e.g. 0.95)."
+        ),
+    ] = None,
+    q_rank: Annotated[
+        int | None, typer.Option("--q-rank", help="Low-rank queries of this rank (saves parameters, not cache).")
+    ] = None,
+    rope_dim: RopeDimOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Layers to convert, e.g. '0-11,20' (default: all).")
+    ] = None,
+    latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
+    kv_svd_rows: Annotated[
+        str,
+        typer.Option(
+            "--kv-svd-rows",
+            help="'all' (paper: SVD of all K and V rows) or 'nope-v' (only the rows that are kept).",
+        ),
+    ] = "all",
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "paper",
+    calib_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--calib-data",
+            help="Calibration text for data-aware methods: .txt, .jsonl or a directory "
+            "(default: a slice of the bundled public-domain Shakespeare).",
+        ),
+    ] = None,
+    calib_tokens: Annotated[
+        int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods.")
+    ] = 8192,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output checkpoint directory (default: runs/<source>-mla-<rank>)."),
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+) -> None:
+    """Convert a model's attention to MLA with the X-EcoMLA SVD initialisation."""
+    from .. import tables
+    from ..checkpoint import read_meta
+    from ..init.run import InitOptions, run_init
+    from ..mla.spec import MLASpec
+
+    opts = InitOptions(
+        kv_rank=kv_rank,
+        energy=energy,
+        q_rank=q_rank,
+        rope_dim=rope_dim,
+        layers=layers,
+        latent_norm=latent_norm,
+        kv_svd_rows=kv_svd_rows,
+        method=method,
+        calib_data=calib_data,
+        calib_tokens=calib_tokens,
+        output=output,
+        dtype=dtype,
+        device=device,
+        force=force,
+    )
+    source = read_arg(source)
+    with progress_bars() as bar:
+        path = run_init(source, opts, progress=bar, status=console.status)
+    meta = read_meta(path)
+    console.err.print(tables.spec_table(MLASpec.from_dict(meta["mla"]), f"init-svd: {source} -> {path}"))
+    console.log(f"[green]wrote[/] {path} in {meta['metrics']['init_seconds']:.1f} s")
+    emit(path)

@@ -1,0 +1,35 @@
+"""`xecomla inspect`: architecture, KV cache size and the latent-rank budget table of a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import console, tables
+from ..errors import XecomlaError
+from ..inspect_model import inspect as inspect_model
+from .common import JsonOpt, RopeDimOpt, SourceArg, emit, load, parse_ints, read_arg
+
+
+def inspect_command(
+    source: SourceArg,
+    ranks: Annotated[str | None, typer.Option("--ranks", help="Candidate latent ranks, e.g. '64,128,256'.")] = None,
+    rope_dim: RopeDimOpt = None,
+    context: Annotated[int, typer.Option("--context", help="Context length for the GB column.")] = 8192,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size for the GB column.")] = 1,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Show the SVD energy of every layer.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Architecture, KV cache size and the latent-rank budget table of a model."""
+    rank_list = parse_ints(ranks, "--ranks") if ranks else None
+    if context < 1 or batch < 1:
+        raise XecomlaError("--context and --batch must be at least 1")
+    loaded = load(read_arg(source))
+    with console.status("SVD of every layer's stacked K/V"):
+        report = inspect_model(loaded, ranks=rank_list, rope_dim=rope_dim, context=context, batch=batch)
+    console.err.print(tables.architecture_table(report))
+    console.err.print(tables.budget_table(report, per_layer))
+    console.err.print(tables.energy_rank_table(report))
+    if as_json:
+        emit(report)

@@ -1,0 +1,120 @@
+"""Convert a loaded model's attention to MLA, choosing the initialisation once (``init.methods``).
+
+``paper`` is data-free (``init.paper``); every other method calibrates first: one pass of the
+original model over the calibration tokens collects each converted layer's statistics
+(``init.calibration``), then each layer is built by ``init.calibrated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import XecomlaError
+from ..mla.attention import MLAAttention
+from ..mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
+from ..mla.spec import MLASpec
+from .calibrated import layer_energy, method_state_dict, refit_output
+from .calibration import LayerRunner, LayerStats
+from .common import AttentionWeights
+from .latent import budget_ranks
+from .methods import ROPE_CONTEXT, MethodConfig, parse_method
+from .paper import paper_state_dict
+from .rope_pairs import layer_plan
+
+
+def convert_layer(
+    model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
+) -> MLAAttention:
+    """The MLA attention of one layer, built from the model's original attention.
+
+    ``stats``: the layer's calibration statistics, needed by the data-aware methods."""
+    cfg = parse_method(method) if isinstance(method, str) else method
+    old = decoder_layers(model)[layer].self_attn
+    w = AttentionWeights.of(old)
+    plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
+    if cfg.is_paper:
+        sd = paper_state_dict(w, spec, layer, plan, spec.options.get("kv_svd_rows", "all"))
+    else:
+        sd = method_state_dict(w, spec, layer, plan, cfg, stats)
+    new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
+    new.load_state_dict(sd)
+    new.rope_attention_scaling = plan.attention_scaling
+    spec.options["rope_attention_scaling"] = plan.attention_scaling
+    if cfg.pairs is not None:
+        spec.options.setdefault("rope_pairs", {})[str(layer)] = plan.rope_idx[: spec.rope_dim // 2].tolist()
+    new.train(old.training)
+    return new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype)
+
+
+def convert_model(
+    model,
+    spec: MLASpec,
+    method: MethodConfig | str = "paper",
+    calib_ids: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Replace every converted layer's attention by its MLA, in place.
+
+    A data-aware ``method`` calibrates on ``calib_ids`` (B, T) first (and, for ``refit``, keeps
+    each layer's attention inputs in fp16); with ``budget`` the spec's ranks are replaced by the
+    budgeted per-layer ranks. ``progress(i)`` is called after each calibrated and each converted
+    layer (``calibration_steps`` + converted layers in all).
+    """
+    cfg = parse_method(method) if isinstance(method, str) else method
+    layers = spec.converted_layers
+    tick = progress or (lambda i: None)
+    stats: dict[int, LayerStats] = {}
+    inputs: dict[int, list[torch.Tensor]] = {}
+    runner = None
+    if not cfg.is_paper:
+        if calib_ids is None:
+            raise XecomlaError("this --method needs calibration data: pass calibration token ids")
+        runner = LayerRunner(model, calib_ids)
+        for i in range(max(layers) + 1):
+            if i in layers:
+                stats[i] = runner.stats(i)
+                if cfg.refit:
+                    inputs[i] = runner.attention_inputs(i)
+            if i < max(layers):
+                runner.advance(i)
+            tick(i)
+    if cfg.budget:
+        apply_budget(model, spec, cfg, stats)
+    for i in layers:
+        old = decoder_layers(model)[i].self_attn
+        new = convert_layer(model, spec, i, cfg, stats.get(i))
+        if cfg.refit:
+            refit_output(old, new, inputs.pop(i), runner.chunks)
+        decoder_layers(model)[i].self_attn = new
+        tick(i)
+
+
+def apply_budget(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> None:
+    """Replace the spec's ranks by per-layer ranks with the same total (``budget``)."""
+    layers = spec.converted_layers
+    context = spec.options.get("rope_context", ROPE_CONTEXT)
+    energies = {}
+    for i in layers:
+        w = AttentionWeights.of(decoder_layers(model)[i].self_attn)
+        energies[i] = layer_energy(w, spec, layer_plan(model, spec, cfg, stats[i], context), cfg, stats[i])
+    rank = budget_rank(spec)
+    ranks = budget_ranks(energies, rank, max_rank=min(spec.hidden_size, energies[layers[0]].numel()))
+    for i in layers:
+        spec.kv_ranks[i] = ranks[i]
+    spec.options["rank_budget"] = rank * len(layers)
+
+
+def budget_rank(spec: MLASpec) -> int:
+    """The average rank the budget keeps: the spec's rank before budgeting (recorded once)."""
+    if "budget_rank" not in spec.options:
+        ranks = [spec.kv_ranks[i] for i in spec.converted_layers]
+        spec.options["budget_rank"] = round(sum(ranks) / len(ranks))
+    return spec.options["budget_rank"]
+
+
+def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
+    """How many calibration-pass layer steps ``convert_model`` reports (for a progress bar)."""
+    cfg = parse_method(method) if isinstance(method, str) else method
+    return 0 if cfg.is_paper else max(spec.converted_layers) + 1

@@ -1,0 +1,122 @@
+"""Data-aware MLA initialisations, better than the paper's data-free one (``init-svd --method``).
+
+Notation per layer: d hidden, H query heads, G KV heads (group g(h) of query head h), h head
+dim, P = h/2 rotate-half pairs (original dim j pairs with j + P and turns at θ_j), p RoPE dims
+of the MLA (p/2 "slots"), n = h - p, r latent rank; C = E[x xᵀ] over the calibration tokens.
+A pair j of a head is a complex number: row K_{g,j} = W_k[g,j] + i·W_k[g,j+P], key value
+k_{g,j} = K_{g,j}·x, RoPE multiplies it by e^{iθ_j·m}, and the pair's score is Re(conj(q)·k).
+
+Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
+
+* ``qk-pairs`` (MHA2MLA): keep RoPE on the p/2 original pairs of largest
+  Σ_h E||q_{h,j}||·E||k_{g(h),j}||, at their original frequencies; the other pairs become the n
+  no-RoPE dims, unchanged.
+* ``rot-pairs``: the same score times how much pair j rotates over the context,
+  w_j = E_{Δ~U[0,T)} |e^{iθ_jΔ} − 1| = E 2|sin(θ_jΔ/2)|: a pair that barely turns loses
+  nothing when it loses RoPE, so its RoPE slot goes to a pair that turns.
+* ``fast-pairs``: RoPE on the p/2 fastest-turning original pairs j = 0..p/2-1 in every layer, at
+  their original frequencies θ^{-2j/h}. These are exactly the frequencies DeepSeek-V3's RoPE
+  computes at dim p from rope_theta' = θ^{p/h} (Llama-3 scaling acts per frequency, so it agrees
+  too), which is what makes the result exportable; ``rot-pairs`` picks per layer and is not.
+* ``rorope`` (TransMLA's RoRoPE): per kept pair, rotate the G heads' keys by a real orthogonal
+  G×G matrix (commutes with RoPE, as it acts on real and imaginary parts alike) so that the
+  first rotated key holds the most energy; it becomes the shared RoPE key, the query heads get
+  the rotation's row as factors, the remaining rotated keys are dropped.
+* ``complex``: per kept pair, fit every head's key as a complex multiple of one shared key,
+  k_{g,j} ≈ z_{g,j}·s_j, minimising Σ_g ω_g E|k_{g,j} − z_{g,j} s_j|² (ω_g: the group's query
+  energy Σ_{h∈g} E|q_{h,j}|²): z is the top eigenvector of the Hermitian G×G matrix
+  Ω^{1/2} K_j C K_jᴴ Ω^{1/2} (scaled by Ω^{-1/2}) and s_j = uᴴΩ^{1/2}K_j. The conjugate factor
+  is folded into the queries, q'_{h,j} = conj(z_{g(h),j})·q_{h,j} (a 2×2 rotation-scaling of the
+  pair's two query rows): exact for the shared part, since RoPE (a complex phase) commutes
+  with complex scalars. Strictly better than ``rorope`` (a real rotation is a special case).
+* ``whiten`` (activation-aware low rank): the latent is fitted only on the rows that are kept
+  (K no-RoPE rows and V rows, W = [W_k,nope; W_v], G(n+h) rows) and minimises the output error
+  E||(W − W_r)x||² = tr((W − W_r) C (W − W_r)ᵀ): with U_r the top-r eigenvectors of W C Wᵀ
+  (equivalently the left singular vectors of W C^{1/2}, i.e. PCA of the K/V outputs),
+  W_dkv = U_rᵀ W and the up projection is U_r. No C^{-1/2} is needed.
+* ``budget``: per-layer ranks under the total budget Σ_i r_i = L·r (multiples of 8, at least
+  8), greedily giving each next block of 8 to the layer whose block of eigenvalues of W C Wᵀ
+  removes the largest fraction of that layer's output energy.
+* ``drop``: with RoPE on chosen pairs, the pairs left without a RoPE slot keep their score term
+  unrotated, Re(conj(q)·k) instead of Re(conj(q)·k·e^{iθΔ}). For a term of random phase that costs
+  E|q·k|²(1 − E cos θΔ) in mean square, while dropping it (zero query and key rows, and no
+  latent spent on them) costs E|q·k|²/2: drop the pairs with E_{Δ~U[0,T)} cos θΔ < 1/2.
+* ``refit``: after the layer is converted, refit its output projection by ridge regression so
+  that it reproduces the original attention output on the calibration tokens (see
+  ``refit_output``).
+
+Statistics are those of the original model (one calibration pass, layer by layer).
+
+Presets: ``mha2mla`` = qk-pairs, ``rorope`` = rot-pairs+rorope, ``complex`` = rot-pairs+complex,
+``whiten`` = paper RoPE + whiten, ``best`` = rot-pairs+complex+whiten+budget, ``deepseek`` =
+fast-pairs+complex+whiten (the best that ``export`` can write in the DeepSeek-V3 layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import XecomlaError
+
+COMPONENTS = ("qk-pairs", "rot-pairs", "fast-pairs", "rorope", "complex", "drop", "whiten", "budget", "refit")
+
+
+PRESETS = {
+    "mha2mla": "qk-pairs",
+    "rorope": "rot-pairs+rorope",
+    "complex": "rot-pairs+complex",
+    "whiten": "whiten",
+    "best": "rot-pairs+complex+whiten+budget",
+    "deepseek": "fast-pairs+complex+whiten",
+}
+
+
+ROPE_CONTEXT = 2048  # T of the rotation weight: the context over which a pair must keep turning
+
+
+RANK_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What a ``--method`` string asks for."""
+
+    pairs: str | None = None  # None (paper: last p dims, fresh frequencies), "qk", "rot" or "fast"
+    key: str = "mean"  # shared RoPE key: "mean" of heads, "rorope" or "complex"
+    whiten: bool = False
+    budget: bool = False
+    refit: bool = False  # least-squares refit of o_proj to the original attention output
+    drop: bool = False  # drop the score terms of fast-turning pairs that get no RoPE slot
+
+    @property
+    def is_paper(self) -> bool:
+        return self == MethodConfig()
+
+
+def parse_method(text: str) -> MethodConfig:
+    """'paper' | a preset | components joined by '+' -> MethodConfig (one clear error otherwise)."""
+    text = text.strip().lower()
+    if text == "paper":
+        return MethodConfig()
+    parts = [
+        c
+        for part in text.split("+")
+        for c in (PRESETS[part].split("+") if part in PRESETS and part not in COMPONENTS else [part])
+    ]
+    bad = [p for p in parts if p not in COMPONENTS]
+    if bad or not parts:
+        raise XecomlaError(
+            f"unknown --method '{text}': use paper, {', '.join(PRESETS)}, or components joined by '+' "
+            f"({', '.join(COMPONENTS)}), e.g. rot-pairs+complex+whiten"
+        )
+    if sum(c in parts for c in ("qk-pairs", "rot-pairs", "fast-pairs")) > 1:
+        raise XecomlaError("--method: choose one of qk-pairs, rot-pairs and fast-pairs")
+    if "rorope" in parts and "complex" in parts:
+        raise XecomlaError("--method: choose one of rorope and complex")
+    key = "rorope" if "rorope" in parts else "complex" if "complex" in parts else "mean"
+    pairs = next((c[: -len("-pairs")] for c in ("qk-pairs", "rot-pairs", "fast-pairs") if c in parts), None)
+    if key != "mean" and pairs is None:
+        pairs = "rot"  # a shared key per frequency needs the original pairs
+    if "drop" in parts and pairs is None:
+        pairs = "rot"
+    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "refit" in parts, "drop" in parts)

@@ -1,0 +1,137 @@
+"""`init-svd` as one function: load the original model, build the spec, convert, save a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import save_checkpoint
+from ..errors import XecomlaError
+from ..loaded import parse_dtype
+from ..sources import load_model
+from .calibration import DEFAULT_CALIB_TOKENS, calibration_ids
+from .common import layer_singular_values
+from .convert import calibration_steps, convert_model
+from .methods import MethodConfig, parse_method
+from .paper import KV_SVD_ROWS
+from .spec_builder import build_spec, parse_layers
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance(n)
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """The options of an init-svd run, checked on creation (before any model is loaded)."""
+
+    kv_rank: int | None = None
+    energy: float | None = None
+    q_rank: int | None = None
+    rope_dim: int | None = None
+    layers: str | None = None  # '0-11,20'; None: all
+    latent_norm: bool = False
+    kv_svd_rows: str = "all"
+    method: str = "paper"
+    calib_data: Path | None = None
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    output: Path | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_svd_rows not in KV_SVD_ROWS:
+            raise XecomlaError(f"--kv-svd-rows must be one of {', '.join(KV_SVD_ROWS)}")
+        if (self.kv_rank is None) == (self.energy is None):
+            raise XecomlaError("give exactly one of --kv-rank R or --energy δ")
+        cfg = self.method_config
+        if cfg.is_paper and self.calib_data is not None:
+            raise XecomlaError(
+                "--calib-data is only used by a data-aware --method (e.g. --method best): the paper init is data-free"
+            )
+        if cfg.budget and self.kv_rank is None:
+            raise XecomlaError(
+                "--method ...+budget spreads a total of layers x --kv-rank: give --kv-rank, not --energy"
+            )
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return parse_method(self.method)
+
+    @property
+    def method_name(self) -> str:
+        """'paper', or the method as given (a preset or components)."""
+        return "paper" if self.method_config.is_paper else self.method
+
+    @property
+    def kv_rows(self) -> str:
+        """The data-aware latent is always fitted on the kept rows only."""
+        return self.kv_svd_rows if self.method_config.is_paper else "nope-v"
+
+    def default_output(self, source: str) -> Path:
+        """runs/<source>-mla-r64[-method]."""
+        name = Path(source.rstrip("/")).name or source
+        name = name.removesuffix(".gguf").replace("/", "-")
+        budget = f"r{self.kv_rank}" if self.kv_rank else f"e{self.energy:g}"
+        method = "" if self.method_config.is_paper else "-" + self.method.replace("+", "-")
+        return Path("runs") / f"{name}-mla-{budget}{method}"
+
+
+def run_init(
+    source: str,
+    opts: InitOptions,
+    *,
+    progress: ProgressFactory | None = None,
+    status: Callable[[str], AbstractContextManager] = lambda s: contextlib.nullcontext(),
+) -> Path:
+    """Convert ``source`` to MLA as ``opts`` say and write an init-svd checkpoint; returns its path.
+
+    ``progress(description, total)`` makes a progress bar, ``status(message)`` shows a spinner."""
+    start = time.perf_counter()
+    cfg = opts.method_config
+    with status(f"loading {source}"):
+        loaded = load_model(source, dtype="float32", device=opts.device)
+    model = loaded.model
+    if loaded.is_mla:
+        raise XecomlaError(f"'{source}' is already an MLA checkpoint: init-svd takes an original model")
+    layer_list = parse_layers(opts.layers, model.config.num_hidden_layers)
+    sv = layer_singular_values(model) if opts.energy is not None else None
+    spec = build_spec(
+        model.config,
+        kv_rank=opts.kv_rank,
+        energy=opts.energy,
+        rope_dim=opts.rope_dim,
+        q_rank=opts.q_rank,
+        layers=layer_list,
+        latent_norm=opts.latent_norm,
+        method=opts.method_name,
+        kv_rows=opts.kv_rows,
+        singular_values=sv,
+    )
+    calib_ids = None
+    if not cfg.is_paper:
+        calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)
+        data = str(opts.calib_data) if opts.calib_data else "shakespeare"
+        spec.options["calibration"] = {"data": data, "tokens": calib_ids.numel()}
+    out = opts.output or opts.default_output(source)
+    steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
+    advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
+    convert_model(model, spec, cfg, calib_ids, progress=None if advance is None else lambda i: advance(1))
+    if opts.dtype != "float32":
+        model.to(parse_dtype(opts.dtype))
+    seconds = time.perf_counter() - start
+    path = save_checkpoint(
+        out,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        stage="init-svd",
+        spec=spec,
+        source=loaded.source,
+        parent=None,
+        metrics={"init_seconds": round(seconds, 2)},
+        force=opts.force,
+    )
+    return path

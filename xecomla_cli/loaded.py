@@ -1,0 +1,109 @@
+"""Small shared types below `sources` and `checkpoint`: a resolved source, a loaded model, and
+the parsing of dtype and device names (one place for each)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import XecomlaError
+from .mla.spec import SUPPORTED_FAMILIES, MLASpec
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class ResolvedSource:
+    """Where a source's files are: a directory, plus a GGUF file name inside it if any."""
+
+    source: str  # as the user gave it
+    directory: Path
+    gguf_file: str | None = None
+    is_checkpoint: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.is_checkpoint:
+            return "checkpoint"
+        return "gguf" if self.gguf_file else "hf"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM (original or MLA) with everything later stages need."""
+
+    model: Any  # transformers PreTrainedModel (Llama/Qwen2/Mistral, maybe with MLA layers)
+    tokenizer: Any
+    source: str  # original user-facing source of the base model ("demo", a path, a hub id)
+    family: str
+    resolved: ResolvedSource
+    spec: MLASpec | None = None  # None for an original (unconverted) model
+    meta: dict = field(default_factory=dict)  # xecomla.json of a stage checkpoint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def is_mla(self) -> bool:
+        return self.spec is not None
+
+
+def parse_dtype(name: str) -> torch.dtype | str:
+    """'float32' | 'bfloat16' | 'float16' | 'auto' -> torch dtype (or 'auto')."""
+    if name == "auto":
+        return "auto"
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise XecomlaError(f"unknown dtype '{name}': use one of float32, bfloat16, float16, auto") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the name xecomla.json and the reports use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_dtype_name(model) -> str:
+    """The dtype name of a model's parameters."""
+    return dtype_name(next(model.parameters()).dtype)
+
+
+def parse_device(name: str) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> torch.device, with one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise XecomlaError(f"device '{name}' requested but no CUDA GPU is available: use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise XecomlaError(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from None
+
+
+def check_family(config) -> str:
+    """The model family, or a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        archs = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
+        raise XecomlaError(
+            f"unsupported architecture {archs} (model_type '{model_type}'): xecomla converts "
+            f"{', '.join(SUPPORTED_FAMILIES)} models (Llama, SmolLM, Qwen2, Mistral; MHA or GQA)"
+        )
+    return model_type
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (for one-line errors)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
