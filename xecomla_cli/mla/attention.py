@@ -1,6 +1,7 @@
 """Multi-head latent attention that drops into Hugging Face Llama / Qwen2 / Mistral layers.
 
-Per token x (hidden d), with H heads of dim h = n + p, latent rank r:
+Per token x (hidden d), with H heads of value dim h, n no-RoPE and p RoPE query/key dims
+(n + p = h, except with per-group RoPE slices), latent rank r:
 
     q            = W_q x                      (H, n + p)   [q_nope | q_rope] per head
     [c ; k_rope] = W_dkv x                    (r + p)      latent and one shared RoPE key
@@ -58,6 +59,7 @@ class MLAAttention(nn.Module):
         latent_norm: bool = False,
         bias: bool = False,
         o_bias: bool = False,
+        nope_dim: int | None = None,
     ):
         super().__init__()
         self.config = config
@@ -67,9 +69,11 @@ class MLAAttention(nn.Module):
         self.head_dim = shape["head_dim"]
         self.kv_rank = kv_rank
         self.rope_dim = rope_dim
-        self.nope_dim = self.head_dim - rope_dim
+        # n: query/key dims without RoPE (h - p by default; fewer with per-group RoPE slices)
+        self.nope_dim = self.head_dim - rope_dim if nope_dim is None else nope_dim
+        self.qk_head_dim = self.nope_dim + rope_dim  # n + p
         self.q_rank = q_rank
-        self.scaling = self.head_dim**-0.5  # n + p = h: the original softmax scale
+        self.scaling = self.head_dim**-0.5  # the original model's softmax scale, 1/sqrt(h)
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
         self.num_key_value_groups = 1  # K/V are expanded to all heads before the backend
@@ -77,10 +81,10 @@ class MLAAttention(nn.Module):
         H, h, d = self.num_heads, self.head_dim, config.hidden_size
 
         if q_rank is None:
-            self.q_proj = nn.Linear(d, H * h, bias=bias)
+            self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=bias)
         else:
             self.q_a_proj = nn.Linear(d, q_rank, bias=False)
-            self.q_b_proj = nn.Linear(q_rank, H * h, bias=bias)
+            self.q_b_proj = nn.Linear(q_rank, H * self.qk_head_dim, bias=bias)
         self.kv_a_proj_with_mqa = nn.Linear(d, kv_rank + rope_dim, bias=bias)
         self.kv_a_layernorm = LatentRMSNorm(kv_rank) if latent_norm else None
         self.kv_b_proj = nn.Linear(kv_rank, H * (self.nope_dim + h), bias=bias)
@@ -134,7 +138,7 @@ class MLAAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, n, p = self.num_heads, self.nope_dim, self.rope_dim
 
-        q = self.project_q(hidden_states).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, h)
+        q = self.project_q(hidden_states).view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, n + p)
         q_nope, q_rope = q.split([n, p], dim=-1)
         c, k_rope = self.project_latent(hidden_states)  # (B, T, r), (B, T, p)
 
@@ -166,8 +170,8 @@ class MLAAttention(nn.Module):
         B, H, L = c.shape[0], self.num_heads, c.shape[2]
         kv = self.kv_b_proj(c.squeeze(1)).view(B, L, H, self.nope_dim + self.head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.head_dim], dim=-1)  # (B, H, L, n), (B, H, L, h)
-        k = torch.cat([k_nope, k_rope.expand(B, H, L, self.rope_dim)], dim=-1)  # (B, H, L, h)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, h)
+        k = torch.cat([k_nope, k_rope.expand(B, H, L, self.rope_dim)], dim=-1)  # (B, H, L, n + p)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, n + p)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
