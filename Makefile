@@ -1,6 +1,6 @@
 # Two user commands, each doing all set-up itself on a fresh machine:
 #   make demo   run every stage on the embedded demo model (SmolLM2-135M-Instruct)
-#   make test   run the test suite
+#   make test   lint (ruff) and the test suite
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.xecomla-setup
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
 
-test: setup
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
