@@ -15,10 +15,10 @@ from xecomla_cli.data import (
     prepare_text_data,
     spread,
     steps_for_tokens,
-    teacher_samples,
     tokenize_document,
 )
 from xecomla_cli.errors import XecomlaError
+from xecomla_cli.teacher_text import has_chat_template, teacher_samples, user_header
 
 
 def test_parse_count():
@@ -128,16 +128,38 @@ def test_block_sampler_is_a_function_of_the_step():
     assert steps_for_tokens(50_000, 8, 512) == 13
 
 
-def test_teacher_samples_are_reproducible(tokenizer):
+def test_teacher_samples_are_reproducible(tokenizer, tmp_path):
     from conftest import make_model
 
     model = make_model("llama")
-    a = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5)
-    b = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5)
+    a = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "a")
+    b = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "b")
     assert a.shape == (3, 12) and torch.equal(a, b)
     assert (a[:, 0] == tokenizer.bos_token_id).all()
     assert int(a.max()) < len(tokenizer)
-    assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6))
+    assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6, chat=False, cache_dir=tmp_path))
+
+
+def test_teacher_chat_samples_are_whole_conversations_and_cached(tokenizer, tmp_path, monkeypatch):
+    from conftest import make_model
+
+    from xecomla_cli import teacher_text
+
+    model = make_model("llama")
+    assert has_chat_template(tokenizer)
+    assert user_header(tokenizer) == "<|im_start|>user\n"
+    # every conversation: a sampled user turn, then the assistant header and a sampled answer
+    for conv in teacher_text.chat_conversations(model, tokenizer, 2, temperature=1.0):
+        text = tokenizer.decode(conv)
+        assert text.startswith("<|im_start|>user\n")
+        assert text.count("<|im_end|>\n<|im_start|>assistant\n") == 1
+    blocks = teacher_samples(model, tokenizer, 4, 32, batch_size=3, seed=1, cache_dir=tmp_path)
+    assert blocks.shape == (4, 32)
+    assert tokenizer.decode(blocks[0].tolist()).startswith("<|im_start|>user\n")
+    # a second run reads the cache instead of sampling again
+    monkeypatch.setattr(teacher_text, "chat_conversations", lambda *a, **k: pytest.fail("sampled again"))
+    again = teacher_samples(model, tokenizer, 3, 32, batch_size=3, seed=1, cache_dir=tmp_path)
+    assert torch.equal(again, blocks[:3])
 
 
 def test_hub_datasets_need_the_datasets_package(monkeypatch, tokenizer):

