@@ -8,8 +8,8 @@ Weights are random (speed does not depend on them). Modes (``--modes``, comma-se
 
   naive               transformers forward of both models, pure-bf16 weights, full-logit KL
                       (fp32 log-softmax of (B, T, V) logits), AdamW on the bf16 weights
-  ours                xecomla's training step (distill.Trainer): bf16 autocast over fp32 master
-                      weights, fused AdamW, chunked KL that never holds the full logits
+  ours                xecomla's training step (distill.trainer.Trainer): bf16 autocast over fp32
+                      master weights, fused AdamW, chunked KL that never holds the full logits
   ...+ckpt / +ckptN   activation checkpointing of all / the first N decoder layers
   ...+compile         torch.compile of the decoder layers and of the loss math
   ...+liger           the loss through Liger-Kernel's fused linear JSD (if installed)
@@ -33,15 +33,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
     # name: LlamaConfig fields
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                         rope_theta=100000.0, max_position_embeddings=8192),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=1024),
-}  # fmt: skip
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    ),
+}
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "MI300": 1307e12}
 
 
@@ -49,9 +76,9 @@ def build_pair(shape: str, kv_rank: int, device: torch.device, student_dtype, te
     """A random teacher of the shape and an MLA student (rank r, p = h/2) of the same shape."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from xecomla_cli.init import build_spec
     from xecomla_cli.mla.convert import apply_spec
     from xecomla_cli.mla.rope import model_inv_freq
-    from xecomla_cli.init import build_spec
 
     config = LlamaConfig(**SHAPES[shape])
     config._attn_implementation = "sdpa"
@@ -63,7 +90,7 @@ def build_pair(shape: str, kv_rank: int, device: torch.device, student_dtype, te
     apply_spec(student, spec)
     inv_freq, _ = model_inv_freq(config, spec.rope_dim)
     with torch.no_grad():
-        for name, p in student.named_parameters():
+        for p in student.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
         for m in student.modules():
@@ -103,7 +130,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def naive_step_fn(student, teacher, lr: float):
     """transformers forward of both, full logits, KL on fp32 log-softmax, AdamW on bf16 weights."""
-    from xecomla_cli.kd_loss import kd_loss_reference
+    from xecomla_cli.distill.kd_loss import kd_loss_reference
 
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     student.train()
@@ -123,10 +150,18 @@ def naive_step_fn(student, teacher, lr: float):
 
 
 def ours_step_fn(student, teacher, opts: dict, lr: float, steps: int):
-    from xecomla_cli.distill import DistillConfig, Trainer
+    from xecomla_cli.distill.config import ResolvedConfig
+    from xecomla_cli.distill.trainer import Trainer
 
-    cfg = DistillConfig(steps=steps, total_steps=steps + 10, lr=lr, precision=opts["precision"],
-                        compile=opts["compile"], checkpoint_layers=opts["ckpt"], kd_kernel=opts["kernel"])  # fmt: skip
+    cfg = ResolvedConfig(
+        steps=steps,
+        total_steps=steps + 10,
+        lr=lr,
+        precision=opts["precision"],
+        compile=opts["compile"],
+        checkpoint_layers=opts["ckpt"],
+        kd_kernel=opts["kernel"],
+    )
     trainer = Trainer(student, teacher, cfg)
 
     def step(ids):
@@ -172,7 +207,9 @@ def run_mode(mode: str, args, device: torch.device) -> dict:
     flops = flops_per_token(student, teacher, args.seq_len)
     vocab = student.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen) for _ in range(args.warmup + args.steps)]
+    batches = [
+        torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen) for _ in range(args.warmup + args.steps)
+    ]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_compile = time.perf_counter()
@@ -186,8 +223,13 @@ def run_mode(mode: str, args, device: torch.device) -> dict:
     sync(device)
     dt = (time.perf_counter() - t0) / args.steps
     tokens = args.batch * args.seq_len
-    out = {"mode": mode, "tokens_per_s": round(tokens / dt, 1), "step_ms": round(dt * 1000, 2),
-           "warmup_s": round(warm_s, 1), "loss": round(float(loss), 4)}  # fmt: skip
+    out = {
+        "mode": mode,
+        "tokens_per_s": round(tokens / dt, 1),
+        "step_ms": round(dt * 1000, 2),
+        "warmup_s": round(warm_s, 1),
+        "loss": round(float(loss), 4),
+    }
     if device.type == "cuda":
         out["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 2)
@@ -217,16 +259,24 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.shape, args.batch, args.seq_len, args.steps, args.warmup, args.kv_rank = "tiny", 2, 64, 2, 1, 16
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))  # fmt: skip
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else (args.device if args.device != "auto" else "cpu")
+    )
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {
         "benchmark": "distill_throughput",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "shape": args.shape, "kv_rank": args.kv_rank, "batch": args.batch, "seq_len": args.seq_len,
-        "tokens_per_step": args.batch * args.seq_len, "peak_bf16_flops": peak_flops(device), "results": [],
-    }  # fmt: skip
+        "shape": args.shape,
+        "kv_rank": args.kv_rank,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_step": args.batch * args.seq_len,
+        "peak_bf16_flops": peak_flops(device),
+        "results": [],
+    }
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         try:
             r = run_mode(mode, args, device)

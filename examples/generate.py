@@ -1,6 +1,6 @@
 """Greedy chat generation from an exported model with plain transformers (no xecomla import).
 
-    python examples/generate.py runs/demo/export-r64 "What is the capital of France?"
+python examples/generate.py runs/demo/export-r64 "What is the capital of France?"
 """
 
 import sys
@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 path, prompt = sys.argv[1], " ".join(sys.argv[2:]) or "Tell me a short story."
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+ids = tokenizer.apply_chat_template(
+    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+)["input_ids"]
 out = model.generate(ids, max_new_tokens=40, do_sample=False)
-print(f"{type(model).__name__} ({model.config.model_type}) says: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}",
-      file=sys.stderr)  # fmt: skip
+reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+print(f"{type(model).__name__} ({model.config.model_type}) says: {reply!r}", file=sys.stderr)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from xecomla_cli.distill import DistillConfig, lr_lambda, run_distill
+from xecomla_cli.distill import DistillConfig, resolve_config, run_distill
+from xecomla_cli.distill.kd_loss import IGNORE_INDEX, kd_loss, kd_loss_reference, next_token_labels
+from xecomla_cli.distill.trainer import lr_lambda
 from xecomla_cli.errors import XecomlaError
-from xecomla_cli.kd_loss import IGNORE_INDEX, kd_loss, kd_loss_reference, next_token_labels
 
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -21,7 +23,10 @@ def test_chunked_loss_matches_full_logits(temperature, ce_weight):
     n, d, vocab = 45, 12, 70
     hs = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(vocab, d, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(n, 9, generator=g, dtype=torch.float64), torch.randn(vocab, 9, generator=g, dtype=torch.float64)
+    ht, wt = (
+        torch.randn(n, 9, generator=g, dtype=torch.float64),
+        torch.randn(vocab, 9, generator=g, dtype=torch.float64),
+    )
     labels = next_token_labels(torch.randint(0, vocab, (3, 15), generator=g)).flatten()
     ref = kd_loss_reference(hs @ ws.T, ht @ wt.T, labels, temperature=temperature, ce_weight=ce_weight)
     ref_grads = torch.autograd.grad(ref, (hs, ws))
@@ -79,6 +84,25 @@ def test_schedule_warms_up_and_decays():
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
 
 
+def test_options_resolve_once_into_a_frozen_config():
+    """Budget, teacher, validation tokens and precision are filled in once; the record keeps its keys."""
+    cpu = torch.device("cpu")
+    opts = DistillConfig(data="teacher", tokens=300, seq_len=32, batch_size=4)
+    cfg = resolve_config(opts, student_source="the-source", device=cpu)
+    assert (cfg.total_steps, cfg.teacher, cfg.val_tokens, cfg.precision) == (3, "the-source", 4096, "fp32")
+    assert cfg.log_interval(cpu) == 1 and cfg.eval_interval(cpu) == 2
+    assert list(cfg.to_dict()) == [f.name for f in dataclasses.fields(DistillConfig)] + ["total_steps"]
+    assert cfg.to_dict()["log_every"] is None and cfg.to_dict()["betas"] == [0.9, 0.95]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.total_steps = 5
+    big = resolve_config(dataclasses.replace(opts, val_tokens=100_000, teacher="t"), student_source="s", device=cpu)
+    assert big.val_tokens == 16384 and big.teacher == "t"  # sampling validation text on a CPU is capped
+    with pytest.raises(XecomlaError, match="--precision"):
+        resolve_config(dataclasses.replace(opts, precision="fp8"), student_source="s", device=cpu)
+    with pytest.raises(XecomlaError, match="multiple of the number of processes"):
+        resolve_config(opts, student_source="s", device=cpu, world=3)
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def student_ckpt(tmp_path_factory, tiny_model_dir):
@@ -86,15 +110,17 @@ def student_ckpt(tmp_path_factory, tiny_model_dir):
     from conftest import make_tokenizer
 
     from xecomla_cli.checkpoint import save_checkpoint
-    from xecomla_cli.sources import load_model
     from xecomla_cli.init import build_spec, convert_model
+    from xecomla_cli.sources import load_model
 
     teacher = tiny_model_dir("llama")
     loaded = load_model(str(teacher))
     spec = build_spec(loaded.model.config, kv_rank=8)
     convert_model(loaded.model, spec)
     ckpt = tmp_path_factory.mktemp("student") / "tiny-mla"
-    save_checkpoint(ckpt, model=loaded.model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=str(teacher))
+    save_checkpoint(
+        ckpt, model=loaded.model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=str(teacher)
+    )
     return ckpt
 
 
@@ -155,8 +181,13 @@ def test_resume_continues_exactly(student_ckpt, text_file, tmp_path):
     with pytest.raises(XecomlaError, match="lr"):
         run_distill(student_ckpt, _cfg(text_file, **{**cfg, "lr": 1e-3}), output=tmp_path / "b", resume=True)
     resumed_losses: dict[int, float] = {}
-    _, resumed = run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b", resume=True,
-                             on_step=lambda s, r: resumed_losses.__setitem__(s, r["loss"]))  # fmt: skip
+    _, resumed = run_distill(
+        student_ckpt,
+        _cfg(text_file, **cfg),
+        output=tmp_path / "b",
+        resume=True,
+        on_step=lambda s, r: resumed_losses.__setitem__(s, r["loss"]),
+    )
     assert sorted(resumed_losses) == [5, 6]
     assert resumed_losses[5] == losses[5]
     assert resumed["val_kl"] == full["val_kl"] and resumed["train_kl"] == full["train_kl"]
@@ -184,8 +215,15 @@ def test_teacher_with_another_tokenizer_is_refused(student_ckpt, text_file, tmp_
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["completely different text " * 50], trainers.BpeTrainer(vocab_size=280, show_progress=False,
-                            special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok.train_from_iterator(
+        ["completely different text " * 50],
+        trainers.BpeTrainer(
+            vocab_size=280,
+            show_progress=False,
+            special_tokens=["<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     other = tmp_path / "other"
     make_model("llama").save_pretrained(other)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(other)
@@ -199,8 +237,9 @@ def test_budget_options(student_ckpt, text_file, tmp_path):
         run_distill(student_ckpt, _cfg(text_file, steps=None), output=tmp_path / "x")
     with pytest.raises(XecomlaError, match="--fsdp"):
         run_distill(student_ckpt, _cfg(text_file, fsdp=True), output=tmp_path / "x")
-    _, m = run_distill(student_ckpt, _cfg(text_file, steps=None, tokens=300, data="teacher", val_tokens=64),
-                       output=tmp_path / "t")  # fmt: skip
+    _, m = run_distill(
+        student_ckpt, _cfg(text_file, steps=None, tokens=300, data="teacher", val_tokens=64), output=tmp_path / "t"
+    )
     assert m["steps"] == math.ceil(300 / (4 * 32)) and m["distill_data"] == "teacher"
 
 
@@ -211,12 +250,77 @@ def test_cli_pipe(student_ckpt, text_file, tmp_path):
 
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "xecomla_cli", "-q", "distill", "-", "--data", str(text_file), "--tokens", "256",
-         "--seq-len", "32", "--batch-size", "4", "--val-tokens", "64", "-o", str(out)],
-        input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "xecomla_cli",
+            "-q",
+            "distill",
+            "-",
+            "--data",
+            str(text_file),
+            "--tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--val-tokens",
+            "64",
+            "-o",
+            str(out),
+        ],
+        input=f"{student_ckpt}\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
-    bad = subprocess.run([sys.executable, "-m", "xecomla_cli", "distill", str(student_ckpt), "--tokens", "lots"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "xecomla_cli", "distill", str(student_ckpt), "--tokens", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- local (layer-wise) distillation from the CLI ----------------------------------------------
+def test_local_cli_pipe_records_per_layer_errors(student_ckpt, text_file, tmp_path):
+    """`... | xecomla distill - --local` trains the converted layers, records their errors, prints the path."""
+    import json
+    import subprocess
+    import sys
+
+    from xecomla_cli.checkpoint import read_meta
+
+    out = tmp_path / "local"
+    args = ["--data", str(text_file), "--tokens", "512", "--seq-len", "32", "--val-tokens", "64", "-o", str(out)]
+    cmd = [sys.executable, "-m", "xecomla_cli", "-q", "distill", "-", "--local", "--local-epochs", "2", *args]
+    proc = subprocess.run(cmd, input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    meta = read_meta(out)
+    assert meta["stage"] == "distill-local" and meta["parent"] == str(student_ckpt.resolve())
+    layers = meta["metrics"]["local_layers"]
+    assert [r["layer"] for r in layers] == [0, 1, 2]
+    assert all(r["error_after"] < r["error_before"] for r in layers)
+    assert meta["local"]["local_inputs"] == "teacher" and meta["local"]["local_epochs"] == 2
+    assert meta["metrics"]["local_tokens"] == 512
+    # the output is an ordinary checkpoint: global distillation continues from it
+    glob = [sys.executable, "-m", "xecomla_cli", "-q", "distill", str(out), "--steps", "1", "--batch-size", "2"]
+    glob += [*args[:2], *args[4:8], "-o", str(tmp_path / "global"), "--json"]
+    again = subprocess.run(glob, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["steps"] == 1
+
+    # restart semantics and bad input: one line each, nothing written
+    bad = subprocess.run(cmd + ["--resume"], input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "no saved state to resume" in bad.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cmd_empty = [c if c != str(text_file) else str(empty) for c in cmd] + ["--force"]
+    bad = subprocess.run(cmd_empty, input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert out.exists()  # the earlier output was not replaced by the failed run

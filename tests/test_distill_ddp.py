@@ -15,8 +15,20 @@ from test_distill import _cfg, student_ckpt, text_file  # noqa: F401  (shared fi
 from xecomla_cli.checkpoint import read_meta, read_weights
 from xecomla_cli.distill import run_distill
 
-ARGS = ["--steps", "4", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--save-every", "2",
-        "--val-tokens", "256"]  # fmt: skip
+ARGS = [
+    "--steps",
+    "4",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--save-every",
+    "2",
+    "--val-tokens",
+    "256",
+]
 
 
 def _free_port() -> int:
@@ -27,9 +39,30 @@ def _free_port() -> int:
 
 def _torchrun(ckpt, data, out, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "xecomla_cli", "-q", "distill", str(ckpt), "--data", str(data),
-           *ARGS, "-o", str(out), "--device", "cpu", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "xecomla_cli",
+        "-q",
+        "distill",
+        str(ckpt),
+        "--data",
+        str(data),
+        *ARGS,
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
 
 

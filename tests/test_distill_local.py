@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_model
 
-from xecomla_cli.distill_local import LocalConfig, local_distill, relative_error
+from xecomla_cli.distill.local import LocalConfig, local_distill, relative_error
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
 from xecomla_cli.mla.convert import decoder_layers

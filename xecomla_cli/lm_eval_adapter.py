@@ -40,9 +40,15 @@ def register() -> type:
         """HFLM over a model loaded by xecomla (MLA attention and latent cache included)."""
 
         def __init__(self, pretrained: str = "demo", dtype: str = "float32", device: str | None = None, **kwargs):
+            import torch
+
+            from .loaded import dtype_name
             from .sources import load_model
 
-            loaded = load_model(str(pretrained), dtype=_dtype_name(dtype), device=device or "cpu")
+            # lm_eval's rule: a dtype is a torch attribute name ('half', 'float', 'bfloat16') or 'auto'
+            torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+            name = dtype_name(torch_dtype) if isinstance(torch_dtype, torch.dtype) else str(dtype)
+            loaded = load_model(str(pretrained), dtype=name, device=device or "cpu")
             kwargs.pop("tokenizer", None)
             kwargs.pop("backend", None)
             super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, backend="causal", **kwargs)
@@ -54,11 +60,6 @@ def register() -> type:
         pass
     _registered[MODEL_NAME] = XecomlaLM
     return XecomlaLM
-
-
-def _dtype_name(dtype) -> str:
-    name = str(dtype).replace("torch.", "")
-    return {"float": "float32", "half": "float16"}.get(name, name)
 
 
 def main() -> None:

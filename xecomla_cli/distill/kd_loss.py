@@ -129,7 +129,9 @@ class _ChunkedKD(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, the gradients of h_s and W_s."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, labels, temperature, ce_weight, chunk, matmul_dtype, compile, teacher_ce, want_grad):
+    def forward(
+        ctx, hs, ws, ht, wt, labels, temperature, ce_weight, chunk, matmul_dtype, compile, teacher_ce, want_grad
+    ):
         n = hs.shape[0]
         n_lab = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
         kl_scale = 1.0 / n
@@ -207,11 +209,14 @@ def kd_loss(
     if lab is not None and vocab < student_weight.shape[0]:
         lab = torch.where(lab >= vocab, IGNORE_INDEX, lab)
     if matmul_dtype is None:
-        matmul_dtype = torch.get_autocast_dtype(hs.device.type) if torch.is_autocast_enabled(hs.device.type) else hs.dtype
+        matmul_dtype = (
+            torch.get_autocast_dtype(hs.device.type) if torch.is_autocast_enabled(hs.device.type) else hs.dtype
+        )
     chunk = chunk_size_for(vocab, hs.shape[0], chunk_size)
     want_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
-    loss, kl, ce, t_ce = _ChunkedKD.apply(hs, ws, ht, wt, lab, float(temperature), float(ce_weight), chunk,
-                                          matmul_dtype, compile, teacher_ce, want_grad)  # fmt: skip
+    loss, kl, ce, t_ce = _ChunkedKD.apply(
+        hs, ws, ht, wt, lab, float(temperature), float(ce_weight), chunk, matmul_dtype, compile, teacher_ce, want_grad
+    )
     labelled = int((lab != IGNORE_INDEX).sum()) if lab is not None else 0
     return loss, KDStats(kl, ce, t_ce, hs.shape[0], labelled)
 
@@ -233,8 +238,9 @@ def kd_loss_liger(
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     vocab = min(student_weight.shape[0], teacher_weight.shape[0])
-    kl_mean = LigerFusedLinearJSDFunction.apply(hs, student_weight[:vocab], ht, teacher_weight[:vocab].detach(), None,
-                                                0.0, IGNORE_INDEX, float(temperature))  # fmt: skip
+    kl_mean = LigerFusedLinearJSDFunction.apply(
+        hs, student_weight[:vocab], ht, teacher_weight[:vocab].detach(), None, 0.0, IGNORE_INDEX, float(temperature)
+    )
     zero = kl_mean.new_zeros(()).float()
     n = hs.shape[0]
     return kl_mean * temperature**2, KDStats(kl_mean.detach().float() * n, zero, zero, n, 0)
@@ -268,5 +274,6 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def perplexity(ce_sum: float, tokens: int) -> float:
-    return math.exp(min(ce_sum / max(tokens, 1), 50.0))
+def ppl_from_nll(nll_sum: float, tokens: int) -> float:
+    """Perplexity exp(Σ NLL / tokens) from a summed negative log-likelihood (capped at e^50)."""
+    return math.exp(min(nll_sum / max(tokens, 1), 50.0))

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import XecomlaError
-from .init.calibration import LayerRunner
-from .mla.attention import MLAAttention
-from .mla.convert import decoder_layers
+from ..errors import XecomlaError
+from ..init.calibration import LayerRunner
+from ..mla.attention import MLAAttention
+from ..mla.convert import decoder_layers
 
 INPUTS = ("teacher", "student")
 
@@ -48,6 +48,14 @@ class LocalConfig:
     micro_batch: int = 4  # sequences per optimizer step
     inputs: str = "teacher"  # "teacher": the teacher's hidden states; "student": the student's own
     skip_below: float = 1e-5  # relative error under which a layer is exact already and left alone
+
+    def to_dict(self) -> dict:
+        return {
+            "local_epochs": self.epochs,
+            "local_lr": self.lr,
+            "local_micro_batch": self.micro_batch,
+            "local_inputs": self.inputs,
+        }
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:

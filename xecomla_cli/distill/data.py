@@ -1,0 +1,117 @@
+"""The packed training and validation blocks of a run, cached in OUT.run/data.safetensors.
+
+Text is tokenised (or sampled from the teacher) once; a resumed run reads the cache when it was
+made with the same data settings, so it trains on exactly the same blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import console
+from ..data import PackedData, prepare_text_data
+from ..teacher_text import teacher_samples
+from .config import ResolvedConfig
+from .dist import Dist
+
+TEACHER_SAMPLE_TOKENS = 2_000_000  # at most this many training tokens are sampled from the teacher
+
+
+def prepare_data(
+    cfg: ResolvedConfig, tokenizer, teacher, dist: Dist, cache: Path, log: Callable[[str], None]
+) -> PackedData:
+    """The packed blocks of this run: read from `cache` when a saved run made them, else made and cached.
+
+    `teacher` is the teacher's transformers model (it writes the text when cfg.data is 'teacher').
+    """
+    key = {
+        "data": cfg.data,
+        "seq_len": cfg.seq_len,
+        "val_fraction": cfg.val_fraction,
+        "val_tokens": cfg.val_tokens,
+        "seed": cfg.seed,
+        "sample_temperature": cfg.sample_temperature,
+    }
+    data = read_cache(cache, key, cfg.data)
+    if data is not None:
+        log(f"{data.describe()} (cached in {cache})")
+        return data
+    if cfg.data == "teacher":
+        data = sample_teacher_data(cfg, tokenizer, teacher, dist)
+    else:
+        budget = cfg.budget_blocks * cfg.seq_len
+        with console.status(f"tokenising {cfg.data}"):
+            data = prepare_text_data(
+                cfg.data,
+                tokenizer,
+                cfg.seq_len,
+                val_fraction=cfg.val_fraction,
+                val_tokens=cfg.val_tokens,
+                max_tokens=max(4 * budget, 10_000_000),
+            )
+    if dist.main:
+        write_cache(cache, key, data)
+    log(data.describe())
+    return data
+
+
+def read_cache(cache: Path, key: dict, source: str) -> PackedData | None:
+    """The cached blocks, if `cache` exists and was made with the settings `key`."""
+    if not cache.is_file():
+        return None
+    with safe_open(cache, "pt") as f:
+        meta = f.metadata() or {}
+    if json.loads(meta.get("key", "{}")) != key:
+        return None
+    t = load_file(cache)
+    info = json.loads(meta.get("info", "{}"))
+    return PackedData(t["train"], t["val"], source, int(info.get("documents", 0)), int(info.get("tokens", 0)))
+
+
+def write_cache(cache: Path, key: dict, data: PackedData) -> None:
+    """Write the blocks atomically (rank 0), with the settings they were made with."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    info = {"documents": data.documents, "tokens": data.tokens}
+    tensors = {"train": data.train.contiguous(), "val": data.val.contiguous()}
+    save_file(tensors, tmp, metadata={"key": json.dumps(key), "info": json.dumps(info)})
+    os.replace(tmp, cache)
+
+
+def sample_teacher_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> PackedData:
+    """Blocks of text sampled from the teacher on rank 0 (a progress bar), broadcast to the others."""
+    n_val = max(1, cfg.val_tokens // cfg.seq_len)
+    n_train = min(cfg.budget_blocks, max(64, TEACHER_SAMPLE_TOKENS // cfg.seq_len))
+    total = n_train + n_val
+    out = torch.empty(total, cfg.seq_len, dtype=torch.int64)
+    if dist.main:
+        with console.make_progress() as progress:
+            task = progress.add_task("sampling from the teacher", total=total)
+            last = [0]
+
+            def tick(done: int) -> None:
+                progress.advance(task, done - last[0])
+                last[0] = done
+
+            out = teacher_samples(
+                teacher,
+                tokenizer,
+                total,
+                cfg.seq_len,
+                batch_size=64 if dist.device.type == "cuda" else 32,
+                temperature=cfg.sample_temperature,
+                seed=cfg.seed,
+                progress=tick,
+            )
+    if dist.distributed:
+        out = out.to(dist.device)
+        torch.distributed.broadcast(out, 0)
+        out = out.cpu()
+    return PackedData(out[n_val:].clone(), out[:n_val].clone(), "teacher", 0, total * cfg.seq_len)

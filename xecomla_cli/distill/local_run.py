@@ -1,0 +1,133 @@
+"""`xecomla distill --local` as one recipe: layer-wise distillation of the converted layers.
+
+    plan_run        check the student checkpoint, resolve the options, claim OUT   plan.py, config.py
+    load_models     the student (fp32) and the teacher                              models.py
+    prepare_data    the packed blocks (the same --data as global distillation)      data.py
+    validate        validation KL and perplexities before and after                 trainer.py
+    local_distill   each converted layer's attention trained to match the teacher   local.py
+    save_distilled  the stage checkpoint OUT ("distill-local")                      output.py
+
+One process: layers are trained in order (with the student's own inputs, each layer sees the
+layers before it as trained). With teacher inputs the layers are independent, so they could be
+spread over torchrun ranks; this is not built: under torchrun the run refuses with one line.
+A killed run restarts from the start (``--resume`` is refused): each layer takes seconds to
+minutes and nothing is saved between layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import console
+from ..data import human_count
+from ..errors import XecomlaError
+from .config import DistillConfig
+from .data import prepare_data
+from .dist import setup_distributed
+from .local import LayerResult, LocalConfig, local_distill
+from .models import load_models
+from .output import run_record, save_distilled
+from .plan import plan_run
+from .trainer import Trainer
+
+Log = Callable[[str], None]
+
+
+def run_local_distill(
+    ckpt: str | Path,
+    options: DistillConfig,
+    local: LocalConfig,
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    log: Log = console.log,
+) -> tuple[Path, dict[str, Any]]:
+    """Distil every converted layer of the checkpoint `ckpt` locally; returns (output dir, metrics)."""
+    dist = setup_distributed(options.device)
+    if dist.distributed:
+        raise XecomlaError("distill --local runs in one process: launch it without torchrun")
+    if resume:
+        raise XecomlaError("distill --local has no saved state to resume: run it again (with --force)")
+    plan = plan_run(ckpt, options, dist, output=output, force=force, log=log)
+    cfg = plan.cfg
+    student, teacher = load_models(plan.ckpt, cfg, dist.device)
+    data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
+    n = min(cfg.budget_blocks, data.train.shape[0])
+    ids = data.train[:n]
+    log(
+        f"local distillation of {plan.ckpt} from {cfg.teacher}: {human_count(ids.numel())} tokens of {cfg.data}, "
+        f"{local.epochs} epochs per layer, lr {local.lr:g}, {local.inputs} inputs"
+    )
+    before = validate(student.model, teacher.model, cfg, dist, data)
+    log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")
+    start = time.perf_counter()
+    results = train_layers(student.model, teacher.model, ids, local, log)
+    seconds = time.perf_counter() - start
+    after = validate(student.model, teacher.model, cfg, dist, data)
+    metrics = local_metrics(results, before, after, ids.numel(), seconds, cfg.teacher, cfg.data)
+    record = {**run_record(cfg, dist, data), **local.to_dict()}
+    save_distilled(
+        plan,
+        model=student.model,
+        student=student,
+        metrics=metrics,
+        record=record,
+        stage="distill-local",
+        section="local",
+    )
+    log(
+        f"mean layer error {metrics['local_error_before']:.3f} -> {metrics['local_error_after']:.3f}; val ppl "
+        f"{before['val_ppl']:.2f} -> {after['val_ppl']:.2f} (teacher {after['val_ppl_teacher']:.2f}) in {seconds:.0f} s"
+    )
+    log(f"[green]wrote[/] {plan.paths.out}")
+    return plan.paths.out, metrics
+
+
+def train_layers(student, teacher, ids, local: LocalConfig, log: Log) -> list[LayerResult]:
+    """local_distill with a progress bar over the converted layers and a line per layer."""
+    from .local import converted_layers
+
+    layers = converted_layers(student)
+    with console.make_progress() as progress:
+        task = progress.add_task("local distillation", total=len(layers))
+
+        def report(r: LayerResult) -> None:
+            note = "" if r.trained else " (exact already: unchanged)"
+            progress.console.print(
+                f"layer {r.layer:>3}: error {r.error_before:.4f} -> {r.error_after:.4f} in {r.seconds:.1f} s{note}"
+            )
+            progress.advance(task)
+
+        return local_distill(student, teacher, ids, local, progress=report)
+
+
+def validate(student, teacher, cfg, dist, data) -> dict[str, float]:
+    """Validation KL(teacher ‖ student) and both perplexities on the held-out blocks."""
+    with console.status("validation"):
+        trainer = Trainer(student, teacher, cfg, dist)
+        out = trainer.evaluate(data.val)
+        student.eval()
+    return out
+
+
+def local_metrics(results: list[LayerResult], before, after, tokens: int, seconds: float, teacher, data):
+    """What xecomla.json records: per-layer errors, their means, validation before and after."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "local_layers": [r.to_dict() for r in results],
+        "local_error_before": round(mean([r.error_before for r in results]), 6),
+        "local_error_after": round(mean([r.error_after for r in results]), 6),
+        "local_tokens": tokens,
+        "local_seconds": round(seconds, 1),
+        "val_kl_initial": round(before["val_kl"], 5),
+        "val_ppl_initial": round(before["val_ppl"], 3),
+        "val_kl": round(after["val_kl"], 5),
+        "val_ppl": round(after["val_ppl"], 3),
+        "val_ppl_teacher": round(after["val_ppl_teacher"], 3),
+        "distill_data": data,
+        "distill_teacher": teacher,
+    }

@@ -1,0 +1,72 @@
+"""The distilled stage checkpoint: written by rank 0 at the end of a run, then OUT.run is removed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import build_model, save_checkpoint
+from ..data import PackedData
+from ..loaded import LoadedModel
+from .config import ResolvedConfig
+from .dist import Dist
+from .plan import RunPlan
+
+
+def run_record(cfg: ResolvedConfig, dist: Dist, data: PackedData) -> dict[str, Any]:
+    """The "distill" section of xecomla.json: the resolved options, the processes and the data."""
+    return {
+        **cfg.to_dict(),
+        "world_size": dist.world,
+        "data_tokens": data.tokens,
+        "train_blocks": int(data.train.shape[0]),
+        "val_blocks": int(data.val.shape[0]),
+    }
+
+
+def save_distilled(
+    plan: RunPlan,
+    *,
+    model,
+    student: LoadedModel,
+    metrics: dict[str, Any],
+    record: dict[str, Any],
+    stage: str = "distill",
+    section: str = "distill",
+) -> Path:
+    """Write `model` (the trained student) as the stage checkpoint OUT, with the run's
+    metrics.jsonl, and remove OUT.run. `record` goes into xecomla.json under `section`.
+    Call on rank 0 only."""
+    paths = plan.paths
+
+    def copy_metrics(tmp: Path) -> None:
+        if paths.metrics.is_file():
+            shutil.copyfile(paths.metrics, tmp / "metrics.jsonl")
+
+    save_checkpoint(
+        paths.out,
+        model=model,
+        tokenizer=student.tokenizer,
+        stage=stage,
+        spec=student.spec,
+        source=student.source,
+        parent=str(plan.ckpt.resolve()),
+        metrics=metrics,
+        force=plan.force,
+        extra={section: record},
+        write_extra=copy_metrics,
+    )
+    shutil.rmtree(paths.run_dir, ignore_errors=True)
+    return paths.out
+
+
+def cpu_model(student: LoadedModel, state: dict[str, torch.Tensor]):
+    """The student's architecture on the CPU with the weights `state` (gathered from FSDP shards)."""
+    model = build_model(student.model.config, student.spec, torch.float32)
+    model.load_state_dict(state, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model

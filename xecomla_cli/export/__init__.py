@@ -1,0 +1,51 @@
+"""Export a stage checkpoint as a Hugging Face model in the DeepSeek-V3 layout (or our own format).
+
+Stock transformers (no remote code) and the serving engines load ``model_type: deepseek_v3``.
+Our MLA maps onto it exactly, per layer (H heads, head dim h = n + p, latent rank r):
+
+    ours                                   DeepSeek-V3
+    q_proj [nope n | rope p] per head      q_proj, RoPE rows permuted to interleaved pairs
+    kv_a_proj_with_mqa [c r | k_rope p]    kv_a_proj_with_mqa, k_rope rows permuted likewise
+    kv_a_layernorm (optional)              kv_a_layernorm (mandatory)
+    kv_b_proj [k_nope n | v h] per head    kv_b_proj (qk_nope_head_dim n, v_head_dim h)
+    o_proj                                 o_proj
+    rope_inv_freq (per layer, p/2)         rope_parameters of the base model at dim p
+
+RoPE: ours pairs dim j with j + p/2 (rotate-half); DeepSeek-V3 (``rope_interleave: true``, the
+layout vLLM and SGLang assume) pairs 2i with 2i+1 and returns the rotated pairs in rotate-half
+order. Permuting the RoPE rows of q and k_rope by [0, p/2, 1, p/2+1, …] makes its rotated q and k
+equal ours bit for bit, and its cached ``k_rot`` identical to ours.
+
+The latent norm. DeepSeek-V3 always applies ``kv_a_layernorm`` (and ``q_a_layernorm`` with
+``q_lora_rank``); the paper's MLA has none. Two exact mappings:
+
+* ``norm``: the checkpoint has a latent norm (``init-svd --latent-norm``, trained by distill):
+  weights map one to one; no biases, so every engine loads it.
+* ``identity`` (the constant channel): one extra latent channel with zero weights and a bias C
+  (``attention_bias: true``). With C² ≥ 2^26 · max‖c‖², fp32 computes mean(c_ext²) = C²/(r+1)
+  exactly, so RMSNorm(c_ext) = c · s with a constant s, and the norm weight 1/s undoes it (the
+  extra channel's weight is 0, so it is cached as 0 and its up-projection column is 0). Exact to
+  ~1 ulp; costs one cached value per token per layer (r + 1 + p). C is a power of two times a
+  mantissa chosen so that fl(1/s)·s is 1 to within ~1e-5 even in bf16.
+
+Anything else is refused with a line saying why (hybrid layers, query/up-projection biases,
+per-layer ranks without --pad-ranks, RoPE frequencies the config cannot express); ``--format
+xecomla`` writes our own format instead.
+
+The package, in the order an export runs:
+
+    mapping.plan_export       the ExportPlan (plan.py): every choice, or one line saying why not
+    rope.check_rope           the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
+    config.deepseek_config    config.json
+    weights                   the weights in the DeepSeek-V3 layout, the identity-emulation constants
+    verify.verify_export      stock transformers must reproduce our logits before the rename
+    write.export_checkpoint   the atomic write (plus card.render_card, the README.md)
+    hub.push_to_hub           the upload
+"""
+
+from .hub import push_to_hub
+from .mapping import plan_export
+from .plan import ExportPlan, ExportResult
+from .write import export_checkpoint
+
+__all__ = ["ExportPlan", "ExportResult", "export_checkpoint", "plan_export", "push_to_hub"]

@@ -1,0 +1,170 @@
+"""The checkpoint's weights in the DeepSeek-V3 layout.
+
+Per layer, with H heads, head dim h = n + p, the layer's latent rank r, the exported rank R (the
+largest r, or what --latent-width asks) and Rx = kv_lora_rank (R, or R + 1 with the identity
+emulation's constant channel):
+
+    q_proj              (H·h, d)        per head [nope n | rope p], RoPE rows permuted to interleaved pairs
+    kv_a_proj_with_mqa  (Rx + p, d)     [c r | zeros R - r | constant channel (identity) | k_rope p, permuted]
+    kv_b_proj           (H·(n + h), Rx) per head [k_nope n | v h] rows, zero columns past r
+    kv_a_layernorm      (Rx,)           norm: the checkpoint's weight · sqrt(r/R), zeros past r;
+                                        identity: w = fl(1/s), 0 on the constant channel
+
+The identity emulation: a constant channel C makes DeepSeek-V3's RMSNorm a fixed scale s on the
+real channels, which the norm weight w undoes (``identity_constant``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import XecomlaError
+from ..loaded import parse_dtype
+from ..mla.convert import decoder_layers
+from ..mla.spec import MLASpec
+from .plan import ExportPlan
+
+# C² must exceed the latent's squared norm by this factor (2^24 is fp32's relative precision).
+MARGIN_BITS = 26
+
+
+def interleave_perm(p: int) -> torch.Tensor:
+    """Row order that turns rotate-half pairs (j, j + p/2) into interleaved pairs (2i, 2i + 1)."""
+    half = torch.arange(p // 2)
+    return torch.stack([half, half + p // 2], dim=1).flatten()
+
+
+def latent_bound(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor) -> float:
+    """An upper bound of ‖W x + b‖ over every input x = ln_weight ⊙ x̂, ‖x̂‖² ≤ d (an RMSNorm output)."""
+    d = weight.shape[1]
+    w = weight.double() * ln_weight.double().abs()[None, :]
+    bound = torch.linalg.matrix_norm(w, ord=2).item() * math.sqrt(d)
+    if bias is not None:
+        bound += bias.double().norm().item()
+    return bound
+
+
+def norm_scale(C: float, channels: int, dtype: torch.dtype) -> float:
+    """s such that DeepSeek-V3's RMSNorm maps [x, C] (x negligible against C) to [x·s, C·s]·weight,
+    computed with the very operations of ``DeepseekV3RMSNorm`` (eps 1e-6)."""
+    v = torch.zeros(channels, dtype=dtype)
+    v[-1] = C
+    h = v.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    return float(torch.rsqrt(variance + 1e-6).item())
+
+
+def identity_constant(bound: float, channels: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(C, w): the extra channel's bias C and the norm weight w = 1/s for the real channels.
+
+    C = 2^k·m with C² ≥ 2^MARGIN_BITS · bound², and the mantissa m (exact in bf16) chosen so that
+    w rounded to ``dtype`` times s is closest to 1.
+    """
+    k = MARGIN_BITS // 2 + math.ceil(math.log2(max(bound, 1e-30)))
+    k = max(k, 0)
+    if k > 60:
+        raise XecomlaError(
+            f"a latent is too large (bound {bound:.3g}) for the identity emulation to stay in fp32 range: "
+            "export with --format xecomla instead"
+        )
+    best = None
+    for j in range(128):
+        C = 2.0**k * (1 + j / 128)
+        s = norm_scale(C, channels, dtype)
+        w = float(torch.tensor(1.0 / s, dtype=torch.float64).to(dtype).item())
+        err = abs(w * s - 1.0)
+        if best is None or err < best[0]:
+            best = (err, C, w)
+    return best[1], best[2]
+
+
+def _tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu()
+
+
+def query_weights(
+    a, plan: ExportPlan, spec: MLASpec, ln_w: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """One layer's query projections, RoPE rows permuted; ``lora-identity`` appends its constant to the plan."""
+    H, h, n, d = spec.num_heads, spec.head_dim, spec.nope_dim, a.kv_a_proj_with_mqa.weight.shape[1]
+    q_order = torch.cat([torch.arange(n), n + interleave_perm(spec.rope_dim)])  # per head: [nope | rope permuted]
+    if plan.queries == "dense":
+        return {"q_proj.weight": _tensor(a.q_proj.weight).view(H, h, d)[:, q_order].reshape(H * h, d)}
+    if plan.queries == "dense-from-lora":
+        wq = (a.q_b_proj.weight.detach().double() @ a.q_a_proj.weight.detach().double()).float().cpu()
+        return {"q_proj.weight": wq.view(H, h, d)[:, q_order].reshape(H * h, d)}
+    # lora-identity: [q_a; 0] with bias [0; C], norm weight 1/s, q_b gets a zero column
+    qr = a.q_rank
+    qa = _tensor(a.q_a_proj.weight)
+    C, w = identity_constant(latent_bound(qa, None, ln_w), qr + 1, dtype)
+    plan.q_constants.append(C)
+    qb = _tensor(a.q_b_proj.weight).view(H, h, qr)[:, q_order].reshape(H * h, qr)
+    return {
+        "q_a_proj.weight": torch.cat([qa, torch.zeros(1, d)]),
+        "q_a_proj.bias": torch.cat([torch.zeros(qr), torch.tensor([C])]),
+        "q_a_layernorm.weight": torch.cat([torch.full((qr,), w), torch.zeros(1)]),
+        "q_b_proj.weight": torch.cat([qb, torch.zeros(H * h, 1)], dim=1),
+    }
+
+
+def latent_weights(
+    a, plan: ExportPlan, spec: MLASpec, ln_w: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """One layer's KV latent and shared RoPE key: rows [c (r) | zero padding (R - r) | constant (identity) | k_rope];
+    ``identity`` appends its constant to the plan."""
+    p, r = spec.rope_dim, a.kv_rank
+    R, Rx = plan.kv_rank, plan.kv_lora_rank
+    wkv = _tensor(a.kv_a_proj_with_mqa.weight)
+    w_c, w_rope = wkv[:r], wkv[r:][interleave_perm(p)]
+    pad = Rx - r
+    wb = _tensor(a.kv_b_proj.weight)  # (H·(n + h), r)
+    out = {
+        "kv_a_proj_with_mqa.weight": torch.cat([w_c, torch.zeros(pad, wkv.shape[1]), w_rope]),
+        "kv_b_proj.weight": torch.cat([wb, torch.zeros(wb.shape[0], pad)], dim=1),
+    }
+    if plan.latent == "norm":
+        g = _tensor(a.kv_a_layernorm.weight)
+        if R != r:  # mean over R channels instead of r: rescale (exact up to eps)
+            g = g * math.sqrt(r / R)
+        out["kv_a_layernorm.weight"] = torch.cat([g, torch.zeros(R - r)])
+    else:
+        C, w = identity_constant(latent_bound(w_c, None, ln_w), Rx, dtype)
+        plan.latent_constants.append(C)
+        bias = torch.zeros(Rx + p)
+        bias[Rx - 1] = C
+        out["kv_a_proj_with_mqa.bias"] = bias
+        out["kv_a_layernorm.weight"] = torch.cat([torch.full((Rx - 1,), w), torch.zeros(1)])
+    return out
+
+
+def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights in the DeepSeek-V3 layout (fp32 math, cast to the export dtype).
+
+    Fills ``plan.latent_constants`` / ``plan.q_constants`` with the constants C of the identity emulation."""
+    spec: MLASpec = loaded.spec
+    model = loaded.model
+    dtype = parse_dtype(plan.dtype)
+    state = {
+        name: _tensor(t)
+        for name, t in model.state_dict().items()
+        if ".self_attn." not in name and not name.endswith("rotary_emb.inv_freq")
+    }
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+
+    plan.latent_constants, plan.q_constants = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        a = layer.self_attn
+        prefix = f"model.layers.{i}.self_attn."
+        ln_w = _tensor(layer.input_layernorm.weight)
+        weights = {
+            **query_weights(a, plan, spec, ln_w, dtype),
+            **latent_weights(a, plan, spec, ln_w, dtype),
+            "o_proj.weight": _tensor(a.o_proj.weight),
+        }
+        if plan.attention_bias:
+            weights["o_proj.bias"] = torch.zeros(a.o_proj.weight.shape[0])
+        state.update({prefix + k: v for k, v in weights.items()})
+    return {k: v.to(dtype).contiguous() for k, v in state.items()}

@@ -1,0 +1,143 @@
+"""``export_checkpoint``: write the export directory atomically, verified before it is renamed into place.
+
+--format hf       model.safetensors (sharded when large), config.json (DeepSeek-V3), generation_config.json,
+                  tokenizer files, xecomla_export.json (lineage, spec, metrics, plan), README.md (card)
+--format xecomla  the stage checkpoint's own files and a README.md card
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import MAX_SHARD_SIZE, atomic_directory, command_line, load_checkpoint, read_meta
+from ..errors import XecomlaError
+from ..mla.spec import MLASpec
+from .card import lineage, render_card
+from .config import deepseek_config
+from .mapping import plan_export
+from .plan import WEIGHT_DTYPES, ExportPlan, ExportResult
+from .verify import verify_export
+from .weights import deepseek_state_dict
+
+FORMATS = ("hf", "xecomla")
+EXPORT_DTYPES = ("auto", *WEIGHT_DTYPES)
+EXPORT_META_FILE = "xecomla_export.json"
+
+
+def default_output(ckpt_dir: str | Path, fmt: str) -> Path:
+    """<checkpoint>-hf or <checkpoint>-xecomla, next to the checkpoint."""
+    path = Path(ckpt_dir)
+    return path.parent / f"{path.name.rstrip('/')}-{'hf' if fmt == 'hf' else 'xecomla'}"
+
+
+def export_checkpoint(
+    ckpt_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    fmt: str = "hf",
+    dtype: str = "auto",
+    pad_ranks: bool = False,
+    portable: bool = False,
+    latent_width: int | None = None,
+    verify: bool = True,
+    force: bool = False,
+    loaded=None,
+) -> ExportResult:
+    """Write the export directory atomically (verified before it is renamed into place).
+
+    ``out_dir`` defaults to ``default_output(ckpt_dir, fmt)``; ``loaded`` reuses a model already
+    loaded from ``ckpt_dir`` (fp32, cpu)."""
+    if fmt not in FORMATS:
+        raise XecomlaError(f"unknown --format '{fmt}': choose hf (DeepSeek-V3 layout) or xecomla")
+    if dtype not in EXPORT_DTYPES:
+        raise XecomlaError(f"unknown --dtype '{dtype}' for export: use auto, float32 or bfloat16")
+    out_dir = Path(out_dir) if out_dir is not None else default_output(ckpt_dir, fmt)
+    ckpt_dir = Path(ckpt_dir).resolve()
+    meta = read_meta(ckpt_dir)
+    if out_dir.resolve() == ckpt_dir:
+        raise XecomlaError("the export directory is the checkpoint itself: choose another -o")
+    if out_dir.exists() and not force:
+        raise XecomlaError(f"output '{out_dir}' already exists: pass --force to replace it, or choose another -o")
+    command = _export_command(ckpt_dir)
+    if fmt == "xecomla":
+        return _export_own(ckpt_dir, out_dir, meta, command, force)
+    if dtype == "auto":
+        dtype = meta.get("dtype", "float32")
+        dtype = dtype if dtype in WEIGHT_DTYPES else "float32"
+    loaded = loaded or load_checkpoint(ckpt_dir, dtype="float32", device="cpu")
+    plan = plan_export(loaded, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
+    return _export_deepseek(ckpt_dir, out_dir, meta, command, loaded, plan, verify=verify, force=force)
+
+
+def _export_own(ckpt_dir: Path, out_dir: Path, meta: dict, command: str, force: bool) -> ExportResult:
+    """--format xecomla: the checkpoint's files as they are, plus a model card."""
+    spec = MLASpec.from_dict(meta["mla"]) if meta.get("mla") else None
+    history = lineage(ckpt_dir, meta)
+
+    def write(tmp: Path) -> None:
+        for f in sorted(ckpt_dir.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "README.md").write_text(render_card(meta, spec, None, history, command, "xecomla"))
+
+    return ExportResult(atomic_directory(out_dir, write, force=force), "xecomla", None)
+
+
+def _export_deepseek(
+    ckpt_dir: Path, out_dir: Path, meta: dict, command: str, loaded, plan: ExportPlan, *, verify: bool, force: bool
+) -> ExportResult:
+    """--format hf: weights, config and tokenizer in the DeepSeek-V3 layout, verified, with a model card."""
+    from huggingface_hub import save_torch_state_dict
+
+    history = lineage(ckpt_dir, meta)
+    config = deepseek_config(loaded, plan)
+    state = deepseek_state_dict(loaded, plan)  # fills the plan's emulation constants
+    report: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        save_torch_state_dict(state, tmp, max_shard_size=MAX_SHARD_SIZE)
+        config.save_pretrained(tmp)
+        _generation_config(ckpt_dir, loaded).save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_META_FILE).write_text(json.dumps(_export_meta(meta, plan, command), indent=2) + "\n")
+        if verify:
+            report.update(verify_export(tmp, loaded, plan))
+        card = render_card(meta, loaded.spec, plan, history, command, "hf", report or None)
+        (tmp / "README.md").write_text(card)
+
+    path = atomic_directory(out_dir, write, force=force)
+    return ExportResult(path, "hf", plan, report or None)
+
+
+def _export_command(ckpt_dir: Path) -> str:
+    """This command line, with a '-' (path read from stdin) replaced by the checkpoint it read."""
+    words = command_line().split(" ")
+    if "export" in words:
+        at = words.index("export")
+        if "-" in words[at + 1 :]:
+            words[words.index("-", at + 1)] = str(ckpt_dir)
+    return " ".join(words)
+
+
+def _generation_config(ckpt_dir: Path, loaded):
+    from transformers import GenerationConfig
+
+    if (ckpt_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(ckpt_dir)
+    return GenerationConfig.from_model_config(loaded.config)
+
+
+def _export_meta(meta: dict, plan: ExportPlan, command: str) -> dict:
+    """xecomla_export.json: where the export came from, its MLA spec, its metrics and the plan."""
+    return {
+        "exported_from": {
+            k: meta.get(k) for k in ("stage", "source", "parent", "command", "created", "xecomla_version")
+        },
+        "mla": meta.get("mla"),
+        "metrics": meta.get("metrics", {}),
+        "export": {"command": command, "plan": asdict(plan), "portable": plan.portable},
+    }
