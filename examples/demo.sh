@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Every stage on the embedded demo model (SmolLM2-135M-Instruct), on CPU, in a few minutes.
+# Every stage on the embedded demo model (SmolLM2-135M-Instruct), on CPU, in about 20 minutes.
 # Run it with `make demo` (which sets up the environment first). Outputs go to $DEMO_DIR.
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-TOKENS=${TOKENS:-50k}
+LOCAL_TOKENS=${LOCAL_TOKENS:-8k}   # local (layer-wise) distillation
+TOKENS=${TOKENS:-40k}              # global distillation
+METHOD=${METHOD:-deepseek}         # 'paper' for the X-EcoMLA paper's data-free init (see docs/methods.md)
 mkdir -p "$DEMO_DIR"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+quality() { xecomla eval "$1" --no-kv >/dev/null; }   # LAMBADA perplexity, table on stderr
 
-step "1/5 inspect: architecture, KV cache, latent-rank budget"
+step "1/6 inspect: architecture, KV cache, latent-rank budget"
 xecomla inspect demo --ranks 32,64,128,256
 
-METHOD=${METHOD:-deepseek}   # 'paper' for the X-EcoMLA paper's data-free init (see README: init methods)
-step "2/5 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
+step "2/6 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
 INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" -o "$DEMO_DIR/init-r64" --force)
+quality "$INIT"
 
-step "3/5 distill: KL distillation from the original model ($TOKENS tokens of public-domain text)"
-DISTILLED=$(xecomla distill "$INIT" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)
+step "3/6 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens)"
+LOCAL=$(xecomla distill "$INIT" --local --tokens "$LOCAL_TOKENS" --local-inputs student -o "$DEMO_DIR/local-r64" --force)
+quality "$LOCAL"
 
-step "4/5 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
-xecomla eval "$INIT" --limit 100 --tasks arc_easy,piqa >/dev/null
+step "4/6 distill: KL distillation from the original model ($TOKENS tokens of public-domain text)"
+DISTILLED=$(xecomla distill "$LOCAL" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)
+
+step "5/6 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
 xecomla eval "$DISTILLED" --teacher demo --limit 100 --tasks arc_easy,piqa >/dev/null
 
-step "5/5 export: DeepSeek-V3 layout that stock transformers loads, with a model card"
+step "6/6 export: DeepSeek-V3 layout that stock transformers loads, with a model card"
 EXPORTED=$(xecomla export "$DISTILLED" -o "$DEMO_DIR/export-r64" --force)
 python examples/generate.py "$EXPORTED" "What is the capital of France?"
 echo "$EXPORTED"

@@ -44,8 +44,19 @@ def test_init_svd_prints_only_the_path_and_reads_stdin(tiny_model_dir, tmp_path)
 
 
 def test_init_svd_energy_hybrid_quiet(tiny_model_dir, tmp_path):
-    proc = run("--quiet", "init-svd", str(tiny_model_dir("mistral")), "--energy", "0.9", "--layers", "0,2",
-               "--q-rank", "32", "-o", str(tmp_path / "e"))  # fmt: skip
+    proc = run(
+        "--quiet",
+        "init-svd",
+        str(tiny_model_dir("mistral")),
+        "--energy",
+        "0.9",
+        "--layers",
+        "0,2",
+        "--q-rank",
+        "32",
+        "-o",
+        str(tmp_path / "e"),
+    )
     assert proc.stderr.strip() == ""
     lm = load_model(proc.stdout.strip())
     assert lm.spec.kv_ranks[1] is None and lm.spec.q_rank == 32 and lm.spec.options["energy"] == 0.9
@@ -53,8 +64,9 @@ def test_init_svd_energy_hybrid_quiet(tiny_model_dir, tmp_path):
 
 
 def test_errors_are_printed_even_under_quiet(tiny_model_dir, tmp_path):
-    proc = run("--quiet", "init-svd", str(tiny_model_dir("llama")), "--kv-rank", "9999", "-o", str(tmp_path / "x"),
-               check=False)  # fmt: skip
+    proc = run(
+        "--quiet", "init-svd", str(tiny_model_dir("llama")), "--kv-rank", "9999", "-o", str(tmp_path / "x"), check=False
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "outside 1..64" in proc.stderr
     assert not (tmp_path / "x").exists()
@@ -106,8 +118,9 @@ def test_demo_inspect_and_init_svd(demo_available, tmp_path):
     out = run("init-svd", "demo", "--kv-rank", "64", "-o", str(tmp_path / "demo-r64")).stdout.strip()
     lm = load_model(out)
     assert lm.spec.values_per_token(0) == 96 and lm.spec.compression == pytest.approx(4.0)
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}],
-                                           add_generation_prompt=True, return_tensors="pt")["input_ids"]  # fmt: skip
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
     cached = lm.model.generate(ids, max_new_tokens=8, do_sample=False)
     uncached = lm.model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)

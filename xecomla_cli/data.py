@@ -179,12 +179,16 @@ def record_text(rec, tokenizer, where: str) -> str:
 def render_chat(messages, tokenizer, where: str) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise XecomlaError(f"{where}: chat 'messages' need a tokenizer with a chat template, and this one has none")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
         raise XecomlaError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as exc:  # jinja errors of all kinds
-        raise XecomlaError(f"{where}: the chat template failed on these messages ({type(exc).__name__}: {exc})") from None
+        raise XecomlaError(
+            f"{where}: the chat template failed on these messages ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _iter_table(path: Path, tokenizer) -> Iterator[str]:
@@ -264,8 +268,10 @@ class PackedData:
     def describe(self) -> str:
         t, v = self.train.shape[0], self.val.shape[0]
         docs = f"{self.documents:,} documents, " if self.documents else ""
-        return (f"data {self.source}: {docs}{self.tokens:,} tokens -> {t:,} train blocks "
-                f"({human_count(t * self.seq_len)} tokens) + {v:,} validation blocks of {self.seq_len}")  # fmt: skip
+        return (
+            f"data {self.source}: {docs}{self.tokens:,} tokens -> {t:,} train blocks "
+            f"({human_count(t * self.seq_len)} tokens) + {v:,} validation blocks of {self.seq_len}"
+        )
 
 
 def tokenize_document(text: str, tokenizer) -> list[int]:

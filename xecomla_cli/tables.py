@@ -43,8 +43,15 @@ def budget_table(report: dict[str, Any], per_layer: bool = False) -> Table:
         title=f"Latent rank budget (rope dim p = {report['rope_dim']}; SVD energy of stacked [K; V] per layer)",
         title_justify="left",
     )
-    for col in ("rank r", "cache r+p", "compression", f"GB @ {kv['context']:,}x{kv['batch']}", "energy min",
-                "mean", "max"):  # fmt: skip
+    for col in (
+        "rank r",
+        "cache r+p",
+        "compression",
+        f"GB @ {kv['context']:,}x{kv['batch']}",
+        "energy min",
+        "mean",
+        "max",
+    ):
         t.add_column(col, justify="right")
     if per_layer:
         for i in range(len(report["budget"][0]["energy_per_layer"])):
@@ -89,6 +96,8 @@ def spec_table(spec, title: str) -> Table:
     t.add_row("q rank", str(spec.q_rank) if spec.q_rank else "full")
     t.add_row("latent norm", "yes" if spec.latent_norm else "no")
     t.add_row("method", spec.method)
-    t.add_row("cache / token", f"{spec.values_per_token_total:,} values (original {spec.original_values_per_token_total:,})")
+    t.add_row(
+        "cache / token", f"{spec.values_per_token_total:,} values (original {spec.original_values_per_token_total:,})"
+    )
     t.add_row("compression", f"{spec.compression:.2f}x")
     return t

@@ -24,127 +24,149 @@ MICRO_BATCH_HELP = (
 )
 
 
+CkptArg = Annotated[
+    str,
+    typer.Argument(help="The student: a stage checkpoint (e.g. from init-svd), or '-' (read the path from stdin)."),
+]
+TokensOpt = Annotated[
+    str | None, typer.Option("--tokens", help="Training budget in tokens: 50k, 2M, 1.5B ... (or give --steps).")
+]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Training budget in optimizer steps.")]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher", help="Teacher model source (default: the checkpoint's source model). Must share the tokenizer."
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option("--data", help=DATA_HELP),
+]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per packed training block.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Blocks per optimizer step (all processes together).")]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option("--micro-batch", help=MICRO_BATCH_HELP),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Peak learning rate (AdamW; linear warm-up, cosine decay to 10%; default 3e-4). "
+        "With --local: Adam's rate per layer (default 1e-3).",
+    ),
+]
+WarmupOpt = Annotated[
+    float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")
+]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.")]
+ClipOpt = Annotated[float, typer.Option("--clip", help="Gradient-norm clipping (0: off).")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option("--temperature", help="Softmax temperature of both distributions (the loss is scaled by T²)."),
+]
+CeWeightOpt = Annotated[
+    float, typer.Option("--ce-weight", help="Add this weight x next-token cross-entropy to the KL loss.")
+]
+FreezeNonMlaOpt = Annotated[bool, typer.Option("--freeze-non-mla", help="Train only the MLA attention modules.")]
+GradCheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--grad-checkpointing",
+        help="Recompute decoder-layer activations in the backward pass (less memory, ~30% slower).",
+    ),
+]
+CheckpointLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--checkpoint-layers",
+        help="Checkpoint only the first N decoder layers (implies --grad-checkpointing): trades memory for speed.",
+    ),
+]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Save a resumable state every N steps (0: never).")]
+EvalEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-every",
+        help="Validate every N steps (default: 3 times per run on GPU, once on CPU, plus start and end).",
+    ),
+]
+LogEveryOpt = Annotated[
+    int | None,
+    typer.Option("--log-every", help="Write a metrics line every N steps (default: 1 on CPU, 10 on GPU)."),
+]
+ValTokensOpt = Annotated[
+    str | None, typer.Option("--val-tokens", help="Held-out validation tokens (default: 4k on CPU, 64k on GPU).")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the unfinished run of the same output from its last saved state.")
+]
+FsdpOpt = Annotated[
+    bool,
+    typer.Option("--fsdp", help="Under torchrun: shard student and teacher (FSDP2) instead of replicating them (DDP)."),
+]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the decoder layers and the loss (GPU).")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="auto (bf16 autocast over fp32 weights on GPU, fp32 on CPU), bf16 or fp32."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the data order (and of teacher sampling).")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Output checkpoint directory (default: <ckpt>-distill beside the input)."),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output, and discard an unfinished run's state.")
+]
+AsJsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the final metrics as JSON on stdout instead of the path.")
+]
+LocalOpt = Annotated[bool, typer.Option("--local", help=LOCAL_HELP)]
+LocalEpochsOpt = Annotated[int, typer.Option("--local-epochs", help="With --local: passes over the tokens per layer.")]
+LocalInputsOpt = Annotated[
+    str,
+    typer.Option(
+        "--local-inputs",
+        help="With --local: each layer's inputs are the teacher's hidden states ('teacher') or the "
+        "student's own, with the earlier layers already trained ('student').",
+    ),
+]
+
+
 def distill_command(
-    ckpt: Annotated[
-        str,
-        typer.Argument(help="The student: a stage checkpoint (e.g. from init-svd), or '-' (read the path from stdin)."),
-    ],
-    tokens: Annotated[
-        str | None, typer.Option("--tokens", help="Training budget in tokens: 50k, 2M, 1.5B ... (or give --steps).")
-    ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Training budget in optimizer steps.")] = None,
-    teacher: Annotated[
-        str | None,
-        typer.Option(
-            "--teacher", help="Teacher model source (default: the checkpoint's source model). Must share the tokenizer."
-        ),
-    ] = None,
-    data: Annotated[
-        str,
-        typer.Option("--data", help=DATA_HELP),
-    ] = "auto",
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed training block.")] = 512,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Blocks per optimizer step (all processes together).")
-    ] = 8,
-    micro_batch: Annotated[
-        int | None,
-        typer.Option("--micro-batch", help=MICRO_BATCH_HELP),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr",
-            help="Peak learning rate (AdamW; linear warm-up, cosine decay to 10%; default 3e-4). "
-            "With --local: Adam's rate per layer (default 1e-3).",
-        ),
-    ] = None,
-    warmup: Annotated[
-        float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")
-    ] = 0.05,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.")] = 0.0,
-    clip: Annotated[float, typer.Option("--clip", help="Gradient-norm clipping (0: off).")] = 1.0,
-    temperature: Annotated[
-        float,
-        typer.Option("--temperature", help="Softmax temperature of both distributions (the loss is scaled by T²)."),
-    ] = 1.0,
-    ce_weight: Annotated[
-        float, typer.Option("--ce-weight", help="Add this weight x next-token cross-entropy to the KL loss.")
-    ] = 0.0,
-    freeze_non_mla: Annotated[
-        bool, typer.Option("--freeze-non-mla", help="Train only the MLA attention modules.")
-    ] = False,
-    grad_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--grad-checkpointing",
-            help="Recompute decoder-layer activations in the backward pass (less memory, ~30% slower).",
-        ),
-    ] = False,
-    checkpoint_layers: Annotated[
-        int | None,
-        typer.Option(
-            "--checkpoint-layers",
-            help="Checkpoint only the first N decoder layers (implies --grad-checkpointing): trades memory for speed.",
-        ),
-    ] = None,
-    save_every: Annotated[
-        int, typer.Option("--save-every", help="Save a resumable state every N steps (0: never).")
-    ] = 1000,
-    eval_every: Annotated[
-        int | None,
-        typer.Option(
-            "--eval-every",
-            help="Validate every N steps (default: 3 times per run on GPU, once on CPU, plus start and end).",
-        ),
-    ] = None,
-    log_every: Annotated[
-        int | None,
-        typer.Option("--log-every", help="Write a metrics line every N steps (default: 1 on CPU, 10 on GPU)."),
-    ] = None,
-    val_tokens: Annotated[
-        str | None, typer.Option("--val-tokens", help="Held-out validation tokens (default: 4k on CPU, 64k on GPU).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the unfinished run of the same output from its last saved state.")
-    ] = False,
-    fsdp: Annotated[
-        bool,
-        typer.Option(
-            "--fsdp", help="Under torchrun: shard student and teacher (FSDP2) instead of replicating them (DDP)."
-        ),
-    ] = False,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the decoder layers and the loss (GPU).")
-    ] = False,
-    precision: Annotated[
-        str,
-        typer.Option("--precision", help="auto (bf16 autocast over fp32 weights on GPU, fp32 on CPU), bf16 or fp32."),
-    ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order (and of teacher sampling).")] = 0,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Output checkpoint directory (default: <ckpt>-distill beside the input)."),
-    ] = None,
+    ckpt: CkptArg,
+    tokens: TokensOpt = None,
+    steps: StepsOpt = None,
+    teacher: TeacherOpt = None,
+    data: DataOpt = "auto",
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchSizeOpt = 8,
+    micro_batch: MicroBatchOpt = None,
+    lr: LrOpt = None,
+    warmup: WarmupOpt = 0.05,
+    weight_decay: WeightDecayOpt = 0.0,
+    clip: ClipOpt = 1.0,
+    temperature: TemperatureOpt = 1.0,
+    ce_weight: CeWeightOpt = 0.0,
+    freeze_non_mla: FreezeNonMlaOpt = False,
+    grad_checkpointing: GradCheckpointingOpt = False,
+    checkpoint_layers: CheckpointLayersOpt = None,
+    save_every: SaveEveryOpt = 1000,
+    eval_every: EvalEveryOpt = None,
+    log_every: LogEveryOpt = None,
+    val_tokens: ValTokensOpt = None,
+    resume: ResumeOpt = False,
+    fsdp: FsdpOpt = False,
+    compile: CompileOpt = False,
+    precision: PrecisionOpt = "auto",
+    seed: SeedOpt = 0,
+    output: OutputOpt = None,
     device: DeviceOpt = "auto",
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing output, and discard an unfinished run's state.")
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the final metrics as JSON on stdout instead of the path.")
-    ] = False,
-    local: Annotated[bool, typer.Option("--local", help=LOCAL_HELP)] = False,
-    local_epochs: Annotated[
-        int, typer.Option("--local-epochs", help="With --local: passes over the tokens per layer.")
-    ] = 4,
-    local_inputs: Annotated[
-        str,
-        typer.Option(
-            "--local-inputs",
-            help="With --local: each layer's inputs are the teacher's hidden states ('teacher') or the "
-            "student's own, with the earlier layers already trained ('student').",
-        ),
-    ] = "teacher",
+    force: ForceOpt = False,
+    as_json: AsJsonOpt = False,
+    local: LocalOpt = False,
+    local_epochs: LocalEpochsOpt = 4,
+    local_inputs: LocalInputsOpt = "teacher",
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, or layer by layer (--local).
 
@@ -185,7 +207,9 @@ def distill_command(
         seed=seed,
     )
     if local:
-        layer_cfg = LocalConfig(epochs=local_epochs, lr=lr if lr is not None else 1e-3, micro_batch=micro_batch or 1, inputs=local_inputs)
+        layer_cfg = LocalConfig(
+            epochs=local_epochs, lr=lr if lr is not None else 1e-3, micro_batch=micro_batch or 1, inputs=local_inputs
+        )
         out, metrics = run_local_distill(read_arg(ckpt), cfg, layer_cfg, output=output, resume=resume, force=force)
     else:
         out, metrics = run_distill(read_arg(ckpt), cfg, output=output, resume=resume, force=force)
