@@ -32,8 +32,22 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
-	$(BIN)/python bench/decode_kernel.py --quick
+# Benchmarks print one JSON object (docs/benchmarks.md):
+#   make bench      CPU: end-to-end decode of the demo at 4x against the original (contexts 512/2K/8K x batch 1/4;
+#                   the 8K prefills take minutes)
+#   make bench-gpu  GPU: bench/gpu_check.py (kernel sweep, Llama-3.2-1B-shape decode, distillation), <= 9 minutes,
+#                   one JSON in bench/results/; plain python3 with torch, triton and transformers, no venv needed
+BENCH_CKPT ?= runs/bench-demo-r64
+
+$(BENCH_CKPT): | setup
+	$(BIN)/xecomla init-svd demo --kv-rank 64 --method deepseek -o $(BENCH_CKPT)
+
+bench: setup $(BENCH_CKPT)
+	$(BIN)/python bench/decode_e2e.py --mla $(BENCH_CKPT)
+
+.PHONY: bench-gpu
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf runs out .pytest_cache

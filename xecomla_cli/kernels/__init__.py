@@ -1,12 +1,16 @@
-"""MLA decode kernels: the Triton split-KV kernel, its PyTorch references, and the dispatcher the model calls.
+"""Absorbed MLA decode: the one dispatcher the model calls, and the backends it chooses from.
 
     mla_decode_auto(q_lat, q_rope, kv, k_rope, seq_lens, sm_scale, *,
-                    block_table=None, num_splits=None, return_lse=False) -> out | (out, lse)
+                    mask=None, block_table=None, num_splits=None, return_lse=False) -> out | (out, lse)
 
-Same arguments and result as :func:`xecomla_cli.kernels.mla_decode.mla_decode` (see its module
-docstring for shapes). It runs the Triton kernel on CUDA tensors when Triton is installed and the
-fp32 PyTorch reference otherwise; ``XECOMLA_DECODE_KERNEL=triton|reference`` forces either
-(``triton`` on CPU tensors runs the Triton interpreter, which is slow).
+Shapes and meaning in ``reference.py``. Backends (``decode_backend``):
+
+- ``triton``: the split-KV Triton kernel (``mla_decode.py``), for CUDA tensors when Triton is installed;
+- ``torch``: two batched GEMMs over the shared latent (``torch_decode.py``), everywhere else;
+- ``reference``: the exact fp32 PyTorch reference (``reference.py``), only when asked for.
+
+``XECOMLA_DECODE_KERNEL=triton|torch|reference`` forces one (``triton`` on CPU tensors runs the
+Triton interpreter, which is slow: for tests).
 """
 
 from __future__ import annotations
@@ -16,22 +20,24 @@ import os
 
 import torch
 
-from .reference import mla_decode_einsum, mla_decode_reference
+from .reference import mla_decode_reference
+from .torch_decode import mla_decode_torch
 
 ENV_VAR = "XECOMLA_DECODE_KERNEL"
+BACKENDS = ("triton", "torch", "reference")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-__all__ = ["mla_decode_auto", "mla_decode_reference", "mla_decode_einsum", "decode_backend", "ENV_VAR"]
+__all__ = ["mla_decode_auto", "mla_decode_reference", "mla_decode_torch", "decode_backend", "ENV_VAR", "BACKENDS"]
 
 
 def decode_backend(device: torch.device) -> str:
-    """'triton' or 'reference': the implementation mla_decode_auto uses for tensors on `device`."""
+    """'triton', 'torch' or 'reference': the implementation mla_decode_auto uses for tensors on `device`."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced in ("triton", "reference"):
+    if forced in BACKENDS:
         return forced
     if forced:
-        raise ValueError(f"{ENV_VAR}={forced!r}: use 'triton' or 'reference' (or leave it unset)")
-    has_triton = importlib.util.find_spec("triton") is not None
-    return "triton" if device.type == "cuda" and has_triton else "reference"
+        raise ValueError(f"{ENV_VAR}={forced!r}: use one of {', '.join(BACKENDS)} (or leave it unset)")
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
 
 
 def mla_decode_auto(
@@ -39,17 +45,31 @@ def mla_decode_auto(
     q_rope: torch.Tensor,
     kv: torch.Tensor,
     k_rope: torch.Tensor,
-    seq_lens: torch.Tensor,
+    seq_lens: torch.Tensor | None,
     sm_scale: float,
     *,
+    mask: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     num_splits: int | None = None,
     return_lse: bool = False,
 ):
-    """Absorbed MLA decode on the best backend for q_lat's device: out [B, H, r] (and lse [B, H])."""
-    if decode_backend(q_lat.device) == "triton":
+    """Absorbed MLA decode on the backend for q_lat's device: out [B, H, r] (and lse [B, H] fp32)."""
+    backend = decode_backend(q_lat.device)
+    if backend == "triton":
         from .mla_decode import mla_decode as impl
+    elif backend == "torch":
+        impl = mla_decode_torch
     else:
         impl = mla_decode_reference
-    return impl(q_lat, q_rope, kv, k_rope, seq_lens, sm_scale,
-                block_table=block_table, num_splits=num_splits, return_lse=return_lse)
+    return impl(
+        q_lat,
+        q_rope,
+        kv,
+        k_rope,
+        seq_lens,
+        sm_scale,
+        mask=mask,
+        block_table=block_table,
+        num_splits=num_splits,
+        return_lse=return_lse,
+    )

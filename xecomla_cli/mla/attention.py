@@ -9,15 +9,21 @@ Per token x (hidden d), with H heads of value dim h, n no-RoPE and p RoPE query/
     [k_nope ; v] = W_ukv c                    (H, n + h)   per head, up-projection
     k            = [k_nope | RoPE(k_rope)]    the RoPE key is shared by all heads
 
-Only ``c`` and ``RoPE(k_rope)`` are cached: r + p values per token per layer. They are stored
-in the model's ordinary ``DynamicCache`` (as that layer's "keys" and "values").
+Only ``c`` and ``RoPE(k_rope)`` are cached: r + p values per token per layer, as that layer's
+"keys" and "values" in the model's ordinary transformers cache. Where that cache would give the
+layer a plain ``DynamicLayer`` (which copies itself at every step), the layer's slot gets a
+``GrowingLayer`` instead: preallocated, written in place (``cache.py``).
 
 Prefill and training expand K/V and use the model's attention backend (SDPA, eager…).
-Decoding uses the absorbed form, which never expands the cache:
+Decoding (one new token, with a cache) uses the absorbed form, which never expands the cache:
+all H heads attend over the one shared row [c, k_rope] per token, like the queries of MQA:
 
     q_lat = q_nope · W_uk                     (H, r)
     o_lat = softmax(scale · (q_lat · cᵀ + q_rope · k_ropeᵀ)) · c
     o     = o_lat · W_uvᵀ                     (H, h)
+
+The middle line is ``kernels.mla_decode_auto``: the Triton kernel on CUDA, two batched GEMMs elsewhere.
+Where it is cheaper, W_uv is folded into ``o_proj`` once per weights (``decode.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .cache import static_seq_lens, use_growing_layer
+from .decode import OutputAbsorption, latent_attention, output_absorption_pays, up_project
 from .rope import apply_rope, rope_cos_sin
 from .spec import attention_shape
 
@@ -92,6 +100,9 @@ class MLAAttention(nn.Module):
         # Per-layer RoPE frequencies of the p RoPE dims (rotate-half pairs), saved with the weights.
         self.register_buffer("rope_inv_freq", torch.zeros(rope_dim // 2), persistent=True)
         self.rope_attention_scaling = 1.0
+        # decoding folds W_uv into o_proj when that reads fewer weights (decode.py)
+        self.absorb_output = output_absorption_pays(d, h, kv_rank)
+        self.output_absorption = OutputAbsorption()
 
     def _apply(self, fn, recurse=True):
         # Keep the RoPE frequencies in fp32 whatever the module dtype: a bf16 frequency is off
@@ -145,18 +156,24 @@ class MLAAttention(nn.Module):
         if position_ids is None:
             position_ids = self._default_positions(B, T, past_key_values, hidden_states.device)
         cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling, q.dtype)
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, p)
+        # RoPE on the H query heads and the shared key in one go: (B, H + 1, T, p)
+        q_rope, k_rope = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1), cos, sin).split([H, 1], dim=1)
         c = c.unsqueeze(1)  # (B, 1, T, r)
 
+        seq_lens = None
         if past_key_values is not None:
             # The latent cache: r + p values per token, in the layer's ordinary cache slots.
-            c, k_rope = past_key_values.update(c, k_rope, self.layer_idx)
+            use_growing_layer(past_key_values, self.layer_idx)
+            c, k_rope = past_key_values.update(c, k_rope, self.layer_idx)  # (B, 1, L, r), (B, 1, L, p)
+            seq_lens = static_seq_lens(past_key_values, self.layer_idx, B)  # a static cache: rows in use
+            if self.absorb_output and not self.training:  # W_ol made eagerly at prefill, not in a compiled step
+                self.output_absorption(self)
 
         if past_key_values is not None and T == 1 and not self.training:
-            out = self.absorbed_decode(q_nope, q_rope, c, k_rope, attention_mask)  # (B, H, 1, h)
-            attn_weights = None
-            out = out.transpose(1, 2)
+            o_lat = latent_attention(self, q_nope, q_rope, c, k_rope, attention_mask, seq_lens)  # (B, H, r)
+            if self.absorb_output:  # o = W_ol · o_lat + b_ol
+                return nn.functional.linear(o_lat.reshape(B, 1, -1), *self.output_absorption(self)), None
+            out, attn_weights = up_project(self, o_lat).unsqueeze(1), None  # (B, 1, H, h)
         else:
             out, attn_weights = self.expanded_attention(q_nope, q_rope, c, k_rope, attention_mask, **kwargs)
         out = out.reshape(B, T, H * self.head_dim)
@@ -188,18 +205,13 @@ class MLAAttention(nn.Module):
             **kwargs,
         )
 
-    def absorbed_decode(self, q_nope, q_rope, c, k_rope, attention_mask):
-        """Decode path over the latent cache; returns (B, H, T, h). See module docstring."""
-        from .decode import latent_attention
+    def absorbed_decode(self, q_nope, q_rope, c, k_rope, attention_mask, seq_lens=None):
+        """One new token over the latent cache, never expanded: per-head outputs (B, H, 1, h), before o_proj.
 
-        w_uk, w_uv = self.up_weights()
-        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        o_lat = latent_attention(q_lat, q_rope, c, k_rope, attention_mask, self.scaling)  # (B, H, T, r)
-        out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, H, T, h)
-        if self.kv_b_proj.bias is not None:  # the V bias passes through softmax unchanged
-            b_v = self.kv_b_proj.bias.view(self.num_heads, -1)[:, self.nope_dim :]
-            out = out + b_v[None, :, None, :]
-        return out
+        Shapes as in ``decode.latent_attention``. See the module docstring.
+        """
+        o_lat = latent_attention(self, q_nope, q_rope, c, k_rope, attention_mask, seq_lens)  # (B, H, r)
+        return up_project(self, o_lat).unsqueeze(2)
 
     @staticmethod
     def _default_positions(B, T, cache, device):
