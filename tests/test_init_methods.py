@@ -42,7 +42,7 @@ def calib(seed=0, B=4, T=48):
 def test_parse_method():
     assert parse_method("paper").is_paper
     assert parse_method("best") == MethodConfig("rot", "complex", True, True)
-    assert parse_method("mha2mla") == MethodConfig(pairs="qk")
+    assert parse_method("mha2mla") == MethodConfig(pairs="qk", group_rope=True)  # per-KV-head RoPE keys (MHA2MLA)
     assert parse_method("complex").pairs == "rot"  # a per-frequency shared key needs whole pairs
     assert parse_method("qk-pairs+rorope") == MethodConfig("qk", "rorope")
     assert parse_method("best+refit").refit

@@ -110,6 +110,11 @@ class LayerStats:
         """E||k_{g,j}|| (G, h/2)."""
         return self.k_norm / self.n
 
+    def heads(self, s: int, S: int) -> LayerStats:
+        """The statistics of the s-th of S equal slices of the query and KV heads (same inputs)."""
+        H, G = self.q_norm.shape[0] // S, self.k_norm.shape[0] // S
+        return LayerStats(self.n, self.xx, self.q_norm[s * H : (s + 1) * H], self.k_norm[s * G : (s + 1) * G])
+
 
 def pair_norms(y: torch.Tensor, heads: int) -> torch.Tensor:
     """(N, heads·h) -> (heads, h/2): Σ over tokens of the norm of each rotate-half pair (j, j+h/2)."""
@@ -181,6 +186,22 @@ class LayerRunner:
         layer = self.layers[i]
         for c in self.chunks:
             c["h"] = layer(c["h"], attention_mask=c["mask"], position_ids=c["pos"], position_embeddings=c["emb"])
+
+
+@torch.no_grad()
+def calibration_loss(model, input_ids: torch.Tensor, tokens: int | None = None, micro_batch: int = MICRO_BATCH):
+    """Mean next-token cross-entropy of ``model`` on the first blocks of ``input_ids`` (B, T)
+    holding at least ``tokens`` tokens (all of them when None)."""
+    device = next(model.parameters()).device
+    B = input_ids.shape[0] if tokens is None else min(input_ids.shape[0], -(-tokens // input_ids.shape[1]))
+    total, count = 0.0, 0
+    for b in range(0, B, micro_batch):
+        ids = input_ids[b : min(b + micro_batch, B)].to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
+        target = ids[:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+        count += target.numel()
+    return total / count
 
 
 def collect_stats(

@@ -43,6 +43,15 @@ class AttentionWeights:
             f(attn.o_proj.bias),
         )
 
+    def heads(self, s: int, S: int) -> AttentionWeights:
+        """The rows of the s-th of S equal slices of the query and KV heads (W_o whole)."""
+
+        def rows(t):
+            return None if t is None else t[s * (t.shape[0] // S) : (s + 1) * (t.shape[0] // S)]
+
+        w = self
+        return AttentionWeights(rows(w.wq), rows(w.wk), rows(w.wv), w.wo, rows(w.bq), rows(w.bk), rows(w.bv), w.bo)
+
 
 @dataclass
 class RopePlan:

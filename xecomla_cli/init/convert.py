@@ -8,6 +8,7 @@ original model over the calibration tokens collects each converted layer's stati
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -16,12 +17,15 @@ from ..mla.attention import MLAAttention
 from ..mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from ..mla.spec import MLASpec
 from .calibrated import layer_energy, method_state_dict, refit_output
-from .calibration import LayerRunner, LayerStats
+from .calibration import LayerRunner, LayerStats, calibration_loss
 from .common import AttentionWeights
 from .latent import budget_ranks
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict
-from .rope_pairs import layer_plan
+from .rope_pairs import layer_plans, merged_plan
+from .transmla import search_freqfold, transmla_energy, transmla_state_dict
+
+FREQFOLD_SEARCH_TOKENS = 2048  # calibration tokens scored per fold tried (a full model forward each)
 
 
 def convert_layer(
@@ -33,17 +37,22 @@ def convert_layer(
     cfg = parse_method(method) if isinstance(method, str) else method
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
-    plan = layer_plan(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
-    if cfg.is_paper:
-        sd = paper_state_dict(w, spec, layer, plan, spec.options.get("kv_svd_rows", "all"))
+    if cfg.freqfold is not None:
+        sd, plan = transmla_state_dict(model, w, spec, layer, cfg, stats)
     else:
-        sd = method_state_dict(w, spec, layer, plan, cfg, stats)
+        plans = layer_plans(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
+        plan = merged_plan(plans)
+        if cfg.is_paper:
+            sd = paper_state_dict(w, spec, layer, plan, spec.options.get("kv_svd_rows", "all"))
+        else:
+            sd = method_state_dict(w, spec, layer, plans, cfg, stats)
+        if cfg.pairs is not None:
+            pairs = [pl.rope_idx[: pl.rope_idx.numel() // 2].tolist() for pl in plans]
+            spec.options.setdefault("rope_pairs", {})[str(layer)] = pairs[0] if len(pairs) == 1 else pairs
     new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
     spec.options["rope_attention_scaling"] = plan.attention_scaling
-    if cfg.pairs is not None:
-        spec.options.setdefault("rope_pairs", {})[str(layer)] = plan.rope_idx[: spec.rope_dim // 2].tolist()
     new.train(old.training)
     return new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype)
 
@@ -58,9 +67,10 @@ def convert_model(
     """Replace every converted layer's attention by its MLA, in place.
 
     A data-aware ``method`` calibrates on ``calib_ids`` (B, T) first (and, for ``refit``, keeps
-    each layer's attention inputs in fp16); with ``budget`` the spec's ranks are replaced by the
-    budgeted per-layer ranks. ``progress(i)`` is called after each calibrated and each converted
-    layer (``calibration_steps`` + converted layers in all).
+    each layer's attention inputs in fp16); ``freqfold`` without a fold searches it (TransMLA's
+    ``--freqfold auto``, recorded in ``spec.options``); with ``budget`` the spec's ranks are
+    replaced by the budgeted per-layer ranks. ``progress(i)`` is called after each calibrated and
+    each converted layer (``calibration_steps`` + converted layers in all).
     """
     cfg = parse_method(method) if isinstance(method, str) else method
     layers = spec.converted_layers
@@ -80,6 +90,14 @@ def convert_model(
             if i < max(layers):
                 runner.advance(i)
             tick(i)
+    if cfg.freqfold == 0:
+        fold, tried = search_freqfold(
+            spec,
+            lambda full, fold: swap_layers(model, full, replace(cfg, freqfold=fold), stats),
+            lambda: calibration_loss(model, calib_ids, FREQFOLD_SEARCH_TOKENS),
+        )
+        spec.options["freqfold"] = {"fold": fold, "calibration_loss": tried}
+        cfg = replace(cfg, freqfold=fold)
     if cfg.budget:
         apply_budget(model, spec, cfg, stats)
     for i in layers:
@@ -91,6 +109,20 @@ def convert_model(
         tick(i)
 
 
+def swap_layers(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> Callable[[], None]:
+    """Convert every layer of ``spec`` in place; returns the function that puts the originals back."""
+    layers = decoder_layers(model)
+    originals = {i: layers[i].self_attn for i in spec.converted_layers}
+    for i in spec.converted_layers:
+        layers[i].self_attn = convert_layer(model, spec, i, cfg, stats[i])
+
+    def undo() -> None:
+        for i, attn in originals.items():
+            layers[i].self_attn = attn
+
+    return undo
+
+
 def apply_budget(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> None:
     """Replace the spec's ranks by per-layer ranks with the same total (``budget``)."""
     layers = spec.converted_layers
@@ -98,7 +130,10 @@ def apply_budget(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, Layer
     energies = {}
     for i in layers:
         w = AttentionWeights.of(decoder_layers(model)[i].self_attn)
-        energies[i] = layer_energy(w, spec, layer_plan(model, spec, cfg, stats[i], context), cfg, stats[i])
+        if cfg.freqfold is not None:
+            energies[i] = transmla_energy(w, spec, cfg, stats[i])
+        else:
+            energies[i] = layer_energy(w, spec, layer_plans(model, spec, cfg, stats[i], context), cfg, stats[i])
     rank = budget_rank(spec)
     ranks = budget_ranks(energies, rank, max_rank=min(spec.hidden_size, energies[layers[0]].numel()))
     for i in layers:

@@ -1,5 +1,6 @@
 """The KV latent of the data-aware methods: activation-aware low rank (``whiten``) over the rows
-that are kept, and per-layer ranks under a total budget (``budget``)."""
+that are kept, balanced between K and V (``bkv``), and per-layer ranks under a total budget
+(``budget``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,43 @@ def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
     wk = nope_rows(w.wk.view(G, h, -1), plan)
     wv = w.wv.view(G, h, -1)
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
+
+
+def sliced_kv_rows(w, plans, G: int, h: int) -> torch.Tensor:
+    """``kv_rows_kept`` of every RoPE slice (each with its own no-RoPE dims), in KV head order."""
+    S = len(plans)
+    if S == 1:
+        return kv_rows_kept(w, plans[0], G, h)
+    return torch.cat([kv_rows_kept(w.heads(s, S), plan, G // S, h) for s, plan in enumerate(plans)])
+
+
+def sliced_kv_biases(w, plans, G: int, h: int) -> torch.Tensor | None:
+    """The biases of ``sliced_kv_rows`` (G·(n+h),), or None for a model without biases."""
+    if w.bk is None:
+        return None
+    S = len(plans)
+    bk = torch.cat([w.bk.view(G, h)[s * G // S : (s + 1) * G // S, plan.nope_idx] for s, plan in enumerate(plans)])
+    return torch.cat([bk, w.bv.view(G, h)], dim=1).reshape(-1)
+
+
+def kv_balance(k_rows: torch.Tensor, v_rows: torch.Tensor, C: torch.Tensor) -> float:
+    """BKV-PCA's α: the mean over K output columns of their L2 norm on the calibration tokens, over
+    the same mean for the V columns (TransMLA's ``balance_kv_ratio`` 1). Rows (·, c), metric C (c, c)."""
+
+    def mean_norm(rows):
+        rows = rows.double()
+        return torch.einsum("ic,cd,id->i", rows, C.double(), rows).clamp_min(0).sqrt().mean()
+
+    return float(mean_norm(k_rows) / mean_norm(v_rows).clamp_min(1e-30))
+
+
+def balanced_factors(W: torch.Tensor, k_mask: torch.Tensor, C: torch.Tensor | None, rank: int, alpha: float):
+    """``whitened_factors`` of W with its K rows (``k_mask``) divided by α, the up-projection's K rows
+    multiplied back: minimises E||K − K̂||²/α² + E||V − V̂||² (α = 1: plain ``whiten``)."""
+    scale = torch.ones(W.shape[0], dtype=torch.float64)
+    scale[k_mask] = 1 / alpha
+    up, down, evals = whitened_factors(scale[:, None] * W.double(), C, rank)
+    return (up.double() / scale[:, None]).float(), down, evals
 
 
 def whitened_factors(W: torch.Tensor, C: torch.Tensor | None, rank: int):

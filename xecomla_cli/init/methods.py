@@ -37,6 +37,28 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 * ``budget``: per-layer ranks under the total budget Σ_i r_i = L·r (multiples of 8, at least
   8), greedily giving each next block of 8 to the layer whose block of eigenvalues of W C Wᵀ
   removes the largest fraction of that layer's output energy.
+* ``uniform-pairs`` (MHA2MLA's uniform strategy): RoPE on the pairs 0, s, 2s, … (s = ⌊h/p⌋), at
+  their original frequencies. (MHA2MLA's high-frequency strategy is ``fast-pairs``.)
+* ``group-rope`` (per-group RoPE slices; TransMLA's observation that MLA represents GQA exactly):
+  the RoPE key is split into G slices of p_g = p/G dims, one per KV group, and query head h reads
+  only its group's slice (the rest of its p RoPE query dims start at zero). Each group keeps its
+  own key rows on its own p_g/2 pairs (chosen per group), so no shared-key fit is needed; each head
+  keeps n = h − p_g no-RoPE dims. The cache holds r + G·p_g values; at p_g = h (every pair) and
+  full rank the layer is the original GQA layer. MHA2MLA's partial RoPE keeps such a per-KV-head
+  RoPE key, so ``mha2mla`` uses it.
+* ``freqfold[-N]`` (TransMLA's RoRoPE + FreqFold; ``init.freqfold``): with p = h/c (c the
+  "collapse"), the P = h/2 pairs are cut into P/N groups of N neighbouring frequencies (N a
+  multiple of c). Per group, a real PCA of the G·N complex key channels (uncentred second moment
+  of the keys, real and imaginary parts as samples) rotates them; the top N/c rotated channels keep
+  RoPE, slot t at the original frequency θ_{c·t} (folding treats a group's frequencies as one),
+  and the queries take the rotation's rows; every other rotated channel becomes a no-RoPE key in
+  the latent, which TransMLA keeps in the original head basis (n = h). ``freqfold`` alone searches
+  N = c, 2c, 4c, … while the calibration perplexity of the full-rank conversion improves, as
+  TransMLA's ``--freqfold auto``. N = c = 1 is RoRoPE per frequency with no folding.
+* ``bkv`` (TransMLA's BKV-PCA): ``whiten`` with the K rows scaled by 1/α first, α = the mean L2
+  norm of the K (no-RoPE) output columns over that of the V columns on the calibration tokens, and
+  the up-projection's K rows by α: the PCA then weighs the K and V reconstruction errors equally,
+  E||K − K̂||²/α² + E||V − V̂||².
 * ``drop``: with RoPE on chosen pairs, the pairs left without a RoPE slot keep their score term
   unrotated, Re(conj(q)·k) instead of Re(conj(q)·k·e^{iθΔ}). For a term of random phase that costs
   E|q·k|²(1 − E cos θΔ) in mean square, while dropping it (zero query and key rows, and no
@@ -47,22 +69,26 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 
 Statistics are those of the original model (one calibration pass, layer by layer).
 
-Presets: ``mha2mla`` = qk-pairs, ``rorope`` = rot-pairs+rorope, ``complex`` = rot-pairs+complex,
+Presets: ``mha2mla`` = qk-pairs+group-rope (MHA2MLA: 2-norm partial RoPE per KV head, joint SVD
+of [K_nope; V]), ``transmla`` = freqfold+bkv (TransMLA), ``rorope`` = rot-pairs+rorope, ``complex`` = rot-pairs+complex,
 ``whiten`` = paper RoPE + whiten, ``best`` = rot-pairs+complex+whiten+budget, ``deepseek`` =
 fast-pairs+complex+whiten (the best that ``export`` can write in the DeepSeek-V3 layout).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import XecomlaError
 
-COMPONENTS = ("qk-pairs", "rot-pairs", "fast-pairs", "rorope", "complex", "drop", "whiten", "budget", "refit")
+PAIRS = ("qk-pairs", "rot-pairs", "fast-pairs", "uniform-pairs")
+COMPONENTS = (*PAIRS, "rorope", "complex", "group-rope", "freqfold", "drop", "whiten", "bkv", "budget", "refit")
 
 
 PRESETS = {
-    "mha2mla": "qk-pairs",
+    "mha2mla": "qk-pairs+group-rope",
+    "transmla": "freqfold+bkv",
     "rorope": "rot-pairs+rorope",
     "complex": "rot-pairs+complex",
     "whiten": "whiten",
@@ -81,16 +107,35 @@ RANK_MULTIPLE = 8
 class MethodConfig:
     """What a ``--method`` string asks for."""
 
-    pairs: str | None = None  # None (paper: last p dims, fresh frequencies), "qk", "rot" or "fast"
+    pairs: str | None = None  # None (paper: last p dims, fresh frequencies), "qk", "rot", "fast" or "uniform"
     key: str = "mean"  # shared RoPE key: "mean" of heads, "rorope" or "complex"
     whiten: bool = False
     budget: bool = False
     refit: bool = False  # least-squares refit of o_proj to the original attention output
     drop: bool = False  # drop the score terms of fast-turning pairs that get no RoPE slot
+    group_rope: bool = False  # one RoPE key slice per KV group
+    freqfold: int | None = None  # TransMLA's RoRoPE + FreqFold over all pairs: the fold N (0: search)
+    balance: bool = False  # BKV-PCA: K and V balanced before the latent's PCA
 
     @property
     def is_paper(self) -> bool:
         return self == MethodConfig()
+
+
+def split_components(text: str) -> list[str]:
+    """'best+refit' -> its components, presets expanded; one clear error for an unknown name."""
+    parts = [
+        c
+        for part in text.split("+")
+        for c in (PRESETS[part].split("+") if part in PRESETS and part not in COMPONENTS else [part])
+    ]
+    bad = [p for p in parts if p not in COMPONENTS and not re.fullmatch(r"freqfold-[1-9][0-9]*", p)]
+    if bad or not parts:
+        raise XecomlaError(
+            f"unknown --method '{text}': use paper, {', '.join(PRESETS)}, or components joined by '+' "
+            f"({', '.join(COMPONENTS)}, freqfold-N), e.g. rot-pairs+complex+whiten"
+        )
+    return parts
 
 
 def parse_method(text: str) -> MethodConfig:
@@ -98,25 +143,28 @@ def parse_method(text: str) -> MethodConfig:
     text = text.strip().lower()
     if text == "paper":
         return MethodConfig()
-    parts = [
-        c
-        for part in text.split("+")
-        for c in (PRESETS[part].split("+") if part in PRESETS and part not in COMPONENTS else [part])
-    ]
-    bad = [p for p in parts if p not in COMPONENTS]
-    if bad or not parts:
-        raise XecomlaError(
-            f"unknown --method '{text}': use paper, {', '.join(PRESETS)}, or components joined by '+' "
-            f"({', '.join(COMPONENTS)}), e.g. rot-pairs+complex+whiten"
-        )
-    if sum(c in parts for c in ("qk-pairs", "rot-pairs", "fast-pairs")) > 1:
-        raise XecomlaError("--method: choose one of qk-pairs, rot-pairs and fast-pairs")
+    parts = split_components(text)
+    fold = next((0 if c == "freqfold" else int(c[len("freqfold-") :]) for c in parts if c.startswith("freqfold")), None)
+    if sum(c in parts for c in PAIRS) > 1:
+        raise XecomlaError(f"--method: choose one of {', '.join(PAIRS)}")
     if "rorope" in parts and "complex" in parts:
         raise XecomlaError("--method: choose one of rorope and complex")
+    if fold is not None and any(c in parts for c in (*PAIRS, "rorope", "complex", "group-rope", "drop")):
+        raise XecomlaError(
+            "--method freqfold rotates every frequency pair (TransMLA): combine it only with whiten, bkv, budget, refit"
+        )
     key = "rorope" if "rorope" in parts else "complex" if "complex" in parts else "mean"
-    pairs = next((c[: -len("-pairs")] for c in ("qk-pairs", "rot-pairs", "fast-pairs") if c in parts), None)
-    if key != "mean" and pairs is None:
-        pairs = "rot"  # a shared key per frequency needs the original pairs
-    if "drop" in parts and pairs is None:
-        pairs = "rot"
-    return MethodConfig(pairs, key, "whiten" in parts, "budget" in parts, "refit" in parts, "drop" in parts)
+    pairs = next((c[: -len("-pairs")] for c in PAIRS if c in parts), None)
+    if pairs is None and fold is None and (key != "mean" or "drop" in parts or "group-rope" in parts):
+        pairs = "rot"  # a per-frequency key, dropped pairs or per-group slices need the original pairs
+    return MethodConfig(
+        pairs,
+        key,
+        whiten="whiten" in parts or "bkv" in parts,
+        budget="budget" in parts,
+        refit="refit" in parts,
+        drop="drop" in parts,
+        group_rope="group-rope" in parts,
+        freqfold=fold,
+        balance="bkv" in parts,
+    )

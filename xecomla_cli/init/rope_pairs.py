@@ -1,5 +1,6 @@
 """Which original frequency pairs keep RoPE in the MLA (``qk-pairs``, ``rot-pairs``, ``fast-pairs``,
-``drop``; see ``init.methods``). A pair j of a head is dims (j, j + h/2) in rotate-half layout."""
+``uniform-pairs``, ``drop``; per KV group with ``group-rope``; see ``init.methods``). A pair j of
+a head is dims (j, j + h/2) in rotate-half layout."""
 
 from __future__ import annotations
 
@@ -52,19 +53,54 @@ def drop_pairs(inv_freq: torch.Tensor, context: int = ROPE_CONTEXT) -> torch.Ten
     return torch.cos(inv_freq.double()[:, None] * delta).mean(1) < 0.5
 
 
+def uniform_pairs(head_dim: int, rope_dim: int) -> torch.Tensor:
+    """MHA2MLA's uniform strategy: pairs 0, s, 2s, … (p/2 of them), s = ⌊h/p⌋."""
+    return torch.arange(0, head_dim // 2, max(head_dim // rope_dim, 1))[: rope_dim // 2]
+
+
 def layer_plan(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
     """The RoPE plan of one layer for ``cfg`` (paper plan when no pair selection)."""
+    return slice_plan(model.config, spec, cfg, stats, spec.num_heads, spec.num_kv_heads, spec.rope_dim, context)
+
+
+def layer_plans(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
+    """One RoPE plan per RoPE key slice (``spec.rope_groups`` of them; one for a shared key).
+
+    Slice s serves KV heads s·G/S … (s+1)·G/S − 1 and their query heads; its p_g/2 pairs are chosen
+    from those heads' statistics alone."""
+    S = spec.rope_groups
+    if S == 1:
+        return [layer_plan(model, spec, cfg, stats, context)]
+    H, G = spec.num_heads // S, spec.num_kv_heads // S
+    p = spec.group_rope_dim
+    return [
+        slice_plan(model.config, spec, cfg, None if stats is None else stats.heads(s, S), H, G, p, context)
+        for s in range(S)
+    ]
+
+
+def slice_plan(config, spec: MLASpec, cfg: MethodConfig, stats, H: int, G: int, p: int, context: int) -> RopePlan:
+    """The RoPE plan of p dims for H query heads over G KV heads (with these heads' ``stats``)."""
     if cfg.pairs is None:
-        return paper_rope_plan(model.config, spec.head_dim, spec.rope_dim)
-    inv_freq, scaling = model_inv_freq(model.config, spec.head_dim)
+        return paper_rope_plan(config, spec.head_dim, p)
+    inv_freq, scaling = model_inv_freq(config, spec.head_dim)
     if cfg.pairs == "fast":  # the same p/2 fastest pairs in every layer: DeepSeek-V3's RoPE at theta^(p/h)
-        pairs = torch.arange(spec.rope_dim // 2)
+        pairs = torch.arange(p // 2)
+    elif cfg.pairs == "uniform":
+        pairs = uniform_pairs(spec.head_dim, p)
     else:
-        scores = pair_scores(
-            stats, spec.num_heads, spec.num_kv_heads, inv_freq if cfg.pairs == "rot" else None, context
-        )
-        pairs = select_pairs(scores, spec.rope_dim)
+        scores = pair_scores(stats, H, G, inv_freq if cfg.pairs == "rot" else None, context)
+        pairs = select_pairs(scores, p)
     plan = pair_plan(pairs, spec.head_dim, inv_freq, scaling)
     if cfg.drop:
         plan.drop = drop_pairs(inv_freq, context)[plan.nope_idx % (spec.head_dim // 2)]
     return plan
+
+
+def merged_plan(plans: list[RopePlan]) -> RopePlan:
+    """The slices' plans as one: the p/2 frequencies in slice order (``slice_layout``'s order)."""
+    if len(plans) == 1:
+        return plans[0]
+    p = plans[0]
+    inv_freq = torch.cat([pl.inv_freq for pl in plans])
+    return RopePlan(p.rope_idx, p.nope_idx, inv_freq, p.attention_scaling)

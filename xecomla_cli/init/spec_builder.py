@@ -18,8 +18,22 @@ def max_kv_rank(spec: MLASpec) -> int:
 
 def validate_spec(spec: MLASpec) -> None:
     """One clear error for each impossible option."""
-    h, p = spec.head_dim, spec.rope_dim
-    if p <= 0 or p % 2 or p >= h:
+    h, p, S, G = spec.head_dim, spec.rope_dim, spec.rope_groups, spec.num_kv_heads
+    if S < 1 or G % S:
+        raise XecomlaError(f"{S} RoPE key slices do not divide the {G} KV heads: use one per KV group, or one key")
+    if spec.qk_nope_dim is not None:  # TransMLA: n = h, RoPE on p = h/c rotated channels
+        if p <= 0 or p % 2 or h % p or (h // 2) % (h // p):
+            raise XecomlaError(
+                f"--rope-dim {p} is invalid for --method transmla: it must divide the head dim {h} "
+                f"(p = h/c with c dividing h/2), e.g. {h // 2} or {h // 4}"
+            )
+    elif S > 1:
+        if p <= 0 or p % (2 * S) or p // S > h:
+            raise XecomlaError(
+                f"--rope-dim {p} is invalid with group-rope: it must be a positive multiple of 2·{S} = {2 * S} "
+                f"(one slice of whole pairs per KV group) and at most {S}·{h}, e.g. {rope_dim_default(h, S)}"
+            )
+    elif p <= 0 or p % 2 or p >= h:
         raise XecomlaError(f"--rope-dim {p} is invalid: it must be even, positive and below the head dim {h}")
     if not spec.converted_layers:
         raise XecomlaError("no layer to convert: --layers selected none")
@@ -37,6 +51,21 @@ def validate_spec(spec: MLASpec) -> None:
         )
 
 
+def rope_dim_default(head_dim: int, slices: int) -> int:
+    """The default p: h/2 for one shared key; with S slices the largest multiple of 2S up to h/2."""
+    return head_dim // 2 // (2 * slices) * (2 * slices) or 2 * slices
+
+
+def validate_fold(fold: int, head_dim: int, rope_dim: int) -> None:
+    """freqfold-N: N must be a multiple of the collapse c = h/p and divide h/2."""
+    c = head_dim // rope_dim
+    if fold % c or (head_dim // 2) % fold:
+        raise XecomlaError(
+            f"--method freqfold-{fold}: the fold must be a multiple of h/p = {c} that divides h/2 = {head_dim // 2} "
+            f"(e.g. freqfold-{2 * c if (head_dim // 2) % (2 * c) == 0 else c}), or plain freqfold to search it"
+        )
+
+
 def build_spec(
     config,
     *,
@@ -50,17 +79,20 @@ def build_spec(
     kv_rows: str = "all",
     singular_values: dict[int, torch.Tensor] | None = None,
 ) -> MLASpec:
-    """The spec for an init-svd run: fixed rank, or per-layer ranks from the energy rule."""
+    """The spec for an init-svd run: fixed rank, or per-layer ranks from the energy rule.
+
+    The method shapes the attention: ``group-rope`` splits the RoPE key into one slice per KV group,
+    ``freqfold`` (TransMLA) keeps all h query/key dims without RoPE (n = h)."""
     shape = attention_shape(config)
-    p = rope_dim if rope_dim is not None else shape["head_dim"] // 2
+    cfg = parse_method(method)  # one clear error for an unknown method
+    slices = shape["num_kv_heads"] if cfg.group_rope else 1
+    p = rope_dim if rope_dim is not None else rope_dim_default(shape["head_dim"], slices)
     L = shape["num_layers"]
     layers = list(range(L)) if layers is None else layers
     if (kv_rank is None) == (energy is None):
         raise XecomlaError("give exactly one of --kv-rank R or --energy δ")
     if energy is not None and not 0 < energy <= 1:
         raise XecomlaError(f"--energy {energy} is outside (0, 1]: e.g. --energy 0.95")
-    if method != "paper":
-        parse_method(method)  # one clear error for an unknown method
     ranks: list[int | None] = [None] * L
     for i in layers:
         ranks[i] = kv_rank if kv_rank is not None else rank_for_energy(singular_values[i], energy)
@@ -68,9 +100,19 @@ def build_spec(
     if energy is not None:
         options["energy"] = energy
     spec = MLASpec(
-        **shape, rope_dim=p, kv_ranks=ranks, q_rank=q_rank, latent_norm=latent_norm, method=method, options=options
+        **shape,
+        rope_dim=p,
+        kv_ranks=ranks,
+        q_rank=q_rank,
+        latent_norm=latent_norm,
+        method=method,
+        options=options,
+        rope_groups=slices,
+        qk_nope_dim=shape["head_dim"] if cfg.freqfold is not None else None,
     )
     validate_spec(spec)
+    if cfg.freqfold:
+        validate_fold(cfg.freqfold, spec.head_dim, spec.rope_dim)
     return spec
 
 

@@ -31,6 +31,7 @@ def new_mla_attention(config, spec: MLASpec, layer_idx: int, bias: bool, o_bias:
         latent_norm=spec.latent_norm,
         bias=bias,
         o_bias=o_bias,
+        nope_dim=spec.nope_dim,
     )
 
 

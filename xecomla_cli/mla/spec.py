@@ -18,6 +18,11 @@ class MLASpec:
 
     `kv_ranks[i]` is the latent rank r of layer i, or None where layer i keeps its original
     attention (hybrid). Every converted layer caches r + rope_dim values per token.
+
+    The RoPE key is one key of p dims shared by all heads (``rope_groups`` 1), or p = S·p_g
+    split into S slices (``rope_groups`` S, a divisor of G): query head h reads only the p_g dims
+    of its KV group's slice (its other RoPE query dims start at zero). Each head then has
+    n = h − p_g no-RoPE dims, unless ``qk_nope_dim`` sets n (TransMLA keeps n = h).
     """
 
     num_layers: int
@@ -31,12 +36,19 @@ class MLASpec:
     latent_norm: bool = False  # RMSNorm on the latent c (DeepSeek-V3 has one)
     method: str = "paper"  # how the weights were initialised
     options: dict[str, Any] = field(default_factory=dict)
+    rope_groups: int = 1  # S: RoPE key slices, one per S-th of the KV groups (1: one shared key)
+    qk_nope_dim: int | None = None  # n when it is not h − p/S
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
+    def group_rope_dim(self) -> int:
+        """p_g = p / S: the RoPE dims one query head reads (p with one shared key)."""
+        return self.rope_dim // self.rope_groups
+
+    @property
     def nope_dim(self) -> int:
-        """n = h - p: query/key dims without RoPE."""
-        return self.head_dim - self.rope_dim
+        """n: query/key dims without RoPE, h − p_g (h − p with one shared key) unless set."""
+        return self.head_dim - self.group_rope_dim if self.qk_nope_dim is None else self.qk_nope_dim
 
     @property
     def converted_layers(self) -> list[int]:
@@ -73,6 +85,9 @@ class MLASpec:
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for name, default in (("rope_groups", 1), ("qk_nope_dim", None)):  # written only when used
+            if d[name] == default:
+                del d[name]
         d["cache_values_per_token"] = {
             "per_layer": [self.values_per_token(i) for i in range(self.num_layers)],
             "total": self.values_per_token_total,

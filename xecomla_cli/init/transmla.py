@@ -1,0 +1,127 @@
+"""TransMLA's conversion (``--method transmla`` = freqfold+bkv; Meng et al., arXiv 2502.07864):
+one layer's MLA weights from RoRoPE + FreqFold (``init.freqfold``) and the latent over the
+residual keys and the values, and the search for the fold (``--freqfold auto``).
+
+Per layer (see ``init.freqfold`` for the notation):
+
+    q      = [W_q x (h, no RoPE) | q' (p, RoPE)]          per head, n = h
+    k      = [W_ukr c (h, no RoPE) | k' (p, RoPE, shared)]
+    c      = W_dkv x,  [W_ukr; W_uv] ≈ [R; W_v] as PCA of their outputs (``bkv``: R balanced to V)
+
+R = the residual key rows r_{g,·} of every KV head, V = W_v. The softmax scale stays h^-0.5
+(TransMLA writes (h + p)^-0.5 and scales its queries by sqrt((h + p)/h) instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..mla.rope import model_inv_freq
+from ..mla.spec import MLASpec
+from .calibration import LayerStats
+from .common import AttentionWeights, RopePlan, output_weights, query_weights
+from .freqfold import FoldedKeys, fold_candidates, freqfold_keys
+from .latent import balanced_factors, kv_balance, whitened_factors
+from .methods import MethodConfig
+
+
+def fold_layer(w: AttentionWeights, spec: MLASpec, stats: LayerStats, fold: int) -> FoldedKeys:
+    """RoRoPE + FreqFold of one layer's keys (bias as a last column when the model has biases)."""
+    wk, wq, C = w.wk, w.wq, stats.cov
+    if w.bk is not None:
+        wk, wq, C = torch.cat([wk, w.bk[:, None]], 1), torch.cat([wq, w.bq[:, None]], 1), stats.cov_aug
+    H, G, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    return freqfold_keys(wk, wq, C, H, G, h, spec.rope_dim, fold)
+
+
+def residual_kv_rows(w: AttentionWeights, f: FoldedKeys, G: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R_g; W_v,g] per KV head, stacked (G·2h, d), and the mask of its K rows."""
+    d = w.wv.shape[1]
+    W = torch.cat([f.k_resid[..., :d], w.wv.view(G, h, d)], dim=1).reshape(-1, d)
+    return W, (torch.arange(W.shape[0]) % (2 * h)) < h
+
+
+def bkv_alpha(w: AttentionWeights, f: FoldedKeys, stats: LayerStats) -> float:
+    """BKV-PCA's α over TransMLA's columns: the rotated no-RoPE key channels against the values."""
+    if w.bv is None:
+        return kv_balance(f.k_nope_channels, w.wv, stats.cov)
+    return kv_balance(f.k_nope_channels, torch.cat([w.wv, w.bv[:, None]], 1), stats.cov_aug)
+
+
+def transmla_state_dict(
+    model, w: AttentionWeights, spec: MLASpec, layer: int, cfg: MethodConfig, stats: LayerStats
+) -> tuple[dict[str, torch.Tensor], RopePlan]:
+    """TransMLA's MLA weights of one layer as an ``MLAAttention`` state dict, and its RoPE plan."""
+    H, G, h, p = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope_dim
+    r, d = spec.kv_ranks[layer], spec.hidden_size
+    f = fold_layer(w, spec, stats, cfg.freqfold)
+    bias = w.bk is not None
+    sd: dict[str, torch.Tensor] = {}
+
+    # Queries: all h original rows (read the residual keys, no RoPE) | p RoPE rows.
+    wq = torch.cat([w.wq.view(H, h, d), f.q_rope[..., :d]], dim=1).reshape(H * (h + p), d)
+    bq = torch.cat([w.bq.view(H, h), f.q_rope[..., -1]], dim=1).reshape(-1) if bias else None
+    query_weights(sd, wq, bq, spec.q_rank)
+
+    # Latent: PCA of the residual keys and the values (balanced with bkv), repeated to the H heads.
+    W, k_mask = residual_kv_rows(w, f, G, h)
+    C = stats.cov if cfg.whiten else None
+    if cfg.balance:
+        up, down, _ = balanced_factors(W, k_mask, C, r, bkv_alpha(w, f, stats))
+    else:
+        up, down, _ = whitened_factors(W, C, r)
+    sd["kv_b_proj.weight"] = up.view(G, 2 * h, r).repeat_interleave(H // G, dim=0).reshape(H * 2 * h, r)
+    sd["kv_a_proj_with_mqa.weight"] = torch.cat([down, f.k_rope[:, :d]])
+    if bias:
+        sd["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r), f.k_rope[:, -1]])
+        bkv = torch.cat([f.k_resid[..., -1], w.bv.view(G, h)], dim=1).repeat_interleave(H // G, dim=0)
+        sd["kv_b_proj.bias"] = bkv.reshape(-1)
+    inv_freq, scaling = model_inv_freq(model.config, h)
+    plan = RopePlan(torch.arange(0), torch.arange(h), inv_freq[f.slot_pairs].float(), scaling)
+    output_weights(sd, w, spec.latent_norm, r, plan)
+    return sd, plan
+
+
+def transmla_energy(w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
+    """Output-energy eigenvalues of a layer's latent rows (what ``budget`` allocates by)."""
+    f = fold_layer(w, spec, stats, cfg.freqfold)
+    W, k_mask = residual_kv_rows(w, f, spec.num_kv_heads, spec.head_dim)
+    alpha = bkv_alpha(w, f, stats) if cfg.balance else 1.0
+    return balanced_factors(W, k_mask, stats.cov if cfg.whiten else None, 0, alpha)[2]
+
+
+def full_rank_spec(spec: MLASpec) -> MLASpec:
+    """The spec at the largest useful latent rank: TransMLA's partial-RoPE model (no rank cut)."""
+    full = copy.deepcopy(spec)
+    rank = min(spec.hidden_size, 2 * spec.num_kv_heads * spec.head_dim)
+    full.kv_ranks = [None if r is None else rank for r in spec.kv_ranks]
+    return full
+
+
+def search_freqfold(
+    spec: MLASpec,
+    convert_all: Callable[[MLASpec, int], Callable[[], None]],
+    loss: Callable[[], float],
+) -> tuple[int, dict[int, float]]:
+    """TransMLA's ``--freqfold auto``: N = c, 2c, 4c, … while the calibration loss of the full-rank
+    conversion improves; returns the best N and the loss of each N tried.
+
+    ``convert_all(spec, N)`` converts the model at fold N and returns an undo; ``loss()`` is the
+    model's mean next-token loss on the calibration tokens."""
+    full = full_rank_spec(spec)
+    tried: dict[int, float] = {}
+    best = None
+    for fold in fold_candidates(spec.head_dim, spec.rope_dim):
+        undo = convert_all(full, fold)
+        try:
+            tried[fold] = loss()
+        finally:
+            undo()
+        if best is not None and not tried[fold] < tried[best]:
+            break
+        best = fold
+    return best, {k: round(v, 4) if math.isfinite(v) else v for k, v in tried.items()}
