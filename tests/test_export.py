@@ -491,3 +491,26 @@ def test_demo_pipeline_exports_what_plain_transformers_generates(tmp_path, demo_
     assert theirs == repr(lm.tokenizer.decode(ours[0, ids.shape[1] :]))
     card = (out / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "init-svd demo --kv-rank 64" in card and "4.00x" in card
+
+
+@pytest.mark.parametrize("q_rank", [None, 24])
+def test_transmla_exports_with_its_query_scale_and_group_rope_is_refused(tmp_path, q_rank):
+    """TransMLA keeps n = h no-RoPE dims (n + p != h): the export folds sqrt((n+p)/h) into the
+    queries so that DeepSeek-V3's (n+p)^-0.5 scale gives ours. Per-group RoPE slices are refused."""
+    calib = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(1))
+    for method, exports in (("transmla", True), ("mha2mla", False)):
+        model = make_model("llama")
+        spec = build_spec(model.config, kv_rank=24, q_rank=q_rank, method=method)
+        convert_model(model, spec, method=method, calib_ids=calib)
+        ckpt = save_checkpoint(
+            tmp_path / method, model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="t"
+        )
+        if not exports:
+            with pytest.raises(XecomlaError, match="per-group RoPE slices"):
+                export_checkpoint(ckpt, tmp_path / f"{method}-out")
+            assert not (tmp_path / f"{method}-out").exists()
+            continue
+        assert spec.nope_dim + spec.rope_dim != spec.head_dim
+        result = export_checkpoint(ckpt, tmp_path / f"{method}-out")
+        assert result.verify["greedy_tokens_equal"] and result.verify["relative"] < 1e-5
+        assert_same_model(load_checkpoint(ckpt).model, stock_load(tmp_path / f"{method}-out"))

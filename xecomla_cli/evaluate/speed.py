@@ -16,19 +16,18 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in body(model).layers]
 
 
+BACKEND_NAMES = {"triton": "Triton kernel", "torch": "PyTorch GEMMs", "reference": "fp32 reference"}
+
+
 def decode_path(model) -> str:
-    """Which attention a decode step runs: original, or MLA absorbed through the kernel/reference."""
+    """Which attention a decode step runs: the original, or MLA absorbed over the latent cache
+    through the backend ``kernels.mla_decode_auto`` picks for the model's device."""
+    from ..kernels import decode_backend
     from ..mla.attention import MLAAttention
 
     if not any(isinstance(m, MLAAttention) for m in attention_modules(model)):
         return f"original ({model.config._attn_implementation})"
-    try:
-        from ..kernels import decode_backend
-
-        backend = decode_backend(device_of(model))
-    except Exception:  # the kernel package may be absent or mid-change: report what runs by default
-        backend = "triton" if device_of(model).type == "cuda" else "reference"
-    return f"mla absorbed ({'Triton kernel' if backend == 'triton' else 'PyTorch'})"
+    return f"mla absorbed ({BACKEND_NAMES[decode_backend(device_of(model))]})"
 
 
 @torch.inference_mode()
@@ -71,6 +70,30 @@ def measure_speed(
     sync(device)
     decode = time.perf_counter() - t0
 
+    spent, hooked = attention_seconds(model, lambda: step(cache, nxt), attention_steps, device)
+    out = {
+        "device": str(device),
+        "dtype": model_dtype_name(model),
+        "decode_path": decode_path(model),
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "prefill_s": round(prefill, 4),
+        "prefill_tokens_per_s": round(batch * context / prefill, 1),
+        "decode_s": round(decode, 4),
+        "decode_tokens_per_s": round(batch * new_tokens / decode, 2),
+        "ms_per_step": round(1000 * decode / new_tokens, 3),
+        "attention_ms_per_step": round(1000 * spent / attention_steps, 3),
+        "attention_share": round(spent / hooked, 4),
+    }
+    if device.type == "cuda":
+        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    return out
+
+
+def attention_seconds(model, step, steps: int, device) -> tuple[float, float]:
+    """(seconds inside the attention modules, seconds in all) over ``steps`` more decode steps,
+    timed with module hooks that synchronise the GPU around every attention call."""
     spent: list[float] = []
     starts: dict[int, float] = {}
 
@@ -88,28 +111,10 @@ def measure_speed(
         hooks.append(m.register_forward_hook(post, with_kwargs=True))
     try:
         t0 = time.perf_counter()
-        for _ in range(attention_steps):
-            nxt = step(cache, nxt)
+        for _ in range(steps):
+            step()
         sync(device)
-        hooked = time.perf_counter() - t0
+        return sum(spent), time.perf_counter() - t0
     finally:
         for h in hooks:
             h.remove()
-    out = {
-        "device": str(device),
-        "dtype": model_dtype_name(model),
-        "decode_path": decode_path(model),
-        "batch": batch,
-        "context": context,
-        "new_tokens": new_tokens,
-        "prefill_s": round(prefill, 4),
-        "prefill_tokens_per_s": round(batch * context / prefill, 1),
-        "decode_s": round(decode, 4),
-        "decode_tokens_per_s": round(batch * new_tokens / decode, 2),
-        "ms_per_step": round(1000 * decode / new_tokens, 3),
-        "attention_ms_per_step": round(1000 * sum(spent) / attention_steps, 3),
-        "attention_share": round(sum(spent) / hooked, 4),
-    }
-    if device.type == "cuda":
-        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
-    return out

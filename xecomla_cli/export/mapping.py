@@ -79,6 +79,11 @@ def check_architecture(loaded, spec: MLASpec) -> None:
             f"layers {_ranges(unconverted)} keep their original attention (hybrid checkpoint): the DeepSeek-V3 "
             f"layout has MLA in every layer; {ALTERNATIVE}"
         )
+    if spec.rope_groups > 1:
+        raise XecomlaError(
+            f"per-group RoPE slices (rope_groups {spec.rope_groups}) cannot be written in the DeepSeek-V3 layout, "
+            "whose RoPE has one frequency per pair index: export with --format xecomla, or init with --method deepseek"
+        )
     config = loaded.config
     if getattr(config, "mlp_bias", False):
         raise XecomlaError(f"the MLP has biases (mlp_bias: true), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}")

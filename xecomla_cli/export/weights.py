@@ -88,24 +88,26 @@ def query_weights(
     a, plan: ExportPlan, spec: MLASpec, ln_w: torch.Tensor, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """One layer's query projections, RoPE rows permuted; ``lora-identity`` appends its constant to the plan."""
-    H, h, n, d = spec.num_heads, spec.head_dim, spec.nope_dim, a.kv_a_proj_with_mqa.weight.shape[1]
+    H, n, d = spec.num_heads, spec.nope_dim, a.kv_a_proj_with_mqa.weight.shape[1]
+    qk = n + spec.rope_dim  # a query head's dims; DeepSeek-V3 scales scores by qk^-0.5, ours by h^-0.5
     q_order = torch.cat([torch.arange(n), n + interleave_perm(spec.rope_dim)])  # per head: [nope | rope permuted]
+    scale = (qk / spec.head_dim) ** 0.5  # 1 unless the no-RoPE dims are not h - p (TransMLA keeps n = h)
     if plan.queries == "dense":
-        return {"q_proj.weight": _tensor(a.q_proj.weight).view(H, h, d)[:, q_order].reshape(H * h, d)}
+        return {"q_proj.weight": scale * _tensor(a.q_proj.weight).view(H, qk, d)[:, q_order].reshape(H * qk, d)}
     if plan.queries == "dense-from-lora":
         wq = (a.q_b_proj.weight.detach().double() @ a.q_a_proj.weight.detach().double()).float().cpu()
-        return {"q_proj.weight": wq.view(H, h, d)[:, q_order].reshape(H * h, d)}
+        return {"q_proj.weight": scale * wq.view(H, qk, d)[:, q_order].reshape(H * qk, d)}
     # lora-identity: [q_a; 0] with bias [0; C], norm weight 1/s, q_b gets a zero column
     qr = a.q_rank
     qa = _tensor(a.q_a_proj.weight)
     C, w = identity_constant(latent_bound(qa, None, ln_w), qr + 1, dtype)
     plan.q_constants.append(C)
-    qb = _tensor(a.q_b_proj.weight).view(H, h, qr)[:, q_order].reshape(H * h, qr)
+    qb = scale * _tensor(a.q_b_proj.weight).view(H, qk, qr)[:, q_order].reshape(H * qk, qr)
     return {
         "q_a_proj.weight": torch.cat([qa, torch.zeros(1, d)]),
         "q_a_proj.bias": torch.cat([torch.zeros(qr), torch.tensor([C])]),
         "q_a_layernorm.weight": torch.cat([torch.full((qr,), w), torch.zeros(1)]),
-        "q_b_proj.weight": torch.cat([qb, torch.zeros(H * h, 1)], dim=1),
+        "q_b_proj.weight": torch.cat([qb, torch.zeros(H * qk, 1)], dim=1),
     }
 
 
