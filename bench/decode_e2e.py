@@ -11,9 +11,11 @@ variants, each from the same prefilled state:
                       its greedy tokens must equal mla's (tokens_match)
     *_static          (--static-at BxL) StaticCache + torch.compile of the decode step (CUDA graphs on a GPU)
 
-Each variant reports ms per step (median of --repeats), tokens/s, the bytes a step must read
+Each variant reports ms per step (the best of --repeats; the median beside it), tokens/s, the bytes a step must read
 (weights, plus the cache at the mean decode length) and its roofline: those bytes at the read
-bandwidth measured here (a sum over a large tensor). Ratios are same-run: mla against original.
+bandwidth measured here (the faster of a sum and a matrix-vector product over a large tensor).
+Ratios are same-run: mla against each of the others. The variants' repeats are interleaved, so
+that a change of load on a shared machine hits them alike.
 
     python bench/decode_e2e.py --mla runs/ds64                          # CPU sweep: contexts 512,2048,8192 x batch 1,4
     python bench/decode_e2e.py --mla runs/ds64 --contexts 2048 --batches 4 --profile   # + op table per variant
@@ -38,51 +40,27 @@ from transformers.cache_utils import DynamicLayer
 
 from xecomla_cli.mla.cache import GrowingLayer
 
-SHAPES = {
-    "llama-3.2-1b": dict(
-        config=dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            tie_word_embeddings=True,
-            rope_theta=500000.0,
-            max_position_embeddings=131072,
-        ),
-        kv_rank=128,
-    ),
-    "smollm2-135m": dict(
-        config=dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            head_dim=64,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-            max_position_embeddings=8192,
-        ),
-        kv_rank=64,
-    ),
-    "tiny": dict(
-        config=dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            tie_word_embeddings=True,
-            max_position_embeddings=1024,
-        ),
-        kv_rank=16,
-    ),
+
+def llama_shape(vocab: int, d: int, ffn: int, layers: int, H: int, G: int, theta: float, max_pos: int) -> dict:
+    """A LlamaConfig's arguments: head dim 64, tied embeddings."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        head_dim=64,
+        num_attention_heads=H,
+        num_key_value_heads=G,
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=True,
+    )
+
+
+SHAPES = {  # name: (the original's config, the MLA rank r; p = h / 2)
+    "llama-3.2-1b": (llama_shape(128256, 2048, 8192, 16, 32, 8, 500000.0, 131072), 128),
+    "smollm2-135m": (llama_shape(49152, 576, 1536, 30, 9, 3, 100000.0, 8192), 64),
+    "tiny": (llama_shape(512, 64, 128, 2, 4, 2, 10000.0, 1024) | dict(head_dim=16), 16),
 }
 VARIANTS = ("original", "original_growing", "mla", "mla_reference")
 TINY = dict(shape="tiny", mla=None, contexts="32", batches="2", new_tokens=4, repeats=1, static_at="2x32")
@@ -100,13 +78,14 @@ def random_pair(shape: str, device, dtype):
     from xecomla_cli.mla.convert import apply_spec
     from xecomla_cli.mla.rope import model_inv_freq
 
-    config = LlamaConfig(**SHAPES[shape]["config"])
+    shape_config, kv_rank = SHAPES[shape]
+    config = LlamaConfig(**shape_config)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         original = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     mla = copy.deepcopy(original)
-    spec = build_spec(config, kv_rank=SHAPES[shape]["kv_rank"])
+    spec = build_spec(config, kv_rank=kv_rank)
     apply_spec(mla, spec)
     inv_freq, _ = model_inv_freq(config, spec.rope_dim)
     for m in mla.modules():
@@ -132,7 +111,7 @@ def sync(device) -> None:
 
 
 def read_bandwidth(device) -> float:
-    """Bytes per second read by the faster of a sum and a matrix-vector product over 256 MB (GPU: 2 GB), best of 5."""
+    """Bytes per second read by the faster of a sum and a matrix-vector product over 256 MB (GPU: 2 GB), best of 6."""
     rows = (2**17 if device.type == "cuda" else 2**14, 4096)
     w = torch.ones(rows, device=device)
     x = torch.ones(rows[1], device=device)
@@ -208,9 +187,9 @@ def profile_ops(run: dict, steps: int, device, top: int = 12) -> list[dict]:
 
 def copy_of(cache, make) -> DynamicCache:
     """A cache holding the same tokens, each layer made by make(keys, values)."""
-    copy = DynamicCache()
-    copy.layers = [make(layer.keys, layer.values) for layer in cache.layers]
-    return copy
+    other = DynamicCache()
+    other.layers = [make(layer.keys, layer.values) for layer in cache.layers]
+    return other
 
 
 def dynamic_layer(keys, values) -> DynamicLayer:
@@ -262,8 +241,7 @@ def prepare_runs(original, mla, ids, args, row: dict, device) -> dict:
 
 def measure_point(original, mla, context: int, batch: int, args, bandwidth: float, device) -> dict:
     """Every variant at one (context, batch), repeats interleaved (so that load changes hit all alike), ratios."""
-    g = torch.Generator().manual_seed(context * 1000 + batch)
-    ids = torch.randint(0, original.config.vocab_size, (batch, context), generator=g).to(device)
+    ids = prompt(original.config.vocab_size, context, batch, device)
     row = dict(context=context, batch=batch, new_tokens=args.new_tokens)
     runs = prepare_runs(original, mla, ids, args, row, device)
     for run in runs.values():
@@ -274,22 +252,37 @@ def measure_point(original, mla, context: int, batch: int, args, bandwidth: floa
             ms, run["tokens"] = time_steps(run, args.new_tokens, device)
             times[variant].append(ms)
     cache_len = context + args.new_tokens / 2  # the mean length a timed step reads
-    for variant, run in runs.items():
-        ms = statistics.median(times[variant])
-        row[variant] = report(ms, batch, run["weights"], run["per_token"] * batch * cache_len, bandwidth)
+    for variant, run in runs.items():  # the best repeat: what the step costs when nothing else runs
+        row[variant] = report(
+            min(times[variant]), batch, run["weights"], run["per_token"] * batch * cache_len, bandwidth
+        )
+        row[variant]["ms_per_step_median"] = round(statistics.median(times[variant]), 3)
         if args.profile:
             row[f"{variant}_profile"] = profile_ops(run, args.new_tokens, device)
     if "mla" in runs and "mla_reference" in runs:
         row["tokens_match"] = bool(torch.equal(runs["mla"]["tokens"], runs["mla_reference"]["tokens"]))
-    per_token = {v: runs[v]["per_token"] for v in runs}
     del runs
     gc.collect()
-    if f"{batch}x{context}" in args.static_at:
-        for name, model in (("original", original), ("mla", mla)):
-            try:
-                row[f"{name}_static"] = measure_static(model, ids, per_token[name], args, bandwidth, device)
-            except Exception as exc:  # a compile failure must not lose the eager numbers
-                row[f"{name}_static"] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    return add_ratios(row)
+
+
+def prompt(vocab_size: int, context: int, batch: int, device) -> torch.Tensor:
+    """The random prompt of a (context, batch) point: the same in every run."""
+    g = torch.Generator().manual_seed(context * 1000 + batch)
+    return torch.randint(0, vocab_size, (batch, context), generator=g).to(device)
+
+
+def add_static(row: dict, original, mla, args, bandwidth: float, device) -> dict:
+    """Time both models at this point with StaticCache + torch.compile too (after every eager point:
+    a slow compilation must not cost them)."""
+    ids = prompt(original.config.vocab_size, row["context"], row["batch"], device)
+    for name, model in (("original", original), ("mla", mla)):
+        try:
+            per_token = row[f"{name}_cache_bytes_per_token"]
+            row[f"{name}_static"] = measure_static(model, ids, per_token, args, bandwidth, device)
+        except Exception as exc:  # a compile failure must not lose the eager numbers
+            row[f"{name}_static"] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        gc.collect()
     return add_ratios(row)
 
 
@@ -315,7 +308,8 @@ def measure_static(model, ids, per_token: float, args, bandwidth: float, device)
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3 / args.new_tokens)
     cache_bytes = per_token * batch * (context + steps / 2)
-    out = report(statistics.median(times), batch, weight_bytes(model), cache_bytes, bandwidth)
+    out = report(min(times), batch, weight_bytes(model), cache_bytes, bandwidth)
+    out["ms_per_step_median"] = round(statistics.median(times), 3)
     return dict(out, compile_s=round(compile_s, 1), compiled=f"{backend}, {mode}" if mode else backend)
 
 
@@ -341,7 +335,7 @@ def parse_args(argv=None):
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant (best and median reported)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--static-at", default="", help="BxL points (e.g. 8x16384) also timed with StaticCache + compile")
     ap.add_argument("--dtype", default="float32")
@@ -393,6 +387,10 @@ def main(argv=None) -> dict:
             row = measure_point(original, mla, context, batch, args, bandwidth, device)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_profile")}), file=sys.stderr, flush=True)
             result["points"].append(row)
+    for row in result["points"]:
+        if f"{row['batch']}x{row['context']}" in args.static_at:
+            add_static(row, original, mla, args, bandwidth, device)
+            print(json.dumps({k: v for k, v in row.items() if k.endswith("_static")}), file=sys.stderr, flush=True)
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["targets"] = check_targets(result["points"], GPU_TARGETS if device.type == "cuda" else CPU_TARGETS)
     print(json.dumps(result, indent=1))

@@ -129,7 +129,7 @@ def benchmark(shape, dtype, device) -> dict:
     )
 
 
-SWEEP = dict(BLOCK_H=(16, 32), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3), num_splits=(2, 4, 8))
+SWEEP = dict(BLOCK_H=(16, 32), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2,), num_splits=(2, 4, 8))
 QUICK_SWEEP = dict(BLOCK_H=(16,), BLOCK_N=(32,), num_warps=(4,), num_stages=(2,), num_splits=(1, 2))
 
 

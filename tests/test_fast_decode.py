@@ -116,6 +116,16 @@ def test_sampling_equals_todays_path(monkeypatch):
     assert torch.equal(fast, today)
 
 
+def test_beam_search_equals_todays_path(monkeypatch):
+    """Beam search reorders the cache every step (GrowingLayer.reorder_cache)."""
+    model, _ = converted()
+    ids = torch.randint(0, 300, (2, 5))
+    fast = generate(model, ids, num_beams=3, output_logits=False).sequences
+    monkeypatch.setenv(ENV_VAR, "reference")
+    today = generate(model, ids, todays_cache(model), num_beams=3, output_logits=False).sequences
+    assert torch.equal(fast, today)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])  # boolean and additive masks
 def test_left_padded_batch_equals_todays_path_and_unpadded(attn, monkeypatch):
     model, _ = converted()

@@ -306,22 +306,9 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def _mla_decode(
-    q_lat,
-    q_rope,
-    kv,
-    k_rope,
-    seq_lens,
-    sm_scale,
-    mask,
-    block_table,
-    num_splits,
-    BLOCK_N,
-    num_warps,
-    num_stages,
-    BLOCK_H=None,
-):
-    """Launch stage 1 (and stage 2 when num_splits > 1) with explicit tile parameters: (out, lse)."""
+def _mla_decode(q_lat, q_rope, kv, k_rope, seq_lens, sm_scale, mask, block_table, num_splits, **tile):
+    """Launch stage 1 (and stage 2 when num_splits > 1) with tile parameters BLOCK_N, num_warps,
+    num_stages (and optionally BLOCK_H): (out, lse)."""
     B, H, r, p, capacity = _check(q_lat, q_rope, kv, k_rope, seq_lens, mask, block_table)
     q_lat, q_rope, kv, k_rope = (_last_dim_contiguous(t) for t in (q_lat, q_rope, kv, k_rope))
     device = q_lat.device
@@ -329,13 +316,10 @@ def _mla_decode(
         seq_lens = torch.full((B,), capacity, dtype=torch.int32, device=device)
     seq_lens = seq_lens.to(torch.int32)
     paged = block_table is not None
-    if paged:
-        block_table = block_table.to(torch.int32)
-    BLOCK_H = BLOCK_H or _block_h(H, r)
+    bt = block_table.to(torch.int32) if paged else seq_lens  # any int32 tensor when not paged (unused)
+    m = mask.view(torch.uint8) if mask is not None else seq_lens  # likewise without a mask
+    block_h = tile.pop("BLOCK_H", None) or _block_h(H, r)
     S = num_splits or default_num_splits(B, H, capacity, _num_sms(device), r)
-    BLOCK_R = max(16, triton.next_power_of_2(r))
-    BLOCK_P = max(16, triton.next_power_of_2(p))
-    dot_precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"
 
     out = torch.empty(B, H, r, device=device, dtype=q_lat.dtype)
     lse = torch.empty(B, H, device=device, dtype=torch.float32)
@@ -345,76 +329,21 @@ def _mla_decode(
         o_part = torch.empty(B, H, S, r, device=device, dtype=torch.float32)
         lse_part = torch.empty(B, H, S, device=device, dtype=torch.float32)
 
-    bt = block_table if paged else seq_lens  # any int32 tensor; unused when not paged
-    m = mask.view(torch.uint8) if mask is not None else seq_lens  # likewise unused without a mask
+    strides = q_lat.stride()[:2] + q_rope.stride()[:2] + kv.stride()[:2] + k_rope.stride()[:2]
+    strides += (bt.stride(0), m.stride(0), m.stride(-1)) + o_part.stride()[:3] + lse_part.stride()[:3]
+    meta = dict(R=r, P=p, BLOCK_H=block_h, BLOCK_R=max(16, triton.next_power_of_2(r)))
+    meta.update(BLOCK_P=max(16, triton.next_power_of_2(p)), PAGED=paged, PAGE_SIZE=kv.shape[1] if paged else 1)
+    meta.update(HAS_MASK=mask is not None, DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32")
+    tensors = (q_lat, q_rope, kv, k_rope, bt, seq_lens, m, o_part, lse_part)
     _launch(
-        _mla_decode_split_kernel,
-        (B, triton.cdiv(H, BLOCK_H), S),
-        q_lat,
-        q_rope,
-        kv,
-        k_rope,
-        bt,
-        seq_lens,
-        m,
-        o_part,
-        lse_part,
-        sm_scale,
-        q_lat.stride(0),
-        q_lat.stride(1),
-        q_rope.stride(0),
-        q_rope.stride(1),
-        kv.stride(0),
-        kv.stride(1),
-        k_rope.stride(0),
-        k_rope.stride(1),
-        bt.stride(0),
-        m.stride(0),
-        m.stride(-1),
-        o_part.stride(0),
-        o_part.stride(1),
-        o_part.stride(2),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        lse_part.stride(2),
-        H,
-        S,
-        R=r,
-        P=p,
-        BLOCK_H=BLOCK_H,
-        BLOCK_N=BLOCK_N,
-        BLOCK_R=BLOCK_R,
-        BLOCK_P=BLOCK_P,
-        PAGED=paged,
-        PAGE_SIZE=kv.shape[1] if paged else 1,
-        HAS_MASK=mask is not None,
-        DOT_PRECISION=dot_precision,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        _mla_decode_split_kernel, (B, triton.cdiv(H, block_h), S), *tensors, sm_scale, *strides, H, S, **meta, **tile
     )
     if S > 1:
-        _launch(
-            _mla_decode_merge_kernel,
-            (B, H),
-            o_part,
-            lse_part,
-            out,
-            lse,
-            o_part.stride(0),
-            o_part.stride(1),
-            o_part.stride(2),
-            lse_part.stride(0),
-            lse_part.stride(1),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
-            S,
-            R=r,
-            BLOCK_S=triton.next_power_of_2(S),
-            BLOCK_R=triton.next_power_of_2(r),
-            num_warps=4 if r > 64 else 2,
+        strides = o_part.stride()[:3] + lse_part.stride()[:2] + out.stride()[:2] + lse.stride()[:2]
+        meta = dict(
+            R=r, BLOCK_S=triton.next_power_of_2(S), BLOCK_R=triton.next_power_of_2(r), num_warps=4 if r > 64 else 2
         )
+        _launch(_mla_decode_merge_kernel, (B, H), o_part, lse_part, out, lse, *strides, S, **meta)
     return out, lse
 
 

@@ -36,8 +36,8 @@ def mla_decode_torch(
     if block_table is not None:
         kv, k_rope = gather_pages(kv, block_table), gather_pages(k_rope, block_table)
     L = kv.shape[1]
-    # score = q_rope · k_ropeᵀ + q_lat · kvᵀ                                     [B, H, L]
-    scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_lat, kv.transpose(1, 2))
+    # score = q_lat · kvᵀ + q_rope · k_ropeᵀ                                     [B, H, L]
+    scores = torch.bmm(q_lat, kv.transpose(1, 2)).baddbmm_(q_rope, k_rope.transpose(1, 2))
     scores = scores.float().mul_(sm_scale)
     hidden = hidden_positions(seq_lens, mask, L)
     if hidden is not None:
