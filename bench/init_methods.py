@@ -1,15 +1,26 @@
 #!/usr/bin/env python
-"""Initialisation methods compared on one model: perplexity and zero-shot average before and
-after the same distillation budget, against the original model and the paper's init.
+"""Initialisation methods side by side on one model, at the same KV cache budgets: ours, the
+paper's and the peers' (TransMLA, MHA2MLA) -- perplexity and zero-shot average before and after
+the same distillation, and each init's wall-clock time.
 
-    python bench/init_methods.py                               # demo model, 4x and 8x, six tasks
-    python bench/init_methods.py --budgets 64:32 --methods paper,best --distill-tokens 0
+    python bench/init_methods.py                                  # the docs/methods.md table
+    python bench/init_methods.py --budgets 96 --methods paper,transmla --distill-tokens 0 --tasks ''
 
-Every step runs the `xecomla` CLI exactly as a user would (init-svd, eval --json, distill), so
-the numbers are those of the commands. Results are cached under ``--out`` (a step whose output
-exists is not run again), which makes a long comparison resumable. Prints one JSON object on
-stdout (each row, and each method's perplexity increase over the original relative to the
-paper init's at the same budget and stage); ``--markdown FILE`` also writes the README table.
+A budget is the cached values per token per layer, V = r + p (demo: 96 = 4x, 48 = 8x; or r:p).
+Each method entry is an ``init-svd --method`` string; its split of V follows its layout:
+
+* one shared RoPE key (paper, transmla, deepseek, best, ...): p = V/3 rounded to even, r = V - p
+  (96 -> r = 64, p = 32; with ``r:p`` exactly those);
+* per-group RoPE slices (mha2mla, ...+group-rope): p = G·p_g with p ~ V/4 (a multiple of 2G),
+  r = V - p (96 -> r = 72, p = 24 on the demo's G = 3); ``METHOD@F`` sets that share F of V
+  instead (e.g. ``best+group-rope@1/2``: 96 -> r = 48, p = 48).
+
+Every step runs the `xecomla` CLI exactly as a user would (inspect, init-svd, eval --json,
+distill), so the numbers are those of the commands. Results are cached under ``--out`` (a step
+whose output exists is not run again; eval results are keyed by their settings), which makes a
+long comparison resumable. Prints one JSON object on stdout (each row, the perplexity increase
+over the original relative to the paper init's, and the headline: our best against the best peer
+at each budget and stage); ``--markdown FILE`` also writes the table.
 """
 
 from __future__ import annotations
@@ -20,10 +31,13 @@ import shutil
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
-DEFAULT_METHODS = "paper,mha2mla,rorope,complex,whiten,best,deepseek"
+DEFAULT_METHODS = "paper,mha2mla,transmla,deepseek,best,best+group-rope"
+PEERS = ("mha2mla", "transmla")  # the peers' presets; "paper" is the baseline, everything else ours
 SIX_TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,openbookqa"
+GROUP_SHARE = Fraction(1, 4)  # default RoPE share of the budget with per-group slices
 
 
 def xecomla(*args: str) -> str:
@@ -37,115 +51,167 @@ def xecomla(*args: str) -> str:
     return done.stdout
 
 
-def evaluate(model: str, cache: Path, opts: argparse.Namespace) -> dict:
-    """eval --json of a model, cached in ``cache``: perplexity, six-task average, cache bytes."""
+def kv_heads(opts: argparse.Namespace) -> int:
+    """G of the source model (``xecomla inspect --json``, cached)."""
+    cache = opts.out / "inspect.json"
     if not cache.exists():
-        args = ["eval", model, "--json", "--tasks", opts.tasks, "--limit", str(opts.limit),
-                "--ppl-tokens", str(opts.ppl_tokens)]  # fmt: skip
-        result = json.loads(xecomla(*args))
-        cache.write_text(json.dumps(result, indent=2) + "\n")
+        cache.write_text(xecomla("--quiet", "inspect", opts.source, "--json"))
+    return json.loads(cache.read_text())["architecture"]["num_kv_heads"]
+
+
+def split(entry: str, budget: str, G: int) -> tuple[str, int, int]:
+    """(method, r, p) of a method entry at a budget 'V' or 'r:p' (see the module docstring)."""
+    method, _, share = entry.partition("@")
+    r, _, p = budget.partition(":")
+    V = int(r) + int(p or 0)
+    grouped = method == "mha2mla" or "group-rope" in method.split("+")
+    if not grouped:
+        rope = int(p) if p else round(V / 3 / 2) * 2
+        return method, V - rope, rope
+    step = 2 * G
+    rope = max(int(V * Fraction(share or GROUP_SHARE)) // step * step, step)
+    return method, V - rope, rope
+
+
+def eval_key(opts: argparse.Namespace) -> str:
+    """The eval settings, part of every eval cache file name."""
+    tasks = "none" if not opts.tasks else "six" if opts.tasks == SIX_TASKS else opts.tasks.replace(",", "-")
+    return f"{tasks}-l{opts.limit}-ppl{opts.ppl_tokens}"
+
+
+def evaluate(model: str, name: str, opts: argparse.Namespace) -> dict:
+    """eval --json of a model, cached: perplexity, zero-shot average (None without tasks), cache bytes."""
+    cache = opts.out / f"{name}.eval-{eval_key(opts)}.json"
+    if not cache.exists():
+        args = ["eval", model, "--json", "--ppl-tokens", str(opts.ppl_tokens)]
+        if opts.tasks:
+            args += ["--tasks", opts.tasks, "--limit", str(opts.limit)]
+        cache.write_text(json.dumps(json.loads(xecomla(*args)), indent=2) + "\n")
     res = json.loads(cache.read_text())["results"]["model"]
+    tasks = res.get("tasks") or {}
     return {
         "ppl": res["perplexity"]["ppl"],
-        "avg": res["average"]["value"],
-        "tasks": {k: v[v["primary"]] for k, v in res["tasks"].items()},
+        "avg": res["average"]["value"] if tasks else None,
+        "tasks": {k: v[v["primary"]] for k, v in tasks.items()},
         "kv_bytes_per_token": res["kv_cache"]["bytes_per_token"],
     }
 
 
-def init(method: str, rank: int, rope: int, out: Path) -> float:
+def init(method: str, rank: int, rope: int, out: Path, opts: argparse.Namespace) -> float:
     """init-svd with a method; returns the command's wall-clock seconds (model load included), cached beside it."""
+    seconds = out.parent / f"{out.name}.seconds"
     if not (out / "xecomla.json").exists():
         t0 = time.perf_counter()
-        xecomla("--quiet", "init-svd", OPTS.source, "--kv-rank", str(rank), "--rope-dim", str(rope), "--method", method,
-                "-o", str(out), "--force")  # fmt: skip
-        (out.parent / f"{out.name}.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    return float((out.parent / f"{out.name}.seconds").read_text())
+        args = ["--quiet", "init-svd", opts.source, "--kv-rank", str(rank), "--rope-dim", str(rope)]
+        xecomla(*args, "--method", method, "-o", str(out), "--force")
+        seconds.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return float(seconds.read_text())
 
 
-def distill(ckpt: Path, tokens: str) -> Path:
-    out = ckpt.parent / f"{ckpt.name}-distill-{tokens}"
+def distill(ckpt: Path, opts: argparse.Namespace) -> Path:
+    out = ckpt.parent / f"{ckpt.name}-distill-{opts.distill_tokens}"
     if not (out / "xecomla.json").exists():
-        xecomla("--quiet", "distill", str(ckpt), "--tokens", tokens, "--seq-len", str(OPTS.seq_len),
-                "--batch-size", str(OPTS.batch_size), "-o", str(out), "--force")  # fmt: skip
+        args = ["--quiet", "distill", str(ckpt), "--tokens", opts.distill_tokens, "--seq-len", str(opts.seq_len)]
+        xecomla(*args, "--batch-size", str(opts.batch_size), "-o", str(out), "--force")
         shutil.rmtree(out.parent / f"{out.name}.run", ignore_errors=True)  # resumable state, not needed
     return out
 
 
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def markdown(rows: list[dict], original: dict, opts: argparse.Namespace) -> str:
-    """The README table: one row per budget and method, the original first."""
+    """The docs table: one row per budget and method, the original first."""
     trained = opts.distill_tokens not in ("0", "")
-    cols = ["budget", "method", "init s", "ppl", "avg"]
+    cols = ["budget", "method", "r", "p", "init s", "ppl", "avg"]
     cols += [f"ppl after {opts.distill_tokens}", f"avg after {opts.distill_tokens}"] if trained else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    cells = ["—", "original", "—", f"{original['ppl']:.2f}", f"{original['avg']:.4f}"]
-    cells += ["", ""] if trained else []
-    lines.append("| " + " | ".join(cells) + " |")
+    cells = ["—", "original", "—", "—", "—", f"{original['ppl']:.2f}", fmt(original["avg"], ".4f")]
+    lines.append("| " + " | ".join(cells + ["", ""] * trained) + " |")
     for r in rows:
-        cells = [r["budget"], r["method"], f"{r['init_seconds']:.0f}", f"{r['ppl']:,.1f}", f"{r['avg']:.4f}"]
+        cells = [r["budget"], r["entry"], str(r["r"]), str(r["p"]), f"{r['init_seconds']:.0f}"]
+        cells += [f"{r['ppl']:,.1f}", fmt(r["avg"], ".4f")]
         if trained:
             d = r.get("distilled")
-            cells += [f"{d['ppl']:,.1f}", f"{d['avg']:.4f}"] if d else ["—", "—"]
+            cells += [f"{d['ppl']:,.1f}", fmt(d["avg"], ".4f")] if d else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def compare(rows: list[dict], original: dict) -> dict:
+    """Per budget and stage: each row's ppl increase relative to the paper init's, and our best
+    preset (lowest ppl) against the best peer preset."""
+    headline = {}
+    for row in rows:
+        for stage in ("init", "distilled"):
+            res = row if stage == "init" else row.get("distilled")
+            paper = next((r for r in rows if r["budget"] == row["budget"] and r["entry"] == "paper"), None)
+            ref = None if paper is None else paper if stage == "init" else paper.get("distilled")
+            if res is None:
+                continue
+            if ref is not None:
+                res["ppl_increase_vs_paper"] = (res["ppl"] - original["ppl"]) / (ref["ppl"] - original["ppl"])
+            side = "peer" if row["entry"].split("@")[0] in PEERS else None if row["entry"] == "paper" else "ours"
+            if side:
+                key = f"{row['budget']} {stage}"
+                best = headline.setdefault(key, {}).get(side)
+                if best is None or res["ppl"] < best["ppl"]:
+                    headline[key][side] = {"entry": row["entry"], "ppl": res["ppl"], "avg": res["avg"]}
+    return headline
+
+
 def main() -> None:
-    global OPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="demo")
-    ap.add_argument("--budgets", default="64:32,32:16", help="kv_rank:rope_dim pairs")
-    ap.add_argument("--methods", default=DEFAULT_METHODS)
-    ap.add_argument("--tasks", default=SIX_TASKS)
-    ap.add_argument("--limit", type=int, default=100, help="questions per task")
+    ap.add_argument("--budgets", default="96,48", help="cached values per token per layer: V or r:p, comma-separated")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help="init-svd --method strings, optionally METHOD@F")
+    ap.add_argument("--tasks", default=SIX_TASKS, help="zero-shot tasks ('' for perplexity only)")
+    ap.add_argument("--limit", type=int, default=500, help="questions per task")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--distill-tokens", default="16k", help="distillation budget per method (0: none)")
-    ap.add_argument("--distill-methods", help="distil only these methods (default: all)")
+    ap.add_argument("--distill-methods", help="distil only these entries (default: all)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/init-methods"))
     ap.add_argument("--markdown", type=Path)
-    OPTS = opts = ap.parse_args()
+    opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
 
-    original = evaluate(opts.source, opts.out / "original.eval.json", opts)
+    G = kv_heads(opts) if any(e == "mha2mla" or "group-rope" in e for e in opts.methods.split(",")) else 1
+    original = evaluate(opts.source, "original", opts)
     rows, ckpts = [], []
     for budget in opts.budgets.split(","):  # before training: every init first
-        rank, rope = (int(x) for x in budget.split(":"))
-        for method in opts.methods.split(","):
+        for entry in opts.methods.split(","):
+            method, rank, rope = split(entry, budget, G)
             ckpt = opts.out / f"{method.replace('+', '-')}-r{rank}-p{rope}"
-            seconds = init(method, rank, rope, ckpt)
-            rows.append({"budget": f"r={rank}, p={rope}", "method": method, "init_seconds": seconds,
-                         **evaluate(str(ckpt), opts.out / f"{ckpt.name}.eval.json", opts)})  # fmt: skip
+            seconds = init(method, rank, rope, ckpt, opts)
+            row = {"budget": f"{rank + rope}", "entry": entry, "method": method, "r": rank, "p": rope}
+            rows.append({**row, "init_seconds": seconds, **evaluate(str(ckpt), ckpt.name, opts)})
             ckpts.append(ckpt)
     if opts.distill_tokens not in ("0", ""):  # then the same distillation budget for each
         wanted = opts.distill_methods.split(",") if opts.distill_methods else None
-        for row, ckpt in zip(rows, ckpts):
-            if wanted is not None and row["method"] not in wanted:
-                continue
-            d = distill(ckpt, opts.distill_tokens)
-            row["distilled"] = evaluate(str(d), opts.out / f"{d.name}.eval.json", opts)
-
-    def increase(row: dict, stage: str | None) -> float:
-        ppl = row[stage]["ppl"] if stage else row["ppl"]
-        return ppl - original["ppl"]
-
-    for row in rows:
-        paper = next((r for r in rows if r["budget"] == row["budget"] and r["method"] == "paper"), None)
-        if paper is not None:
-            row["ppl_increase_vs_paper"] = increase(row, None) / increase(paper, None)
-            if "distilled" in row and "distilled" in paper:
-                row["distilled"]["ppl_increase_vs_paper"] = increase(row, "distilled") / increase(paper, "distilled")
-    report = {"source": opts.source, "tasks": opts.tasks, "limit": opts.limit, "ppl_tokens": opts.ppl_tokens,
-              "distill_tokens": opts.distill_tokens, "original": original, "rows": rows}  # fmt: skip
+        for row, ckpt in zip(rows, ckpts, strict=True):
+            if wanted is None or row["entry"] in wanted:
+                d = distill(ckpt, opts)
+                row["distilled"] = evaluate(str(d), d.name, opts)
+    headline = compare(rows, original)
+    report = {
+        "source": opts.source,
+        "tasks": opts.tasks,
+        "limit": opts.limit,
+        "ppl_tokens": opts.ppl_tokens,
+        "distill_tokens": opts.distill_tokens,
+        "original": original,
+        "rows": rows,
+        "headline": headline,
+    }
     print(json.dumps(report, indent=2))
     table = markdown(rows, original, opts)
     print(table, file=sys.stderr)
     if opts.markdown:
         opts.markdown.write_text(table)
 
-
-OPTS: argparse.Namespace
 
 if __name__ == "__main__":
     main()

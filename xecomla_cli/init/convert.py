@@ -19,6 +19,7 @@ from ..mla.spec import MLASpec
 from .calibrated import layer_energy, method_state_dict, refit_output
 from .calibration import LayerRunner, LayerStats, calibration_loss
 from .common import AttentionWeights
+from .freqfold import fold_candidates
 from .latent import budget_ranks
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict
@@ -69,8 +70,9 @@ def convert_model(
     A data-aware ``method`` calibrates on ``calib_ids`` (B, T) first (and, for ``refit``, keeps
     each layer's attention inputs in fp16); ``freqfold`` without a fold searches it (TransMLA's
     ``--freqfold auto``, recorded in ``spec.options``); with ``budget`` the spec's ranks are
-    replaced by the budgeted per-layer ranks. ``progress(i)`` is called after each calibrated and
-    each converted layer (``calibration_steps`` + converted layers in all).
+    replaced by the budgeted per-layer ranks. ``progress(i)`` is called after each calibrated layer,
+    each fold of the search (i = -1) and each converted layer (``calibration_steps`` + converted
+    layers in all).
     """
     cfg = parse_method(method) if isinstance(method, str) else method
     layers = spec.converted_layers
@@ -91,11 +93,17 @@ def convert_model(
                 runner.advance(i)
             tick(i)
     if cfg.freqfold == 0:
+
+        def fold_loss() -> float:
+            loss = calibration_loss(model, calib_ids, FREQFOLD_SEARCH_TOKENS)
+            tick(-1)
+            return loss
+
         fold, tried = search_freqfold(
-            spec,
-            lambda full, fold: swap_layers(model, full, replace(cfg, freqfold=fold), stats),
-            lambda: calibration_loss(model, calib_ids, FREQFOLD_SEARCH_TOKENS),
+            spec, lambda full, fold: swap_layers(model, full, replace(cfg, freqfold=fold), stats), fold_loss
         )
+        for _ in range(len(fold_candidates(spec.head_dim, spec.rope_dim)) - len(tried)):
+            tick(-1)  # folds not tried
         spec.options["freqfold"] = {"fold": fold, "calibration_loss": tried}
         cfg = replace(cfg, freqfold=fold)
     if cfg.budget:
@@ -150,6 +158,10 @@ def budget_rank(spec: MLASpec) -> int:
 
 
 def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
-    """How many calibration-pass layer steps ``convert_model`` reports (for a progress bar)."""
+    """How many calibration steps ``convert_model`` reports (for a progress bar): the layers of the
+    calibration pass, and the folds a ``freqfold`` search may try."""
     cfg = parse_method(method) if isinstance(method, str) else method
-    return 0 if cfg.is_paper else max(spec.converted_layers) + 1
+    if cfg.is_paper:
+        return 0
+    folds = len(fold_candidates(spec.head_dim, spec.rope_dim)) if cfg.freqfold == 0 else 0
+    return max(spec.converted_layers) + 1 + folds
