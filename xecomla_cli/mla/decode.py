@@ -11,7 +11,8 @@ The last line folds into one product, ``o = W_ol · o_lat + b_ol`` with ``W_ol =
 cheaper when r < d·h / (d − h) (the demo: r = 64 < 72; Llama-3.2-1B at r = 128: not). Where it
 is, ``OutputAbsorption`` computes W_ol once and again only when the weights change (at the
 prefill, eagerly: a compiled decode step takes it as the last eager call left it). The query side
-never pays: W_q ∘ W_uk would read H·r·d weights instead of H·n·d + H·n·r, more whenever r > n.
+does not pay: W_q ∘ W_uk would read H·r·d weights instead of H·n·d + H·n·r, more as soon as
+r > n·d / (d − n), i.e. about r > n (the demo: 64 > 34).
 """
 
 from __future__ import annotations
