@@ -5,6 +5,7 @@ the same distillation, and each init's wall-clock time.
 
     python bench/init_methods.py                                  # the docs/methods.md table
     python bench/init_methods.py --budgets 96 --methods paper,transmla --distill-tokens 0 --tasks ''
+    python bench/init_methods.py --tasks '' --distill-args "--local --data teacher"   # local distillation
 
 A budget is the cached values per token per layer, V = r + p (demo: 96 = 4x, 48 = 8x; or r:p).
 Each method entry is an ``init-svd --method`` string; its split of V follows its layout:
@@ -109,10 +110,12 @@ def init(method: str, rank: int, rope: int, out: Path, opts: argparse.Namespace)
 
 
 def distill(ckpt: Path, opts: argparse.Namespace) -> Path:
-    out = ckpt.parent / f"{ckpt.name}-distill-{opts.distill_tokens}"
+    extra = opts.distill_args.split()
+    tag = "-local" if "--local" in extra else ""
+    out = ckpt.parent / f"{ckpt.name}-distill{tag}-{opts.distill_tokens}"
     if not (out / "xecomla.json").exists():
         args = ["--quiet", "distill", str(ckpt), "--tokens", opts.distill_tokens, "--seq-len", str(opts.seq_len)]
-        xecomla(*args, "--batch-size", str(opts.batch_size), "-o", str(out), "--force")
+        xecomla(*args, "--batch-size", str(opts.batch_size), *extra, "-o", str(out), "--force")
         shutil.rmtree(out.parent / f"{out.name}.run", ignore_errors=True)  # resumable state, not needed
     return out
 
@@ -125,7 +128,8 @@ def markdown(rows: list[dict], original: dict, opts: argparse.Namespace) -> str:
     """The docs table: one row per budget and method, the original first."""
     trained = opts.distill_tokens not in ("0", "")
     cols = ["budget", "method", "r", "p", "init s", "ppl", "avg"]
-    cols += [f"ppl after {opts.distill_tokens}", f"avg after {opts.distill_tokens}"] if trained else []
+    after = f"{opts.distill_tokens} {'local' if '--local' in opts.distill_args else 'KD'}"
+    cols += [f"ppl after {after}", f"avg after {after}"] if trained else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     cells = ["—", "original", "—", "—", "—", f"{original['ppl']:.2f}", fmt(original["avg"], ".4f")]
     lines.append("| " + " | ".join(cells + ["", ""] * trained) + " |")
@@ -171,6 +175,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--distill-tokens", default="16k", help="distillation budget per method (0: none)")
     ap.add_argument("--distill-methods", help="distil only these entries (default: all)")
+    ap.add_argument("--distill-args", default="", help="more distill options, e.g. '--local --data teacher'")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/init-methods"))
@@ -202,6 +207,7 @@ def main() -> None:
         "limit": opts.limit,
         "ppl_tokens": opts.ppl_tokens,
         "distill_tokens": opts.distill_tokens,
+        "distill_args": opts.distill_args,
         "original": original,
         "rows": rows,
         "headline": headline,

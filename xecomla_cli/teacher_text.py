@@ -29,7 +29,7 @@ from .errors import XecomlaError
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: inverse-CDF sampler
 
 
 def default_cache_dir() -> Path:
@@ -58,21 +58,41 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def sample_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), by inverse CDF: (B, V) -> (B,).
+
+    One cumulative sum and a binary search per row; torch.multinomial draws an exponential per
+    vocabulary entry, which costs more than the model step itself on a CPU."""
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
 @torch.no_grad()
 def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, stop: list[int], temperature: float):
-    """Sample up to ``new_tokens`` after left-padded prompts; returns the new tokens (B, ≤ new_tokens)."""
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=new_tokens,
-        eos_token_id=stop,
-        pad_token_id=stop[0],
-    )
-    return out[:, ids.shape[1] :]
+    """Ancestral sampling of up to ``new_tokens`` after left-padded prompts (B, T), with a KV cache;
+    rows that reached a stop token are padded with it. Returns the new tokens (B, <= new_tokens)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    vocab = model.config.vocab_size
+    stops = torch.tensor(stop or [-1], device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
+    step_ids, out = ids, []
+    for _ in range(new_tokens):
+        logits = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        ).logits[:, -1, :vocab]
+        nxt = torch.where(done, stops[0].clamp(min=0), sample_next(logits, temperature))
+        out.append(nxt)
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos[:, -1:] + 1
+    return torch.stack(out, dim=1)
 
 
 def _trim(row: torch.Tensor, stop: list[int]) -> list[int]:
@@ -116,25 +136,15 @@ def chat_conversations(model, tokenizer, batch: int, temperature: float) -> list
     return [s + _trim(a, stop) + newline for s, a in zip(starts, answers, strict=True)]
 
 
-@torch.no_grad()
 def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float) -> list[list[int]]:
-    """``batch`` rows of ``seq_len`` tokens by ancestral sampling from BOS (or EOS), with a KV
-    cache; after an EOS the model simply goes on (a new document)."""
-    from transformers import DynamicCache
-
+    """``batch`` rows of ``seq_len`` tokens sampled from BOS (or EOS); after an EOS the model simply
+    goes on (a new document)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise XecomlaError("the tokenizer has neither a BOS nor an EOS token to start teacher samples from")
-    device = next(model.parameters()).device
-    vocab = min(len(tokenizer), model.config.vocab_size)
-    step_ids = torch.full((batch, 1), start, dtype=torch.int64, device=device)
-    cache = DynamicCache(config=model.config)
-    tokens = [step_ids]
-    for _ in range(seq_len - 1):
-        logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1, :vocab]
-        step_ids = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)
-        tokens.append(step_ids)
-    return torch.cat(tokens, dim=1).cpu().tolist()
+    ids, mask = _left_pad([[start]] * batch, start, next(model.parameters()).device)
+    rows = torch.cat([ids, _sample(model, ids, mask, seq_len - 1, [], temperature)], dim=1)
+    return rows.cpu().tolist()
 
 
 def fingerprint(model, kind: str, seq_len: int, temperature: float, seed: int) -> str:

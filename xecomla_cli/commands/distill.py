@@ -108,7 +108,11 @@ FsdpOpt = Annotated[
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the decoder layers and the loss (GPU).")]
 PrecisionOpt = Annotated[
     str,
-    typer.Option("--precision", help="auto (bf16 autocast over fp32 weights on GPU, fp32 on CPU), bf16 or fp32."),
+    typer.Option(
+        "--precision",
+        help="auto (bf16 autocast over fp32 weights on GPU and on CPUs with AMX or AVX512-BF16, else fp32), "
+        "bf16 or fp32.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the data order (and of teacher sampling).")]
 OutputOpt = Annotated[

@@ -48,6 +48,7 @@ class LocalConfig:
     micro_batch: int = 4  # sequences per optimizer step
     inputs: str = "teacher"  # "teacher": the teacher's hidden states; "student": the student's own
     skip_below: float = 1e-5  # relative error under which a layer is exact already and left alone
+    bf16: bool = False  # training steps under bf16 autocast (fp32 weights; errors are measured in fp32)
 
     def to_dict(self) -> dict:
         return {
@@ -124,10 +125,12 @@ def train_layer(
     g = torch.Generator().manual_seed(seed)
     was_training = attn.training
     attn.train()
+    device = inputs[0].device.type
     for _ in range(cfg.epochs):
         for k in torch.randperm(len(chunks), generator=g).tolist():
-            out = attention_output(attn, inputs[k], chunks[k])
-            loss = (out - targets[k]).pow(2).sum() / ref * len(chunks)  # the chunk's share of the whole loss
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = attention_output(attn, inputs[k], chunks[k])
+            loss = (out.float() - targets[k]).pow(2).sum() / ref * len(chunks)  # the chunk's share of the whole loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

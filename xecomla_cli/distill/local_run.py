@@ -16,6 +16,7 @@ minutes and nothing is saved between layers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,13 +55,14 @@ def run_local_distill(
         raise XecomlaError("distill --local has no saved state to resume: run it again (with --force)")
     plan = plan_run(ckpt, options, dist, output=output, force=force, log=log)
     cfg = plan.cfg
-    student, teacher = load_models(plan.ckpt, cfg, dist.device)
+    local = dataclasses.replace(local, bf16=cfg.precision == "bf16")
+    student, teacher = load_models(plan.ckpt, cfg, dist.device, teacher_dtype="float32")  # exact targets
     data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
     n = min(cfg.budget_blocks, data.train.shape[0])
     ids = data.train[:n]
     log(
         f"local distillation of {plan.ckpt} from {cfg.teacher}: {human_count(ids.numel())} tokens of {cfg.data}, "
-        f"{local.epochs} epochs per layer, lr {local.lr:g}, {local.inputs} inputs"
+        f"{local.epochs} epochs per layer, lr {local.lr:g}, {local.inputs} inputs, {cfg.precision}"
     )
     before = validate(student.model, teacher.model, cfg, dist, data)
     log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")

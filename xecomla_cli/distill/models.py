@@ -13,12 +13,14 @@ from ..sources import load_model
 from .config import ResolvedConfig
 
 
-def load_models(ckpt: Path, cfg: ResolvedConfig, device: torch.device) -> tuple[LoadedModel, LoadedModel]:
+def load_models(
+    ckpt: Path, cfg: ResolvedConfig, device: torch.device, teacher_dtype: str | None = None
+) -> tuple[LoadedModel, LoadedModel]:
     """(student, teacher) on `device`: the student in fp32 (master weights), the teacher in the
-    run's precision; refused when their tokenizers differ."""
+    run's precision unless `teacher_dtype` says; refused when their tokenizers differ."""
     with console.status(f"loading student {ckpt}"):
         student = load_model(str(ckpt), dtype="float32", device=str(device))
-    teacher_dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
+    teacher_dtype = teacher_dtype or ("bfloat16" if cfg.precision == "bf16" else "float32")
     with console.status(f"loading teacher {cfg.teacher}"):
         teacher = load_model(cfg.teacher, dtype=teacher_dtype, device=str(device))
     check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.teacher)
