@@ -138,6 +138,56 @@ def test_teacher_samples_are_reproducible(tokenizer, tmp_path):
     assert (a[:, 0] == tokenizer.bos_token_id).all()
     assert int(a.max()) < len(tokenizer)
     assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6, chat=False, cache_dir=tmp_path))
+    # asking the cache for more samples only the missing blocks
+    from xecomla_cli import teacher_text
+
+    sampled = []
+    plain = teacher_text.plain_samples
+    teacher_text.plain_samples = lambda m, t, batch, *a: sampled.append(batch) or plain(m, t, batch, *a)
+    try:
+        more = teacher_samples(model, tokenizer, 5, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "a")
+    finally:
+        teacher_text.plain_samples = plain
+    assert more.shape == (5, 12) and torch.equal(more[:3], a) and sum(sampled) == 2
+    assert torch.equal(teacher_samples(model, tokenizer, 5, 12, seed=5, chat=False, cache_dir=tmp_path / "a"), more)
+
+
+def test_inverse_cdf_draws_follow_the_softmax():
+    from xecomla_cli.teacher_text import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.0, -1.0, float("-inf"), 1.0])
+    for temperature in (1.0, 0.5):
+        draws = sample_next(logits.expand(40_000, -1), temperature)
+        freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+        probs = torch.softmax(logits.double() / temperature, dim=0)
+        assert (freq - probs).abs().max() < 0.01  # 40k draws: 3 standard errors are < 0.008
+        assert freq[3] == 0  # a token of probability zero is never drawn
+
+
+def test_sampling_with_left_padding_matches_generate(tokenizer):
+    """At a tiny temperature the sampler is greedy: left-padded prompts in one batch get what
+    transformers' greedy generate gives each prompt alone (positions and mask are right)."""
+    from conftest import make_model
+
+    from xecomla_cli.teacher_text import _left_pad, _sample
+
+    model = make_model("llama").eval()
+    prompts = [[5, 9, 13, 2, 7], [11, 4], [8, 8, 3]]
+    ids, mask = _left_pad(prompts, 0, torch.device("cpu"))
+    got = _sample(model, ids, mask, 6, [], temperature=1e-6)
+    for row, prompt in zip(got, prompts, strict=True):
+        x = torch.tensor([prompt])
+        want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6, pad_token_id=0)
+        assert row.tolist() == want[0, len(prompt) :].tolist()
+    # a row that draws a stop token leaves the batch; the others go on exactly as before
+    stop = int(got[1, 0])
+    early = _sample(model, ids, mask, 6, [stop], temperature=1e-6)
+    assert early[1].tolist() == [stop] * early.shape[1]
+    for k in (0, 2):
+        want = got[k].tolist()
+        want = want[: want.index(stop) + 1] if stop in want else want
+        assert early[k, : len(want)].tolist() == want
 
 
 def test_teacher_chat_samples_are_whole_conversations_and_cached(tokenizer, tmp_path, monkeypatch):

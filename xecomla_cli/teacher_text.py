@@ -12,7 +12,8 @@ Two kinds, both batched:
 
 Sampling is the slow part on a CPU, so samples are cached across runs (``cache_dir``, default
 ``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by the teacher's weights fingerprint, the kind,
-``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them back.
+``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them back,
+and one asking for more samples only the blocks it lacks.
 """
 
 from __future__ import annotations
@@ -70,29 +71,38 @@ def sample_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, stop: list[int], temperature: float):
-    """Ancestral sampling of up to ``new_tokens`` after left-padded prompts (B, T), with a KV cache;
-    rows that reached a stop token are padded with it. Returns the new tokens (B, <= new_tokens)."""
+    """Ancestral sampling of up to ``new_tokens`` after left-padded prompts (B, T), with a KV cache.
+
+    A row that draws a stop token leaves the batch (its cache rows are dropped), so each step costs
+    what the unfinished rows need; its remaining places are padded with that stop token. Returns
+    the new tokens (B, <= new_tokens)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     vocab = model.config.vocab_size
     stops = torch.tensor(stop or [-1], device=ids.device)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    out = torch.full((ids.shape[0], new_tokens), max(stop or [0]), dtype=torch.long, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # the batch's rows in the output
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    step_ids, out = ids, []
-    for _ in range(new_tokens):
+    step_ids, steps = ids, 0
+    for t in range(new_tokens):
         logits = model(
             input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
         ).logits[:, -1, :vocab]
-        nxt = torch.where(done, stops[0].clamp(min=0), sample_next(logits, temperature))
-        out.append(nxt)
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()):
-            break
+        nxt = sample_next(logits, temperature)
+        out[rows, t] = nxt
+        steps = t + 1
+        live = ~torch.isin(nxt, stops)
+        if not bool(live.all()):
+            if not bool(live.any()):
+                break
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
         step_ids = nxt[:, None]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
-    return torch.stack(out, dim=1)
+    return out[:, :steps]
 
 
 def _trim(row: torch.Tensor, stop: list[int]) -> list[int]:
@@ -178,20 +188,25 @@ def teacher_samples(
     kind = "chat" if chat else "plain"
     cache = Path(cache_dir or default_cache_dir()) / f"{kind}-{fingerprint(model, kind, seq_len, temperature, seed)}"
     cached = cache.with_suffix(".safetensors")
+    have = torch.empty(0, seq_len, dtype=torch.int64)
     if cached.is_file():
         blocks = load_file(cached)["blocks"]
-        if blocks.shape[0] >= n_blocks and blocks.shape[1] == seq_len:
-            if progress is not None:
-                progress(n_blocks)
-            return blocks[:n_blocks].clone()
+        if blocks.shape[1] == seq_len:
+            have = blocks
+    if have.shape[0] >= n_blocks:
+        if progress is not None:
+            progress(n_blocks)
+        return have[:n_blocks].clone()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    done = have.shape[0]
+    tick = None if progress is None else lambda k: progress(done + k)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        rows = _sample_rows(model, tokenizer, n_blocks, seq_len, batch_size, temperature, chat, progress)
+        torch.manual_seed(seed + done)  # a continuation of the cached blocks draws new samples
+        rows = _sample_rows(model, tokenizer, n_blocks - done, seq_len, batch_size, temperature, chat, tick)
     model.train(was_training)
-    blocks = torch.tensor(rows[:n_blocks], dtype=torch.int64)
+    blocks = torch.cat([have, torch.tensor(rows[: n_blocks - done], dtype=torch.int64)])
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
     save_file({"blocks": blocks.contiguous()}, tmp)
