@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--distill-tokens", default="16k", help="distillation budget per method (0: none)")
     ap.add_argument("--distill-methods", help="distil only these entries (default: all)")
+    ap.add_argument("--distill-budgets", help="distil only at these budgets, e.g. 96 (default: all)")
     ap.add_argument("--distill-args", default="", help="more distill options, e.g. '--local --data teacher'")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -196,8 +197,9 @@ def main() -> None:
             ckpts.append(ckpt)
     if opts.distill_tokens not in ("0", ""):  # then the same distillation budget for each
         wanted = opts.distill_methods.split(",") if opts.distill_methods else None
+        budgets = opts.distill_budgets.split(",") if opts.distill_budgets else None
         for row, ckpt in zip(rows, ckpts, strict=True):
-            if wanted is None or row["entry"] in wanted:
+            if (wanted is None or row["entry"] in wanted) and (budgets is None or row["budget"] in budgets):
                 d = distill(ckpt, opts)
                 row["distilled"] = evaluate(str(d), d.name, opts)
     headline = compare(rows, original)

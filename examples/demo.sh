@@ -3,11 +3,12 @@
 # Run it with `make demo` (which sets up the environment first). Outputs go to $DEMO_DIR.
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-LOCAL_TOKENS=${LOCAL_TOKENS:-8k}   # local (layer-wise) distillation
-TOKENS=${TOKENS:-40k}              # global distillation
+LOCAL_TOKENS=${LOCAL_TOKENS:-16k}  # local (layer-wise) distillation
+TOKENS=${TOKENS:-32k}              # global distillation
+DATA=${DATA:-teacher}              # chat turns sampled from the teacher (cached); 'demo' for Shakespeare
 METHOD=${METHOD:-deepseek}         # 'paper' for the X-EcoMLA paper's data-free init (see docs/methods.md)
 mkdir -p "$DEMO_DIR"
-step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+step() { printf '\n\033[1m== %s\033[0m  (%d:%02d elapsed)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)) >&2; }
 quality() { xecomla eval "$1" --no-kv >/dev/null; }   # LAMBADA perplexity, table on stderr
 
 step "1/6 inspect: architecture, KV cache, latent-rank budget"
@@ -17,17 +18,20 @@ step "2/6 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=3
 INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" -o "$DEMO_DIR/init-r64" --force)
 quality "$INIT"
 
-step "3/6 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens)"
-LOCAL=$(xecomla distill "$INIT" --local --tokens "$LOCAL_TOKENS" --local-inputs student -o "$DEMO_DIR/local-r64" --force)
+step "3/6 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens of $DATA text)"
+LOCAL=$(xecomla distill "$INIT" --local --data "$DATA" --tokens "$LOCAL_TOKENS" --local-inputs student \
+  -o "$DEMO_DIR/local-r64" --force)
 quality "$LOCAL"
 
-step "4/6 distill: KL distillation from the original model ($TOKENS tokens of public-domain text)"
-DISTILLED=$(xecomla distill "$LOCAL" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)
+step "4/6 distill: KL distillation from the original model ($TOKENS tokens of $DATA text)"
+DISTILLED=$(xecomla distill "$LOCAL" --data "$DATA" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)
 
 step "5/6 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
 xecomla eval "$DISTILLED" --teacher demo --limit 100 --tasks arc_easy,piqa >/dev/null
 
 step "6/6 export: DeepSeek-V3 layout that stock transformers loads, with a model card"
 EXPORTED=$(xecomla export "$DISTILLED" -o "$DEMO_DIR/export-r64" --force)
-python examples/generate.py "$EXPORTED" "What is the capital of France?"
+python examples/generate.py "$EXPORTED" "What is the capital of France?" "Name three primary colors." \
+  "Why do we have seasons?"
+printf '\ndone in %d:%02d\n' $((SECONDS / 60)) $((SECONDS % 60)) >&2
 echo "$EXPORTED"

@@ -1,6 +1,8 @@
-"""Greedy chat generation from an exported model with plain transformers (no xecomla import).
+"""Greedy chat answers from an exported model with plain transformers (no xecomla import).
 
-python examples/generate.py runs/demo/export-r64 "What is the capital of France?"
+python examples/generate.py runs/demo/export-r64 "What is the capital of France?" ["another prompt" ...]
+
+Each argument after the model directory is one user message; each answer is printed on stderr.
 """
 
 import sys
@@ -8,12 +10,14 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-path, prompt = sys.argv[1], " ".join(sys.argv[2:]) or "Tell me a short story."
+path, prompts = sys.argv[1], sys.argv[2:] or ["Tell me a short story."]
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-ids = tokenizer.apply_chat_template(
-    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-)["input_ids"]
-out = model.generate(ids, max_new_tokens=40, do_sample=False)
-reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-print(f"{type(model).__name__} ({model.config.model_type}) says: {reply!r}", file=sys.stderr)
+print(f"{type(model).__name__} ({model.config.model_type}), greedy:", file=sys.stderr)
+for prompt in prompts:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    print(f"  {prompt!r} -> {reply!r}", file=sys.stderr)

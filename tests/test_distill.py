@@ -147,7 +147,10 @@ def text_file(tmp_path_factory):
 
 
 def _cfg(text_file, **kw) -> DistillConfig:
-    base = dict(data=str(text_file), steps=8, seq_len=32, batch_size=4, lr=3e-3, save_every=0, val_tokens=256)
+    # fp32: the runs compared here (resume, DDP, FSDP) must agree to fp32 precision, whatever the CPU
+    base = dict(
+        data=str(text_file), steps=8, seq_len=32, batch_size=4, lr=3e-3, save_every=0, val_tokens=256, precision="fp32"
+    )
     return DistillConfig(**{**base, **kw})
 
 

@@ -28,6 +28,8 @@ ARGS = [
     "2",
     "--val-tokens",
     "256",
+    "--precision",
+    "fp32",  # as the single-process run it is compared with
 ]
 
 
