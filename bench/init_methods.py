@@ -109,10 +109,14 @@ def init(method: str, rank: int, rope: int, out: Path, opts: argparse.Namespace)
     return float(seconds.read_text())
 
 
+def distill_dir(ckpt: Path, opts: argparse.Namespace) -> Path:
+    tag = "-local" if "--local" in opts.distill_args.split() else ""
+    return ckpt.parent / f"{ckpt.name}-distill{tag}-{opts.distill_tokens}"
+
+
 def distill(ckpt: Path, opts: argparse.Namespace) -> Path:
     extra = opts.distill_args.split()
-    tag = "-local" if "--local" in extra else ""
-    out = ckpt.parent / f"{ckpt.name}-distill{tag}-{opts.distill_tokens}"
+    out = distill_dir(ckpt, opts)
     if not (out / "xecomla.json").exists():
         args = ["--quiet", "distill", str(ckpt), "--tokens", opts.distill_tokens, "--seq-len", str(opts.seq_len)]
         xecomla(*args, "--batch-size", str(opts.batch_size), *extra, "-o", str(out), "--force")
@@ -199,7 +203,8 @@ def main() -> None:
         wanted = opts.distill_methods.split(",") if opts.distill_methods else None
         budgets = opts.distill_budgets.split(",") if opts.distill_budgets else None
         for row, ckpt in zip(rows, ckpts, strict=True):
-            if (wanted is None or row["entry"] in wanted) and (budgets is None or row["budget"] in budgets):
+            chosen = (wanted is None or row["entry"] in wanted) and (budgets is None or row["budget"] in budgets)
+            if chosen or (distill_dir(ckpt, opts) / "xecomla.json").exists():  # done earlier: reported too
                 d = distill(ckpt, opts)
                 row["distilled"] = evaluate(str(d), d.name, opts)
     headline = compare(rows, original)
