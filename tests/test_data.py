@@ -128,7 +128,7 @@ def test_block_sampler_is_a_function_of_the_step():
     assert steps_for_tokens(50_000, 8, 512) == 13
 
 
-def test_teacher_samples_are_reproducible(tokenizer, tmp_path):
+def test_teacher_samples_are_reproducible(tokenizer, tmp_path, monkeypatch):
     from conftest import make_model
 
     model = make_model("llama")
@@ -143,11 +143,8 @@ def test_teacher_samples_are_reproducible(tokenizer, tmp_path):
 
     sampled = []
     plain = teacher_text.plain_samples
-    teacher_text.plain_samples = lambda m, t, batch, *a: sampled.append(batch) or plain(m, t, batch, *a)
-    try:
-        more = teacher_samples(model, tokenizer, 5, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "a")
-    finally:
-        teacher_text.plain_samples = plain
+    monkeypatch.setattr(teacher_text, "plain_samples", lambda m, t, b, *a: sampled.append(b) or plain(m, t, b, *a))
+    more = teacher_samples(model, tokenizer, 5, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "a")
     assert more.shape == (5, 12) and torch.equal(more[:3], a) and sum(sampled) == 2
     assert torch.equal(teacher_samples(model, tokenizer, 5, 12, seed=5, chat=False, cache_dir=tmp_path / "a"), more)
 
