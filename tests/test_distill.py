@@ -101,7 +101,7 @@ def test_options_resolve_once_into_a_frozen_config():
     cpu = torch.device("cpu")
     opts = DistillConfig(data="teacher", tokens=300, seq_len=32, batch_size=4)
     cfg = resolve_config(opts, student_source="the-source", device=cpu)
-    auto = "bf16" if cpu_has_bf16() else "fp32"  # bf16 autocast where the CPU multiplies bf16 natively
+    auto = "bf16" if cpu_has_bf16() else "fp32"  # bf16 autocast where the CPU has AMX
     assert (cfg.total_steps, cfg.teacher, cfg.val_tokens, cfg.precision) == (3, "the-source", 4096, auto)
     assert cfg.log_interval(cpu) == 1 and cfg.eval_interval(cpu) == 2
     assert list(cfg.to_dict()) == [f.name for f in dataclasses.fields(DistillConfig)] + ["total_steps"]

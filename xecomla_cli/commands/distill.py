@@ -110,7 +110,7 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto (bf16 autocast over fp32 weights on GPU and on CPUs with AMX or AVX512-BF16, else fp32), "
+        help="auto (bf16 autocast over fp32 weights on GPU and on CPUs with AMX, else fp32), "
         "bf16 or fp32.",
     ),
 ]

@@ -4,7 +4,7 @@ One optimizer step, for this process's share of a batch of packed blocks of T to
 
     h_t  = teacher body(ids)                     no grad, bf16 weights in a bf16 run
     h_s  = student body(ids)                     bf16 autocast over fp32 master weights (GPU,
-                                                 CPUs with AMX or AVX512-BF16)
+                                                 CPUs with AMX)
     loss = T²·KL(p_t ‖ p_s) (+ w·CE)             kd_loss: chunked, logits never all in memory
     backward, (all-reduce), clip, AdamW, LR schedule (linear warm-up, cosine to 10%)
 
