@@ -110,8 +110,7 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto (bf16 autocast over fp32 weights on GPU and on CPUs with AMX, else fp32), "
-        "bf16 or fp32.",
+        help="auto (bf16 autocast over fp32 weights on GPU and on CPUs with AMX, else fp32), bf16 or fp32.",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the data order (and of teacher sampling).")]
