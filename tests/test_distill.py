@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xecomla_cli.distill import DistillConfig, resolve_config, run_distill
-from xecomla_cli.distill.config import cpu_has_bf16
+from xecomla_cli.distill.config import cpu_bf16_is_fast
 from xecomla_cli.distill.kd_loss import IGNORE_INDEX, kd_loss, kd_loss_reference, next_token_labels
 from xecomla_cli.distill.trainer import lr_lambda
 from xecomla_cli.errors import XecomlaError
@@ -89,9 +89,9 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     from xecomla_cli.distill import config
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(config, "cpu_bf16_is_fast", lambda: False)
     assert config.resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(config, "cpu_bf16_is_fast", lambda: True)
     assert config.resolve_precision("auto", cpu) == "bf16"
     assert config.resolve_precision("fp32", cpu) == "fp32"
 
@@ -101,7 +101,7 @@ def test_options_resolve_once_into_a_frozen_config():
     cpu = torch.device("cpu")
     opts = DistillConfig(data="teacher", tokens=300, seq_len=32, batch_size=4)
     cfg = resolve_config(opts, student_source="the-source", device=cpu)
-    auto = "bf16" if cpu_has_bf16() else "fp32"  # bf16 autocast where the CPU has AMX
+    auto = "bf16" if cpu_bf16_is_fast() else "fp32"  # bf16 autocast where the CPU has AMX
     assert (cfg.total_steps, cfg.teacher, cfg.val_tokens, cfg.precision) == (3, "the-source", 4096, auto)
     assert cfg.log_interval(cpu) == 1 and cfg.eval_interval(cpu) == 2
     assert list(cfg.to_dict()) == [f.name for f in dataclasses.fields(DistillConfig)] + ["total_steps"]
