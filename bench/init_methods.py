@@ -19,9 +19,11 @@ Each method entry is an ``init-svd --method`` string; its split of V follows its
 Every step runs the `xecomla` CLI exactly as a user would (inspect, init-svd, eval --json,
 distill), so the numbers are those of the commands. Results are cached under ``--out`` (a step
 whose output exists is not run again; eval results are keyed by their settings), which makes a
-long comparison resumable. Prints one JSON object on stdout (each row, the perplexity increase
-over the original relative to the paper init's, and the headline: our best against the best peer
-at each budget and stage); ``--markdown FILE`` also writes the table.
+long comparison resumable; ``--cached-only`` runs nothing and reports what is there (a cell not
+measured yet shows —), a look at the table while the comparison runs. Prints one JSON object on
+stdout (each row, the perplexity increase over the original relative to the paper init's, and the
+headline: our best against the best peer at each budget and stage); ``--markdown FILE`` also
+writes the table.
 """
 
 from __future__ import annotations
@@ -80,9 +82,12 @@ def eval_key(opts: argparse.Namespace) -> str:
     return f"{tasks}-l{opts.limit}-ppl{opts.ppl_tokens}"
 
 
-def evaluate(model: str, name: str, opts: argparse.Namespace) -> dict:
-    """eval --json of a model, cached: perplexity, zero-shot average (None without tasks), cache bytes."""
+def evaluate(model: str, name: str, opts: argparse.Namespace) -> dict | None:
+    """eval --json of a model, cached: perplexity, zero-shot average (None without tasks), cache
+    bytes; None when not cached and ``--cached-only``."""
     cache = opts.out / f"{name}.eval-{eval_key(opts)}.json"
+    if not cache.exists() and opts.cached_only:
+        return None
     if not cache.exists():
         args = ["eval", model, "--json", "--ppl-tokens", str(opts.ppl_tokens)]
         if opts.tasks:
@@ -98,9 +103,12 @@ def evaluate(model: str, name: str, opts: argparse.Namespace) -> dict:
     }
 
 
-def init(method: str, rank: int, rope: int, out: Path, opts: argparse.Namespace) -> float:
-    """init-svd with a method; returns the command's wall-clock seconds (model load included), cached beside it."""
+def init(method: str, rank: int, rope: int, out: Path, opts: argparse.Namespace) -> float | None:
+    """init-svd with a method; returns the command's wall-clock seconds (model load included),
+    cached beside it; None when not cached and ``--cached-only``."""
     seconds = out.parent / f"{out.name}.seconds"
+    if opts.cached_only and not seconds.exists():
+        return None
     if not (out / "xecomla.json").exists():
         t0 = time.perf_counter()
         args = ["--quiet", "init-svd", opts.source, "--kv-rank", str(rank), "--rope-dim", str(rope)]
@@ -114,14 +122,19 @@ def distill_dir(ckpt: Path, opts: argparse.Namespace) -> Path:
     return ckpt.parent / f"{ckpt.name}-distill{tag}-{opts.distill_tokens}"
 
 
-def distill(ckpt: Path, opts: argparse.Namespace) -> Path:
+def distill(ckpt: Path, opts: argparse.Namespace) -> Path | None:
     extra = opts.distill_args.split()
     out = distill_dir(ckpt, opts)
+    if opts.cached_only and not (out / "xecomla.json").exists():
+        return None
     if not (out / "xecomla.json").exists():
         args = ["--quiet", "distill", str(ckpt), "--tokens", opts.distill_tokens, "--seq-len", str(opts.seq_len)]
         xecomla(*args, "--batch-size", str(opts.batch_size), *extra, "-o", str(out), "--force")
         shutil.rmtree(out.parent / f"{out.name}.run", ignore_errors=True)  # resumable state, not needed
     return out
+
+
+UNMEASURED = {"ppl": None, "avg": None}  # a result not cached yet (--cached-only)
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -135,14 +148,14 @@ def markdown(rows: list[dict], original: dict, opts: argparse.Namespace) -> str:
     after = f"{opts.distill_tokens} {'local' if '--local' in opts.distill_args else 'KD'}"
     cols += [f"ppl after {after}", f"avg after {after}"] if trained else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    cells = ["—", "original", "—", "—", "—", f"{original['ppl']:.2f}", fmt(original["avg"], ".4f")]
+    cells = ["—", "original", "—", "—", "—", fmt(original["ppl"], ".2f"), fmt(original["avg"], ".4f")]
     lines.append("| " + " | ".join(cells + ["", ""] * trained) + " |")
     for r in rows:
         cells = [r["budget"], r["entry"], str(r["r"]), str(r["p"]), f"{r['init_seconds']:.0f}"]
-        cells += [f"{r['ppl']:,.1f}", fmt(r["avg"], ".4f")]
+        cells += [fmt(r["ppl"], ",.1f"), fmt(r["avg"], ".4f")]
         if trained:
-            d = r.get("distilled")
-            cells += [f"{d['ppl']:,.1f}", fmt(d["avg"], ".4f")] if d else ["—", "—"]
+            d = r.get("distilled") or UNMEASURED
+            cells += [fmt(d["ppl"], ",.1f"), fmt(d["avg"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -156,9 +169,9 @@ def compare(rows: list[dict], original: dict) -> dict:
             res = row if stage == "init" else row.get("distilled")
             paper = next((r for r in rows if r["budget"] == row["budget"] and r["entry"] == "paper"), None)
             ref = None if paper is None else paper if stage == "init" else paper.get("distilled")
-            if res is None:
+            if res is None or res["ppl"] is None:
                 continue
-            if ref is not None:
+            if ref is not None and ref["ppl"] is not None and original["ppl"] is not None:
                 res["ppl_increase_vs_paper"] = (res["ppl"] - original["ppl"]) / (ref["ppl"] - original["ppl"])
             side = "peer" if row["entry"].split("@")[0] in PEERS else None if row["entry"] == "paper" else "ours"
             if side:
@@ -185,19 +198,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/init-methods"))
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--cached-only", action="store_true", help="run nothing: report what --out holds")
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
 
     G = kv_heads(opts) if any(e == "mha2mla" or "group-rope" in e for e in opts.methods.split(",")) else 1
-    original = evaluate(opts.source, "original", opts)
+    original = evaluate(opts.source, "original", opts) or UNMEASURED
     rows, ckpts = [], []
     for budget in opts.budgets.split(","):  # before training: every init first
         for entry in opts.methods.split(","):
             method, rank, rope = split(entry, budget, G)
             ckpt = opts.out / f"{method.replace('+', '-')}-r{rank}-p{rope}"
             seconds = init(method, rank, rope, ckpt, opts)
+            if seconds is None:  # --cached-only and not initialised yet
+                continue
             row = {"budget": f"{rank + rope}", "entry": entry, "method": method, "r": rank, "p": rope}
-            rows.append({**row, "init_seconds": seconds, **evaluate(str(ckpt), ckpt.name, opts)})
+            rows.append({**row, "init_seconds": seconds, **(evaluate(str(ckpt), ckpt.name, opts) or UNMEASURED)})
             ckpts.append(ckpt)
     if opts.distill_tokens not in ("0", ""):  # then the same distillation budget for each
         wanted = opts.distill_methods.split(",") if opts.distill_methods else None
@@ -206,7 +222,8 @@ def main() -> None:
             chosen = (wanted is None or row["entry"] in wanted) and (budgets is None or row["budget"] in budgets)
             if chosen or (distill_dir(ckpt, opts) / "xecomla.json").exists():  # done earlier: reported too
                 d = distill(ckpt, opts)
-                row["distilled"] = evaluate(str(d), d.name, opts)
+                if d is not None:
+                    row["distilled"] = evaluate(str(d), d.name, opts) or UNMEASURED
     headline = compare(rows, original)
     report = {
         "source": opts.source,
