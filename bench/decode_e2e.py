@@ -75,7 +75,7 @@ def random_pair(shape: str, device, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from xecomla_cli.init import build_spec
-    from xecomla_cli.mla.convert import apply_spec
+    from xecomla_cli.mla.rebuild import apply_spec
     from xecomla_cli.mla.rope import model_inv_freq
 
     shape_config, kv_rank = SHAPES[shape]

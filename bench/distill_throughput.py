@@ -77,7 +77,7 @@ def build_pair(shape: str, kv_rank: int, device: torch.device, student_dtype, te
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from xecomla_cli.init import build_spec
-    from xecomla_cli.mla.convert import apply_spec
+    from xecomla_cli.mla.rebuild import apply_spec
     from xecomla_cli.mla.rope import model_inv_freq
 
     config = LlamaConfig(**SHAPES[shape])

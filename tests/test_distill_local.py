@@ -12,7 +12,7 @@ from conftest import make_model
 from xecomla_cli.distill.local import LocalConfig, local_distill, relative_error
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.mla.convert import decoder_layers
+from xecomla_cli.mla.rebuild import decoder_layers
 
 
 def converted(teacher, **kw):
@@ -72,16 +72,14 @@ def test_training_reduces_every_layer_error(setup):
 
 
 def _layer0(teacher, ids):
-    from xecomla_cli.init.calibration import LayerRunner
+    from xecomla_cli.layerwise import LayerRunner
 
     run = LayerRunner(teacher, ids, micro_batch=4)
     layer = decoder_layers(teacher)[0]
-    xs = [layer.input_layernorm(c["h"]) for c in run.chunks]
+    xs = [layer.input_layernorm(c.h) for c in run.chunks]
     with torch.no_grad():
         ys = [
-            layer.self_attn(
-                hidden_states=x, position_embeddings=c["emb"], attention_mask=c["mask"], position_ids=c["pos"]
-            )[0]
+            layer.self_attn(hidden_states=x, position_embeddings=c.emb, attention_mask=c.mask, position_ids=c.pos)[0]
             for x, c in zip(xs, run.chunks, strict=True)
         ]
     return xs, ys, run.chunks

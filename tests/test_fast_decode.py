@@ -17,8 +17,8 @@ from xecomla_cli.kernels import ENV_VAR
 from xecomla_cli.mla import cache as latent_cache
 from xecomla_cli.mla.attention import MLAAttention
 from xecomla_cli.mla.cache import GrowingLayer, use_growing_layer
-from xecomla_cli.mla.convert import decoder_layers
 from xecomla_cli.mla.decode import decode_mask, output_absorption_pays
+from xecomla_cli.mla.rebuild import decoder_layers
 
 
 def converted(family="llama", layers=None, **overrides):

@@ -1,4 +1,6 @@
-"""Imports run one way: commands -> stages -> math. No cycle anywhere, lazy imports included."""
+"""Imports run one way: commands -> stages -> math. No cycle anywhere, lazy imports included; no
+stage package (init, distill, evaluate, export) imports another. Imports under ``if TYPE_CHECKING:``
+are annotations only and do not count."""
 
 from __future__ import annotations
 
@@ -6,6 +8,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xecomla_cli"
+STAGES = ("init", "distill", "evaluate", "export")
+
+
+def type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks (annotation-only imports)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            for child in node.body:
+                inside.update(id(n) for n in ast.walk(child))
+    return inside
 
 
 def module_name(path: Path) -> str:
@@ -19,7 +32,11 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in files}
     for mod, path in files.items():
         is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skip = type_checking_nodes(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -96,3 +113,36 @@ def test_nothing_below_the_commands_imports_them():
         if t.startswith(("xecomla_cli.commands", "xecomla_cli.cli"))
     )
     assert upward == []
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def stage_crossings(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, target) pairs where a module of one stage package imports another stage's module."""
+    return sorted(
+        (m, t)
+        for m, deps in graph.items()
+        for t in deps
+        if stage_of(m) is not None and stage_of(t) is not None and stage_of(m) != stage_of(t)
+    )
+
+
+def test_no_stage_imports_another():
+    assert stage_crossings(import_graph()) == []
+
+
+def test_stage_crossings_are_found():
+    graph = {
+        "xecomla_cli.distill.local": {"xecomla_cli.init.stats", "xecomla_cli.layerwise", "xecomla_cli.distill.config"},
+        "xecomla_cli.init.stats": {"xecomla_cli.layerwise"},
+    }
+    assert stage_crossings(graph) == [("xecomla_cli.distill.local", "xecomla_cli.init.stats")]
+
+
+def test_type_checking_imports_do_not_count():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nimport b\n")
+    skipped = [n for n in ast.walk(tree) if id(n) in type_checking_nodes(tree) and isinstance(n, ast.Import)]
+    assert [a.name for n in skipped for a in n.names] == ["a"]

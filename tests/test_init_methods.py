@@ -1,4 +1,4 @@
-"""Data-aware initialisations (init.methods and its components, init.calibration): the math, then the CLI."""
+"""Data-aware initialisations (init.methods and its parts, init.stats, text.calibration): the math, then the CLI."""
 
 from __future__ import annotations
 
@@ -11,20 +11,16 @@ from conftest import make_model, make_tokenizer
 
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.init.calibrated import attention_head_outputs, refit_output
-from xecomla_cli.init.calibration import (
-    LayerRunner,
-    LayerStats,
-    attention_stats,
-    calibration_documents,
-    calibration_ids,
-)
 from xecomla_cli.init.convert import convert_layer
 from xecomla_cli.init.latent import budget_ranks, whitened_factors
 from xecomla_cli.init.methods import MethodConfig, parse_method
+from xecomla_cli.init.refit import attention_head_outputs, refit_output
 from xecomla_cli.init.rope_pairs import drop_pairs, pair_plan, pair_scores, rotation_weight, select_pairs
 from xecomla_cli.init.shared_key import head_rotation, shared_key_fit
+from xecomla_cli.init.stats import LayerStats, attention_stats, layer_stats
+from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
+from xecomla_cli.text.calibration import calibration_documents, calibration_ids
 
 
 def kl(out, ref):
@@ -315,7 +311,7 @@ def test_layer_runner_stats_match_hidden_states():
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
     for i, layer in enumerate(model.model.layers):
-        s = runner.stats(i)
+        s = layer_stats(runner, i)
         x = layer.input_layernorm(hs[i]).reshape(-1, 64)
         ref = attention_stats(layer.self_attn, x)
         assert s.n == ids.numel()
@@ -333,7 +329,7 @@ def test_refit_output_reduces_layer_error_and_is_exact_at_full_rank():
     ids = calib(B=6)
     model = make_model("llama")
     runner = LayerRunner(model, ids)
-    stats, xs = runner.stats(0), runner.attention_inputs(0)
+    stats, xs = layer_stats(runner, 0), runner.attention_inputs(0)
     old = model.model.layers[0].self_attn
 
     def err(attn):

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from xecomla_cli.init import build_spec, convert_model
 from xecomla_cli.init.common import AttentionWeights, layer_singular_values, repeat_heads
 from xecomla_cli.mla.attention import MLAAttention
-from xecomla_cli.mla.convert import decoder_layers
+from xecomla_cli.mla.rebuild import decoder_layers
 from xecomla_cli.mla.spec import MLASpec
 
 

@@ -11,14 +11,15 @@ from transformers import DynamicCache
 
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.init.calibration import LayerRunner
 from xecomla_cli.init.common import AttentionWeights
 from xecomla_cli.init.freqfold import fold_candidates, fold_slots, freqfold_keys
 from xecomla_cli.init.latent import balanced_factors, kv_balance, whitened_factors
 from xecomla_cli.init.methods import MethodConfig, parse_method
 from xecomla_cli.init.rope_pairs import pair_scores, select_pairs, uniform_pairs
 from xecomla_cli.init.shared_key import complex_rows
+from xecomla_cli.init.stats import layer_stats
 from xecomla_cli.init.transmla import search_freqfold
+from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.mla.spec import MLASpec
 
 
@@ -169,7 +170,7 @@ def test_uniform_pairs():
 def test_mha2mla_keeps_each_groups_2norm_pairs_and_the_joint_svd():
     ids = calib()
     model = make_model("llama")
-    stats = LayerRunner(model, ids).stats(0)
+    stats = layer_stats(LayerRunner(model, ids), 0)
     w = AttentionWeights.of(model.model.layers[0].self_attn)
     spec = build_spec(model.config, kv_rank=12, rope_dim=8, method="mha2mla")  # 2 pairs per group
     convert_model(model, spec, "mha2mla", ids)

@@ -192,7 +192,7 @@ def build_model(config, spec: MLASpec | None, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .mla.convert import apply_spec
+    from .mla.rebuild import apply_spec
 
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

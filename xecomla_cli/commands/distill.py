@@ -177,7 +177,7 @@ def distill_command(
 
     Several GPUs: `torchrun --nproc-per-node N $(which xecomla) distill CKPT ...` trains with DDP (FSDP with --fsdp); rank 0 writes.
     """  # noqa: E501 (one help paragraph: Typer keeps a docstring's line breaks)
-    from ..data import parse_count
+    from ..counts import parse_count
     from ..distill import DistillConfig, run_distill
     from ..distill.local import LocalConfig
     from ..distill.local_run import run_local_distill

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from ..data import demo_available, steps_for_tokens
 from ..errors import XecomlaError
+from ..text.bundled import demo_available
+from ..text.packing import steps_for_tokens
 
 PRECISIONS = ("bf16", "fp32")
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import console
-from ..data import PackedData, prepare_text_data
-from ..teacher_text import teacher_samples
+from ..text.packing import PackedData, prepare_text_data
+from ..text.teacher import teacher_samples
 from .config import ResolvedConfig
 from .dist import Dist
 

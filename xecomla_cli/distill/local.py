@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import XecomlaError
-from ..init.calibration import LayerRunner
+from ..layerwise import Chunk, LayerRunner, attention_on, walk
 from ..mla.attention import MLAAttention
-from ..mla.convert import decoder_layers
+from ..mla.rebuild import decoder_layers, mla_layers
 
 INPUTS = ("teacher", "student")
 
@@ -85,20 +85,12 @@ class LayerResult:
         }
 
 
-def attention_output(attn, x: torch.Tensor, chunk: dict) -> torch.Tensor:
-    """attn(x) for attention inputs x (B, T, d) of one calibration chunk: (B, T, d)."""
-    out, _ = attn(
-        hidden_states=x, position_embeddings=chunk["emb"], attention_mask=chunk["mask"], position_ids=chunk["pos"]
-    )
-    return out
-
-
 @torch.no_grad()
-def relative_error(attn, inputs: list[torch.Tensor], targets: list[torch.Tensor], chunks: list[dict]) -> float:
+def relative_error(attn, inputs: list[torch.Tensor], targets: list[torch.Tensor], chunks: list[Chunk]) -> float:
     """sqrt(Σ ||attn(x) − y||² / Σ ||y||²) over the calibration chunks."""
     err = ref = 0.0
     for x, y, chunk in zip(inputs, targets, chunks, strict=True):
-        out = attention_output(attn, x, chunk)
+        out = attention_on(attn, x, chunk)
         err += float((out.double() - y.double()).pow(2).sum())
         ref += float(y.double().pow(2).sum())
     return math.sqrt(err / max(ref, 1e-30))
@@ -108,7 +100,7 @@ def train_layer(
     attn: MLAAttention,
     inputs: list[torch.Tensor],
     targets: list[torch.Tensor],
-    chunks: list[dict],
+    chunks: list[Chunk],
     cfg: LocalConfig,
     seed: int = 0,
 ) -> tuple[float, float]:
@@ -129,7 +121,7 @@ def train_layer(
     for _ in range(cfg.epochs):
         for k in torch.randperm(len(chunks), generator=g).tolist():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = attention_output(attn, inputs[k], chunks[k])
+                out = attention_on(attn, inputs[k], chunks[k])
             loss = (out.float() - targets[k]).pow(2).sum() / ref * len(chunks)  # the chunk's share of the whole loss
             loss.backward()
             opt.step()
@@ -142,10 +134,6 @@ def train_layer(
     return before, after
 
 
-def converted_layers(model) -> list[int]:
-    return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, MLAAttention)]
-
-
 def local_distill(
     student,
     teacher,
@@ -156,7 +144,7 @@ def local_distill(
     """Train every converted layer of ``student`` (in place) on ``input_ids`` (B, T); layers in order.
 
     Only the MLA attention modules change; every other parameter is left as it is."""
-    layers = converted_layers(student)
+    layers = mla_layers(student)
     if not layers:
         raise XecomlaError("the student has no MLA layers to distil locally: pass an init-svd checkpoint")
     if len(decoder_layers(student)) != len(decoder_layers(teacher)):
@@ -164,29 +152,24 @@ def local_distill(
     t_run = LayerRunner(teacher, input_ids, micro_batch=cfg.micro_batch)
     s_run = LayerRunner(student, input_ids, micro_batch=cfg.micro_batch) if cfg.inputs == "student" else None
     results = []
-    for i in range(max(layers) + 1):
-        if i in layers:
-            start = time.perf_counter()
-            t_layer, s_layer = decoder_layers(teacher)[i], decoder_layers(student)[i]
-            with torch.no_grad():
-                targets = []
-                inputs = []
-                for k, c in enumerate(t_run.chunks):
-                    y = attention_output(t_layer.self_attn, t_layer.input_layernorm(c["h"]), c)
-                    h = c["h"] if s_run is None else s_run.chunks[k]["h"]
-                    targets.append(y if s_run is None else y + (c["h"] - h))
-                    inputs.append(s_layer.input_layernorm(h))
-            before, after = train_layer(s_layer.self_attn, inputs, targets, t_run.chunks, cfg, seed=i)
-            held = [c["h"] for c in t_run.chunks] + inputs + targets
-            held += [c["h"] for c in s_run.chunks] if s_run is not None else []
-            nbytes = sum(t.numel() * t.element_size() for t in held)
-            result = LayerResult(i, before, after, time.perf_counter() - start, before >= cfg.skip_below, nbytes)
-            results.append(result)
-            if progress is not None:
-                progress(result)
-            del inputs, targets
-        if i < max(layers):
-            t_run.advance(i)
-            if s_run is not None:
-                s_run.advance(i)
+    for i in walk([t_run] if s_run is None else [t_run, s_run], layers):
+        start = time.perf_counter()
+        t_layer, s_layer = decoder_layers(teacher)[i], decoder_layers(student)[i]
+        with torch.no_grad():
+            targets = []
+            inputs = []
+            for k, c in enumerate(t_run.chunks):
+                y = attention_on(t_layer.self_attn, t_layer.input_layernorm(c.h), c)
+                h = c.h if s_run is None else s_run.chunks[k].h
+                targets.append(y if s_run is None else y + (c.h - h))
+                inputs.append(s_layer.input_layernorm(h))
+        before, after = train_layer(s_layer.self_attn, inputs, targets, t_run.chunks, cfg, seed=i)
+        held = [c.h for c in t_run.chunks] + inputs + targets
+        held += [c.h for c in s_run.chunks] if s_run is not None else []
+        nbytes = sum(t.numel() * t.element_size() for t in held)
+        result = LayerResult(i, before, after, time.perf_counter() - start, before >= cfg.skip_below, nbytes)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+        del inputs, targets
     return results

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import console
-from ..data import human_count
+from ..counts import human_count
 from ..errors import XecomlaError
+from ..mla.rebuild import mla_layers
 from .config import DistillConfig
 from .data import prepare_data
 from .dist import setup_distributed
@@ -91,9 +92,7 @@ def run_local_distill(
 
 def train_layers(student, teacher, ids, local: LocalConfig, log: Log) -> list[LayerResult]:
     """local_distill with a progress bar over the converted layers and a line per layer."""
-    from .local import converted_layers
-
-    layers = converted_layers(student)
+    layers = mla_layers(student)
     with console.make_progress() as progress:
         task = progress.add_task("local distillation", total=len(layers))
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import build_model, save_checkpoint
-from ..data import PackedData
 from ..loaded import LoadedModel
+from ..text.packing import PackedData
 from .config import ResolvedConfig
 from .dist import Dist
 from .plan import RunPlan

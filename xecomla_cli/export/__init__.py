@@ -34,7 +34,7 @@ xecomla`` writes our own format instead.
 
 The package, in the order an export runs:
 
-    mapping.plan_export       the ExportPlan (plan.py): every choice, or one line saying why not
+    plan.plan_export          the ExportPlan: every choice, or one line saying why not
     rope.check_rope           the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
     config.deepseek_config    config.json
     weights                   the weights in the DeepSeek-V3 layout, the identity-emulation constants
@@ -44,8 +44,7 @@ The package, in the order an export runs:
 """
 
 from .hub import push_to_hub
-from .mapping import plan_export
-from .plan import ExportPlan, ExportResult
+from .plan import ExportPlan, ExportResult, plan_export
 from .write import export_checkpoint
 
 __all__ = ["ExportPlan", "ExportResult", "export_checkpoint", "plan_export", "push_to_hub"]

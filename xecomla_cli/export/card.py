@@ -12,10 +12,10 @@ from typing import Any
 
 from ..checkpoint import META_FILE
 from ..mla.spec import MLASpec, attention_kind
+from ..text.bundled import DEMO_MODEL_BASE
 from .plan import ExportPlan
 
 MAX_LINEAGE = 20
-DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def lineage(ckpt_dir: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,7 +185,7 @@ def render_card(
     """README.md: front matter, method and options, cache size, metrics, layout or format, lineage."""
     source = meta.get("source") or "unknown"
     name = Path(history[-1]["path"]).name if history else "model"
-    shown = f"{DEMO_BASE} (`demo`, the model embedded in xecomla)" if source == "demo" else source
+    shown = f"{DEMO_MODEL_BASE} (`demo`, the model embedded in xecomla)" if source == "demo" else source
     out = _front_matter(source, fmt) + ["", f"# {name} (X-EcoMLA)", ""]
     out.append(
         f"Multi-head latent attention (MLA) upcycled from **{shown}** with xecomla, an implementation of "
@@ -219,7 +219,7 @@ def render_card(
 def _front_matter(source: str, fmt: str) -> list[str]:
     """The Hub's YAML header: library, base model (a Hub id, or the demo's), tags."""
     hub_base = "/" in source and not source.startswith((".", "/", "~")) and not Path(source).exists()
-    base_model = source if hub_base else DEMO_BASE if source == "demo" else None
+    base_model = source if hub_base else DEMO_MODEL_BASE if source == "demo" else None
     library = "transformers" if fmt == "hf" else "xecomla"
     front = ["---", f"library_name: {library}", "pipeline_tag: text-generation"]
     if base_model:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..mla.spec import MLASpec
-from .plan import ExportPlan
+
+if TYPE_CHECKING:  # annotations only: plan.py imports this module
+    from .plan import ExportPlan
 
 
 def rope_parameters(config, theta: float | None = None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The records of an export: every choice it makes (``ExportPlan``) and what it produced (``ExportResult``).
+"""The plan of an export: every choice it makes (``ExportPlan``), decided by ``plan_export`` (how a
+checkpoint maps onto DeepSeek-V3, or one line saying why it cannot exactly), and what the export
+produced (``ExportResult``).
 
 The plan is saved in ``xecomla_export.json``, shown in the model card and logged by the command;
-``mapping.plan_export`` makes it, ``weights.deepseek_state_dict`` adds the emulation constants.
+``weights.deepseek_state_dict`` adds the emulation constants.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import XecomlaError
+from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
+from .rope import check_rope
 
 WEIGHT_DTYPES = ("float32", "bfloat16")  # the dtypes an export writes its weights in
+ALTERNATIVE = "export with --format xecomla (our own format) instead"
 
 
 @dataclass
@@ -86,3 +92,153 @@ class ExportResult:
                 f"greedy {'identical' if v['greedy_tokens_equal'] else 'DIFFERENT'}"
             )
         return lines
+
+
+# ---- deciding the plan ---------------------------------------------------------------------------
+def plan_export(
+    loaded, *, dtype: str = "float32", pad_ranks: bool = False, portable: bool = False, latent_width: int | None = None
+) -> ExportPlan:
+    """Decide the mapping, or raise one clear line saying why the layout cannot hold it exactly."""
+    spec: MLASpec | None = loaded.spec
+    if spec is None:
+        raise XecomlaError("this checkpoint has no MLA layers (it is an original model): run init-svd first")
+    check_architecture(loaded, spec)
+    ranks = [int(r) for r in spec.kv_ranks]
+    R = max(ranks)
+    latent = "norm" if spec.latent_norm else "identity"
+    extra = 1 if latent == "identity" else 0
+    if latent_width is not None:  # pad every layer so that kv_lora_rank + qk_rope_head_dim = latent_width
+        need = R + extra + spec.rope_dim
+        if latent_width < need:
+            raise XecomlaError(
+                f"--latent-width {latent_width} is below this checkpoint's {need} cached values per layer "
+                f"(r={R}{' + 1 constant channel' if extra else ''} + p={spec.rope_dim})"
+            )
+        R = latent_width - spec.rope_dim - extra
+        pad_ranks = True
+    padded = [i for i, r in enumerate(ranks) if r != R]
+    if padded and not pad_ranks:
+        raise XecomlaError(
+            f"layers have different latent ranks ({_rank_summary(ranks)}) but the DeepSeek-V3 layout has one "
+            f"kv_lora_rank: pass --pad-ranks to pad every layer to r={R} with zero channels (exact, but the "
+            f"cache grows to {R + extra + spec.rope_dim} values per layer), or {ALTERNATIVE}"
+        )
+    if dtype not in WEIGHT_DTYPES:
+        raise XecomlaError(f"export --dtype {dtype} is not supported: use float32 or bfloat16")
+    if latent == "identity" and portable:
+        raise XecomlaError(
+            "this checkpoint has no latent norm, so the export emulates DeepSeek-V3's mandatory kv_a_layernorm "
+            "with an attention bias, which vLLM and SGLang silently drop: --portable needs a checkpoint made with "
+            "`init-svd --latent-norm` (then distilled); without --portable the export is exact in transformers"
+        )
+
+    attention_bias = latent == "identity"
+    if spec.q_rank is None:
+        queries, q_lora_rank = "dense", None
+    elif attention_bias:
+        queries, q_lora_rank = "lora-identity", spec.q_rank + 1
+    else:  # keep the export bias-free (portable): DeepSeek-V3's q_lora would need a norm we lack
+        queries, q_lora_rank = "dense-from-lora", None
+    plan = ExportPlan(
+        latent=latent,
+        queries=queries,
+        kv_rank=R,
+        kv_lora_rank=R + extra,
+        q_lora_rank=q_lora_rank,
+        rope_dim=spec.rope_dim,
+        attention_bias=attention_bias,
+        dtype=dtype,
+        padded_layers=padded,
+    )
+    check_rope(loaded, plan)
+    plan.notes += _notes(plan, spec, max(ranks))
+    return plan
+
+
+def check_architecture(loaded, spec: MLASpec) -> None:
+    """Refuse what the DeepSeek-V3 layout lacks: original layers, MLP biases, sliding windows, attention biases."""
+    unconverted = [i for i, r in enumerate(spec.kv_ranks) if r is None]
+    if unconverted:
+        raise XecomlaError(
+            f"layers {_ranges(unconverted)} keep their original attention (hybrid checkpoint): the DeepSeek-V3 "
+            f"layout has MLA in every layer; {ALTERNATIVE}"
+        )
+    if spec.rope_groups > 1:
+        raise XecomlaError(
+            f"per-group RoPE slices (rope_groups {spec.rope_groups}) cannot be written in the DeepSeek-V3 layout, "
+            "whose RoPE has one frequency per pair index: export with --format xecomla, or init with --method deepseek"
+        )
+    config = loaded.config
+    if getattr(config, "mlp_bias", False):
+        raise XecomlaError(f"the MLP has biases (mlp_bias: true), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and _uses_sliding_window(config) and window < config.max_position_embeddings:
+        raise XecomlaError(
+            f"the model uses sliding-window attention ({window} tokens < {config.max_position_embeddings} "
+            f"positions), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}"
+        )
+    biases = _attention_biases(loaded.model)
+    if biases:
+        raise XecomlaError(
+            f"the attention has biases ({', '.join(biases)}; {loaded.family}) that the DeepSeek-V3 layout cannot "
+            f"hold exactly (it has no query or up-projection biases); {ALTERNATIVE}"
+        )
+
+
+def _notes(plan: ExportPlan, spec: MLASpec, max_rank: int) -> list[str]:
+    """What the plan changes against the checkpoint, in words for the card and the log."""
+    notes = []
+    if plan.latent == "identity":
+        notes.append(
+            "kv_a_layernorm emulates the identity with one constant latent channel (bias C, norm weight 1/s): "
+            f"DeepSeek-V3 caches {plan.kv_lora_rank} + {spec.rope_dim} values per token per layer against xecomla's "
+            f"{max_rank} + {spec.rope_dim}"
+        )
+    if plan.queries == "dense-from-lora":
+        notes.append(
+            f"low-rank queries (q_rank {spec.q_rank}) are exported as the dense product q_b·q_a: DeepSeek-V3's "
+            "q_lora applies a norm the checkpoint does not have"
+        )
+    if plan.queries == "lora-identity":
+        notes.append(f"q_a_layernorm emulates the identity with one constant channel (q_lora_rank {plan.q_lora_rank})")
+    if plan.padded_layers:
+        notes.append(f"layers {_ranges(plan.padded_layers)} are padded with zero latent channels to r={plan.kv_rank}")
+        if plan.latent == "norm":
+            notes.append(
+                "padded latent norms are rescaled by sqrt(r/R): exact but for the norm's eps, which grows to eps·R/r"
+            )
+    return notes
+
+
+def _uses_sliding_window(config) -> bool:
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return any(t == "sliding_attention" for t in layer_types)
+    return True
+
+
+def _attention_biases(model) -> list[str]:
+    names: set[str] = set()
+    for layer in decoder_layers(model):
+        for name, _ in layer.self_attn.named_parameters():
+            if name.endswith(".bias"):
+                names.add(name)
+    return sorted(names)
+
+
+def _ranges(items: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], None
+    for a, b in zip(items, items[1:] + [None], strict=True):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = None
+    return ",".join(out)
+
+
+def _rank_summary(ranks: list[int]) -> str:
+    uniq = sorted(set(ranks))
+    return ", ".join(f"r={r} in layers {_ranges([i for i, x in enumerate(ranks) if x == r])}" for r in uniq)

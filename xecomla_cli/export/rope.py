@@ -9,12 +9,16 @@ frequencies), and the same with rope_theta' = θ^{p/h}, whose frequencies at dim
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..errors import XecomlaError
-from ..mla.convert import decoder_layers
+from ..mla.rebuild import decoder_layers
 from .config import deepseek_config
-from .plan import ExportPlan
+
+if TYPE_CHECKING:  # annotations only: plan.py imports this module
+    from .plan import ExportPlan
 
 
 def deepseek_rope(config_dsv3) -> tuple[torch.Tensor, float]:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
-from ..mla.convert import decoder_layers
+from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
 from .plan import ExportPlan
 

@@ -18,8 +18,7 @@ from ..errors import XecomlaError
 from ..mla.spec import MLASpec
 from .card import lineage, render_card
 from .config import deepseek_config
-from .mapping import plan_export
-from .plan import WEIGHT_DTYPES, ExportPlan, ExportResult
+from .plan import WEIGHT_DTYPES, ExportPlan, ExportResult, plan_export
 from .verify import verify_export
 from .weights import deepseek_state_dict
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mla.convert import decoder_layers
+from ..mla.rebuild import decoder_layers
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Convert a loaded model's attention to MLA, choosing the initialisation once (``init.methods``).
 
 ``paper`` is data-free (``init.paper``); every other method calibrates first: one pass of the
-original model over the calibration tokens collects each converted layer's statistics
-(``init.calibration``), then each layer is built by ``init.calibrated``.
+original model over the calibration tokens (``layerwise``) collects each converted layer's
+statistics (``init.stats``), then each layer is built by ``init.method_weights`` (and, with
+``refit``, its output projection refitted by ``init.refit``).
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ from dataclasses import replace
 import torch
 
 from ..errors import XecomlaError
+from ..layerwise import LayerRunner, walk
 from ..mla.attention import MLAAttention
-from ..mla.convert import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
+from ..mla.rebuild import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from ..mla.spec import MLASpec
-from .calibrated import layer_energy, method_state_dict, refit_output
-from .calibration import LayerRunner, LayerStats, calibration_loss
 from .common import AttentionWeights
 from .freqfold import fold_candidates
 from .latent import budget_ranks
+from .method_weights import layer_energy, method_state_dict
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict
+from .refit import refit_output
 from .rope_pairs import layer_plans, merged_plan
+from .stats import LayerStats, calibration_loss, layer_stats
 from .transmla import search_freqfold, transmla_energy, transmla_state_dict
 
 FREQFOLD_SEARCH_TOKENS = 2048  # calibration tokens scored per fold tried (a full model forward each)
@@ -84,13 +87,10 @@ def convert_model(
         if calib_ids is None:
             raise XecomlaError("this --method needs calibration data: pass calibration token ids")
         runner = LayerRunner(model, calib_ids)
-        for i in range(max(layers) + 1):
-            if i in layers:
-                stats[i] = runner.stats(i)
-                if cfg.refit:
-                    inputs[i] = runner.attention_inputs(i)
-            if i < max(layers):
-                runner.advance(i)
+        for i in walk([runner], layers):
+            stats[i] = layer_stats(runner, i)
+            if cfg.refit:
+                inputs[i] = runner.attention_inputs(i)
             tick(i)
     if cfg.freqfold == 0:
 
@@ -158,10 +158,10 @@ def budget_rank(spec: MLASpec) -> int:
 
 
 def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
-    """How many calibration steps ``convert_model`` reports (for a progress bar): the layers of the
-    calibration pass, and the folds a ``freqfold`` search may try."""
+    """How many calibration steps ``convert_model`` reports (for a progress bar): the converted
+    layers of the calibration pass, and the folds a ``freqfold`` search may try."""
     cfg = parse_method(method) if isinstance(method, str) else method
     if cfg.is_paper:
         return 0
     folds = len(fold_candidates(spec.head_dim, spec.rope_dim)) if cfg.freqfold == 0 else 0
-    return max(spec.converted_layers) + 1 + folds
+    return len(spec.converted_layers) + folds

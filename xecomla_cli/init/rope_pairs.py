@@ -8,10 +8,10 @@ import torch
 
 from ..mla.rope import model_inv_freq
 from ..mla.spec import MLASpec
-from .calibration import LayerStats
 from .common import RopePlan
 from .methods import ROPE_CONTEXT, MethodConfig
 from .paper import paper_rope_plan
+from .stats import LayerStats
 
 
 def rotation_weight(inv_freq: torch.Tensor, context: int = ROPE_CONTEXT) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ..checkpoint import save_checkpoint
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
 from ..sources import load_model
-from .calibration import DEFAULT_CALIB_TOKENS, calibration_ids
+from ..text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
 from .common import layer_singular_values
 from .convert import calibration_steps, convert_model
 from .methods import MethodConfig, parse_method

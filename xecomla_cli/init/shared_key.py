@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import LayerStats
 from .common import single_thread
+from .stats import LayerStats
 
 
 def complex_rows(w: torch.Tensor, heads: int, pairs: torch.Tensor) -> torch.Tensor:

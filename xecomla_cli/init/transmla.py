@@ -22,11 +22,11 @@ import torch
 
 from ..mla.rope import model_inv_freq
 from ..mla.spec import MLASpec
-from .calibration import LayerStats
 from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .freqfold import FoldedKeys, fold_candidates, freqfold_keys
 from .latent import balanced_factors, kv_balance, whitened_factors
 from .methods import MethodConfig
+from .stats import LayerStats
 
 
 def fold_layer(w: AttentionWeights, spec: MLASpec, stats: LayerStats, fold: int) -> FoldedKeys:

@@ -1,4 +1,4 @@
-"""MLA weights of one layer for the data-aware methods (``init.methods``), and the output refit.
+"""MLA weights of one layer for the data-aware methods (``init.methods``).
 
 Per layer: the RoPE plan (``rope_pairs``) decides which original pairs keep RoPE, the shared
 key (``shared_key``) is fitted per kept pair, and the latent (``latent``) covers the kept rows
@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..mla.spec import MLASpec
-from .calibration import LayerStats
-from .common import AttentionWeights, RopePlan, output_weights, query_weights, single_thread
+from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .latent import balanced_factors, kv_balance, nope_rows, sliced_kv_biases, sliced_kv_rows, whitened_factors
 from .methods import MethodConfig
 from .rope_pairs import merged_plan
 from .shared_key import rope_weights
+from .stats import LayerStats
 
 
 def method_state_dict(
@@ -101,39 +101,3 @@ def layer_energy(w: AttentionWeights, spec: MLASpec, plans, cfg: MethodConfig, s
     G, h = spec.num_kv_heads, spec.head_dim
     W, b = sliced_kv_rows(w, plans, G, h), sliced_kv_biases(w, plans, G, h)
     return kv_latent(W, b, spec.nope_dim, h, cfg, stats, 0)[2]
-
-
-def attention_head_outputs(attn, x: torch.Tensor, chunk: dict) -> torch.Tensor:
-    """The input of ``attn.o_proj`` (N, H·h) for attention inputs x (B, T, d): the heads' outputs."""
-    seen = []
-    handle = attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    try:
-        attn(hidden_states=x, position_embeddings=chunk["emb"], attention_mask=chunk["mask"], position_ids=chunk["pos"])
-    finally:
-        handle.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1]).double()
-
-
-@torch.no_grad()
-def refit_output(old, new, inputs: list[torch.Tensor], chunks: list[dict], ridge: float = 1e-3) -> None:
-    """Refit the MLA's output projection so that it reproduces the original attention output:
-
-        W_o' = argmin Σ_x ||W_o' y'(x) − W_o y(x)||² + λ||W_o' − W_o||²
-             = W_o (Σ y y'ᵀ + λI)(Σ y' y'ᵀ + λI)^{-1},   λ = ridge · tr(Σ y' y'ᵀ)/(H·h)
-
-    with y, y' the original and MLA heads' outputs (before o_proj) on the calibration inputs. It
-    absorbs what the latent and the shared RoPE key change systematically (e.g. a shrunken V).
-    """
-    A = B = None
-    for x, chunk in zip(inputs, chunks, strict=True):
-        x = x.to(new.o_proj.weight.dtype)
-        y = attention_head_outputs(old, x, chunk)
-        y2 = attention_head_outputs(new, x, chunk)
-        A = y.T @ y2 if A is None else A + y.T @ y2
-        B = y2.T @ y2 if B is None else B + y2.T @ y2
-    eye = torch.eye(B.shape[0], dtype=B.dtype)
-    lam = ridge * torch.trace(B) / B.shape[0]
-    wo = new.o_proj.weight.double()
-    with single_thread():
-        w_new = torch.linalg.solve(B + lam * eye, (wo @ (A + lam * eye)).T).T  # B, λI symmetric
-    new.o_proj.weight.copy_(w_new.to(new.o_proj.weight.dtype))

@@ -1,4 +1,5 @@
-"""Swap a loaded model's attention modules for MLA ones, following an `MLASpec`."""
+"""Rebuild MLA modules from an `MLASpec`: swap a loaded model's attention modules for (uninitialised)
+MLA ones, and find which layers of a model are MLA already."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from .spec import MLASpec, attention_shape
 def decoder_layers(model) -> nn.ModuleList:
     """The decoder layers of a Llama/Qwen2/Mistral causal LM."""
     return model.model.layers
+
+
+def mla_layers(model) -> list[int]:
+    """The indices of the decoder layers whose attention is MLA (in a loaded model)."""
+    return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, MLAAttention)]
 
 
 def has_qkv_bias(attn: nn.Module) -> bool:

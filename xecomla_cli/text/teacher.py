@@ -11,7 +11,7 @@ Two kinds, both batched:
   tokens; after an EOS the model simply goes on (a new document).
 
 Sampling is the slow part on a CPU, so samples are cached across runs (``cache_dir``, default
-``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by the teacher's weights fingerprint, the kind,
+``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by a hash of the teacher's weights (``cache_key``), the kind,
 ``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them back,
 and one asking for more samples only the blocks it lacks.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import XecomlaError
+from ..errors import XecomlaError
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
@@ -157,7 +157,7 @@ def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float
     return rows.cpu().tolist()
 
 
-def fingerprint(model, kind: str, seq_len: int, temperature: float, seed: int) -> str:
+def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int) -> str:
     """A key for the cache: the teacher's weights (a sample of them) and the sampling settings."""
     h = hashlib.sha256()
     for name, p in list(model.state_dict().items())[:8]:
@@ -186,7 +186,7 @@ def teacher_samples(
 
     chat = has_chat_template(tokenizer) if chat is None else chat
     kind = "chat" if chat else "plain"
-    cache = Path(cache_dir or default_cache_dir()) / f"{kind}-{fingerprint(model, kind, seq_len, temperature, seed)}"
+    cache = Path(cache_dir or default_cache_dir()) / f"{kind}-{cache_key(model, kind, seq_len, temperature, seed)}"
     cached = cache.with_suffix(".safetensors")
     have = torch.empty(0, seq_len, dtype=torch.int64)
     if cached.is_file():

