@@ -15,6 +15,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Every cache the code (or a CLI subprocess) writes goes under this session's tmp dir, never
+    into the user's ~/.cache (text.teacher.CACHE_ENV)."""
+    root = tmp_path_factory.mktemp("xecomla-cache")
+    os.environ["XECOMLA_CACHE"] = str(root)
+    return root
+
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A latent vector holds keys and values. "
     "Multi-head latent attention caches one small vector per token instead of per-head keys. "

@@ -208,3 +208,24 @@ def test_hub_datasets_need_the_datasets_package(monkeypatch, tokenizer):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(XecomlaError, match="install `datasets`"):
         list(iter_documents("hf:wikitext:wikitext-2-raw-v1", tokenizer))
+
+
+def test_tests_never_write_the_users_cache(private_cache, monkeypatch):
+    """conftest points the cache at the session's tmp dir; without it, XDG_CACHE_HOME then ~/.cache."""
+    from pathlib import Path
+
+    from xecomla_cli.text.teacher import default_cache_dir
+
+    assert default_cache_dir() == private_cache / "teacher-text"
+    assert Path.home() not in default_cache_dir().parents
+    monkeypatch.delenv("XECOMLA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert default_cache_dir() == Path("/somewhere/xecomla/teacher-text")
+
+
+def test_teacher_samples_cache_under_the_private_cache(private_cache):
+    from conftest import make_model, make_tokenizer
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    teacher_samples(model, tokenizer, 2, 8, batch_size=2, seed=11, chat=False)
+    assert list((private_cache / "teacher-text").glob("plain-*.safetensors"))

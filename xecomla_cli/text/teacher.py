@@ -11,9 +11,10 @@ Two kinds, both batched:
   tokens; after an EOS the model simply goes on (a new document).
 
 Sampling is the slow part on a CPU, so samples are cached across runs (``cache_dir``, default
-``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by a hash of the teacher's weights (``cache_key``), the kind,
-``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them back,
-and one asking for more samples only the blocks it lacks.
+``$XECOMLA_CACHE/teacher-text``, else ``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by a hash
+of the teacher's weights (``cache_key``), the kind, ``seq_len``, temperature and seed: a later run
+asking for as many blocks or fewer reads them back, and one asking for more samples only the
+blocks it lacks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ ANSWER_TOKENS = 320  # most tokens of a sampled answer
 CACHE_VERSION = 2  # 2: inverse-CDF sampler
 
 
+CACHE_ENV = "XECOMLA_CACHE"  # the cache root, when set (the tests point it at a temporary directory)
+
+
 def default_cache_dir() -> Path:
+    """$XECOMLA_CACHE/teacher-text, else $XDG_CACHE_HOME/xecomla/teacher-text (~/.cache by default)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "teacher-text"
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "xecomla" / "teacher-text"
 
