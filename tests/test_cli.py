@@ -59,7 +59,7 @@ def test_init_svd_energy_hybrid_quiet(tiny_model_dir, tmp_path):
     )
     assert proc.stderr.strip() == ""
     lm = load_model(proc.stdout.strip())
-    assert lm.spec.kv_ranks[1] is None and lm.spec.q_rank == 32 and lm.spec.options["energy"] == 0.9
+    assert lm.spec.kv_ranks[1] is None and lm.spec.q_rank == 32 and lm.spec.energy == 0.9
     assert torch.isfinite(lm.model(torch.tensor([[1, 2, 3]])).logits).all()
 
 

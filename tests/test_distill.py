@@ -129,7 +129,7 @@ def student_ckpt(tmp_path_factory, tiny_model_dir):
     teacher = tiny_model_dir("llama")
     loaded = load_model(str(teacher))
     spec = build_spec(loaded.model.config, kv_rank=8)
-    convert_model(loaded.model, spec)
+    spec = convert_model(loaded.model, spec)
     ckpt = tmp_path_factory.mktemp("student") / "tiny-mla"
     save_checkpoint(
         ckpt, model=loaded.model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=str(teacher)

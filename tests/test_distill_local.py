@@ -99,7 +99,7 @@ def test_exact_full_rank_layer_is_left_unchanged(setup):
             wk[:, [j + h // 2 for j in slow]] = 0
     student = copy.deepcopy(teacher)
     spec = build_spec(student.config, kv_rank=h - p + h, rope_dim=p, method="fast-pairs+complex")
-    convert_model(student, spec, "fast-pairs+complex", calib_ids=ids)
+    spec = convert_model(student, spec, "fast-pairs+complex", calib_ids=ids)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     results = local_distill(student, teacher, ids, LocalConfig(epochs=2))
     assert all(r.error_before < 1e-5 and not r.trained for r in results), [r.error_before for r in results]

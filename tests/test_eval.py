@@ -39,7 +39,7 @@ def model_for(family: str, mla: bool, **spec_kw):
     spec = None
     if mla:
         spec = build_spec(model.config, kv_rank=16, **spec_kw)
-        convert_model(model, spec)
+        spec = convert_model(model, spec)
     return model, spec
 
 
@@ -329,7 +329,7 @@ def init_checkpoint(tiny_model_dir, family: str, kv_rank: int, tmp_path):
     src = str(tiny_model_dir(family))
     loaded = load_model(src)
     spec = build_spec(loaded.model.config, kv_rank=kv_rank)
-    convert_model(loaded.model, spec)
+    spec = convert_model(loaded.model, spec)
     ckpt = save_checkpoint(
         tmp_path / "ck", model=loaded.model, tokenizer=loaded.tokenizer, stage="init-svd", spec=spec, source=src
     )

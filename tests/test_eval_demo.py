@@ -51,7 +51,7 @@ def test_demo_kv_memory_original_and_init_svd(demo):
     assert original["values_per_token"] == 30 * 2 * 3 * 64 and original["bytes_per_token"] == 30 * 384 * 4
     model = copy.deepcopy(demo.model)
     spec = build_spec(model.config, kv_rank=64)
-    convert_model(model, spec)
+    spec = convert_model(model, spec)
     mla = measure_kv_cache(model)
     assert mla["values_per_token"] == 30 * (64 + 32) == spec.values_per_token_total
     assert original["bytes_per_token"] / mla["bytes_per_token"] == 4.0 == spec.compression

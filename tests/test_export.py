@@ -40,7 +40,7 @@ def make_ckpt(
     spec = build_spec(model.config, kv_rank=kv_rank, q_rank=q_rank, latent_norm=latent_norm, layers=layers)
     if ranks is not None:  # per-layer ranks, as --energy gives
         spec.kv_ranks = list(ranks)
-    convert_model(model, spec)
+    spec = convert_model(model, spec)
     if latent_norm:  # a trained norm is not all ones
         with torch.no_grad():
             for layer in model.model.layers:
@@ -262,7 +262,7 @@ def test_fast_pairs_methods_export_with_scaled_theta(tmp_path, method, rope):
     theta = model.config.rope_parameters["rope_theta"]
     spec = build_spec(model.config, kv_rank=16, method=method)
     torch.manual_seed(1)
-    convert_model(model, spec, method=method, calib_ids=torch.randint(0, 300, (4, 48)))
+    spec = convert_model(model, spec, method=method, calib_ids=torch.randint(0, 300, (4, 48)))
     ckpt = save_checkpoint(
         tmp_path / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny-test"
     )
@@ -501,7 +501,7 @@ def test_transmla_exports_with_its_query_scale_and_group_rope_is_refused(tmp_pat
     for method, exports in (("transmla", True), ("mha2mla", False)):
         model = make_model("llama")
         spec = build_spec(model.config, kv_rank=24, q_rank=q_rank, method=method)
-        convert_model(model, spec, method=method, calib_ids=calib)
+        spec = convert_model(model, spec, method=method, calib_ids=calib)
         ckpt = save_checkpoint(
             tmp_path / method, model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="t"
         )

@@ -24,7 +24,7 @@ from xecomla_cli.mla.rebuild import decoder_layers
 def converted(family="llama", layers=None, **overrides):
     model = make_model(family, **overrides)
     spec = build_spec(model.config, kv_rank=12, rope_dim=6, layers=layers)
-    convert_model(model, spec)
+    spec = convert_model(model, spec)
     return model, spec
 
 

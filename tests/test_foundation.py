@@ -84,7 +84,7 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path):
 def converted(tiny_model_dir):
     lm = load_model(str(tiny_model_dir("llama")))
     spec = build_spec(lm.model.config, kv_rank=16)
-    convert_model(lm.model, spec)
+    spec = convert_model(lm.model, spec)
     return lm, spec
 
 

@@ -187,12 +187,12 @@ def test_complex_shared_key_is_exact_when_heads_are_multiples(family):
     for method in ("complex", "rorope", "rot-pairs", "paper"):
         model = structured_model(family)
         spec = build_spec(model.config, kv_rank=48, rope_dim=8, method=method)  # 48 = G·(n+h): full rank
-        convert_model(model, spec, method=method, calib_ids=ids)
+        spec = convert_model(model, spec, method=method, calib_ids=ids)
         with torch.no_grad():
             out = model(ids).logits
         results[method] = (out - ref).abs().max().item()
         if method != "paper":
-            assert spec.options["rope_pairs"]["0"] == [0, 1, 2, 3]
+            assert spec.rope_pairs["0"] == [0, 1, 2, 3]
     assert results["complex"] < 1e-3, results
     # Complex multiples are not real ones: RoRoPE's real rotation and the mean key are not exact.
     assert results["rorope"] > 100 * results["complex"]
@@ -205,7 +205,7 @@ def test_rorope_is_exact_for_real_multiples():
     ref_model = structured_model("llama", real_multiples=True)
     model = structured_model("llama", real_multiples=True)
     spec = build_spec(model.config, kv_rank=48, rope_dim=8, method="rorope")
-    convert_model(model, spec, method="rorope", calib_ids=ids)
+    spec = convert_model(model, spec, method="rorope", calib_ids=ids)
     with torch.no_grad():
         assert (model(ids).logits - ref_model(ids).logits).abs().max() < 1e-3
 
@@ -249,7 +249,7 @@ def test_whiten_is_exact_at_full_rank_and_better_below():
     for method, rank in [("qk-pairs", 48), ("qk-pairs+whiten", 48), ("qk-pairs", 16), ("qk-pairs+whiten", 16)]:
         model = make_model("llama")
         spec = build_spec(model.config, kv_rank=rank, rope_dim=8, method=method)
-        convert_model(model, spec, method=method, calib_ids=ids)
+        spec = convert_model(model, spec, method=method, calib_ids=ids)
         with torch.no_grad():
             errs[method, rank] = kl(model(ids).logits, ref)
     # Full rank: the latent reproduces K_nope and V exactly, so only the RoPE handling differs.
@@ -280,9 +280,9 @@ def test_budget_method_keeps_total_cache():
     ids = calib()
     model = make_model("llama")
     spec = build_spec(model.config, kv_rank=16, rope_dim=8, method="best")
-    convert_model(model, spec, method="best", calib_ids=ids)
+    spec = convert_model(model, spec, method="best", calib_ids=ids)
     assert sum(spec.kv_ranks) == 3 * 16 and all(r % 8 == 0 for r in spec.kv_ranks)
-    assert spec.options["rank_budget"] == 48
+    assert spec.rank_budget == 48
     for i, layer in enumerate(model.model.layers):
         assert layer.self_attn.kv_rank == spec.kv_ranks[i]
 
@@ -393,7 +393,7 @@ def test_cli_method(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
     assert lm.spec.method == "best" and sum(lm.spec.kv_ranks) == 48
-    assert lm.spec.options["calibration"]["tokens"] >= 256
+    assert lm.spec.calibration["tokens"] >= 256
     ids = calib()
     assert torch.isfinite(lm.model(ids).logits).all()
     # The paper default is unchanged: the CLI's weights equal a direct paper conversion.
@@ -426,7 +426,7 @@ def test_drop_zeroes_the_dropped_score_terms():
     model = make_model("llama")
     h = model.config.head_dim
     spec = build_spec(model.config, kv_rank=16, rope_dim=8, method="rot-pairs+drop")
-    convert_model(model, spec, method="rot-pairs+drop", calib_ids=ids)
+    spec = convert_model(model, spec, method="rot-pairs+drop", calib_ids=ids)
     attn = model.model.layers[0].self_attn
     n = spec.nope_dim
     # Some no-RoPE dims turn fast in the tiny model's RoPE (theta 10000, h=16): their query rows are zero.

@@ -16,7 +16,7 @@ from xecomla_cli.mla.spec import MLASpec
 
 def convert(model, **kw) -> MLASpec:
     spec = build_spec(model.config, **kw)
-    convert_model(model, spec)
+    spec = convert_model(model, spec)
     return spec
 
 

@@ -103,7 +103,7 @@ def test_transmla_is_exact_at_full_rank_when_heads_share_one_real_key_per_pair()
     ref = structured_model("llama", real_multiples=True)
     model = structured_model("llama", real_multiples=True)
     spec = build_spec(model.config, kv_rank=64, rope_dim=16, method="freqfold-1+bkv")
-    convert_model(model, spec, method="freqfold-1+bkv", calib_ids=ids)
+    spec = convert_model(model, spec, method="freqfold-1+bkv", calib_ids=ids)
     with torch.no_grad():
         assert (model(ids).logits - ref(ids).logits).abs().max() < 1e-3
     # A real rotation cannot do the same for complex multiples.
@@ -173,8 +173,8 @@ def test_mha2mla_keeps_each_groups_2norm_pairs_and_the_joint_svd():
     stats = layer_stats(LayerRunner(model, ids), 0)
     w = AttentionWeights.of(model.model.layers[0].self_attn)
     spec = build_spec(model.config, kv_rank=12, rope_dim=8, method="mha2mla")  # 2 pairs per group
-    convert_model(model, spec, "mha2mla", ids)
-    pairs = spec.options["rope_pairs"]["0"]
+    spec = convert_model(model, spec, "mha2mla", ids)
+    pairs = spec.rope_pairs["0"]
     want = [select_pairs(pair_scores(stats.heads(s, 2), 2, 1), 4).tolist() for s in range(2)]
     assert pairs == want and pairs[0] != pairs[1]
     # The latent is the plain SVD of the kept rows [K_nope; V] of the KV heads (SVD_joint).
@@ -197,7 +197,7 @@ def test_group_rope_at_full_rank_is_the_original_gqa_and_caches_r_plus_g_pg(fami
     ref = make_model(family)
     model = make_model(family)
     spec = build_spec(model.config, kv_rank=32, rope_dim=32, method="group-rope")
-    convert_model(model, spec, "group-rope", calib())
+    spec = convert_model(model, spec, "group-rope", calib())
     assert spec.nope_dim == 0 and spec.group_rope_dim == 16
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
@@ -230,11 +230,11 @@ def test_group_rope_slices_choose_pairs_per_group():
     for method, p in [("group-rope", 16), ("complex", 8)]:
         model = disjoint_groups_model()
         spec = build_spec(model.config, kv_rank=48, rope_dim=p, method=method)  # full rank G·(n + h)
-        convert_model(model, spec, method, ids)
+        spec = convert_model(model, spec, method, ids)
         with torch.no_grad():
             errs[method] = kl(model(ids).logits, ref(ids).logits)
         if method == "group-rope":
-            assert spec.options["rope_pairs"]["0"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+            assert spec.rope_pairs["0"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
             q = model.model.layers[0].self_attn.q_proj.weight.view(4, 24, -1)[:, 8:]  # (H, p, d) RoPE rows
             # rotate-half over p = 16: [Re slice 0 | Re slice 1 | Im slice 0 | Im slice 1], 4 dims each
             assert q[:2, [4, 5, 6, 7, 12, 13, 14, 15]].abs().max() == 0  # group 0's heads: slice 1 is zero
@@ -256,7 +256,7 @@ def test_cli_peer_methods_round_trip(tiny_model_dir, tmp_path, method, rope):
     lm = load_checkpoint(out)
     assert lm.spec.method == method and lm.spec.values_per_token_total == 3 * (16 + int(rope))  # budget: same total
     if method == "transmla":
-        assert lm.spec.nope_dim == 16 and lm.spec.options["freqfold"]["fold"] in (2, 4, 8)
+        assert lm.spec.nope_dim == 16 and lm.spec.freqfold["fold"] in (2, 4, 8)
     else:
         assert lm.spec.rope_groups == 2
     ids = calib()

@@ -35,7 +35,7 @@ xecomla`` writes our own format instead.
 The package, in the order an export runs:
 
     plan.plan_export          the ExportPlan: every choice, or one line saying why not
-    rope.check_rope           the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
+    rope.rope_choice          the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
     config.deepseek_config    config.json
     weights                   the weights in the DeepSeek-V3 layout, the identity-emulation constants
     verify.verify_export      stock transformers must reproduce our logits before the rename

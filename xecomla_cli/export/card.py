@@ -246,7 +246,7 @@ def _method_section(meta: dict[str, Any], spec: MLASpec) -> list[str]:
         f"- Low-rank queries: {'q_rank = ' + str(spec.q_rank) if spec.q_rank else 'no'}",
         f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
     ]
-    out += [f"- `{k}`: {_option(v)}" for k, v in sorted((spec.options or {}).items())]
+    out += [f"- `{k}`: {_option(v)}" for k, v in sorted(spec.init_record().items())]
     for later in ("distill", "dpo"):  # stage options recorded by later stages
         recorded = meta.get(later)
         if isinstance(recorded, dict):

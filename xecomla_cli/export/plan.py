@@ -15,15 +15,17 @@ from typing import Any
 from ..errors import XecomlaError
 from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
-from .rope import check_rope
+from .rope import rope_choice
+from .weights import emulation_constants
 
 WEIGHT_DTYPES = ("float32", "bfloat16")  # the dtypes an export writes its weights in
 ALTERNATIVE = "export with --format xecomla (our own format) instead"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportPlan:
-    """Every choice the export makes, saved in the export and shown in the model card."""
+    """Every choice the export makes, decided once by ``plan_export``, saved in the export and shown in
+    the model card."""
 
     latent: str  # "norm" (checkpoint's latent norm) | "identity" (constant-channel emulation)
     queries: str  # "dense" | "dense-from-lora" | "lora-identity"
@@ -150,9 +152,10 @@ def plan_export(
         dtype=dtype,
         padded_layers=padded,
     )
-    check_rope(loaded, plan)
-    plan.notes += _notes(plan, spec, max(ranks))
-    return plan
+    rope_theta, rope_notes = rope_choice(loaded, plan)
+    latent_constants, q_constants = emulation_constants(loaded, plan)
+    decided = replace(plan, rope_theta=rope_theta, latent_constants=latent_constants, q_constants=q_constants)
+    return replace(decided, notes=rope_notes + _notes(decided, spec, max(ranks)))
 
 
 def check_architecture(loaded, spec: MLASpec) -> None:

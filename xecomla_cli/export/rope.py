@@ -9,6 +9,7 @@ frequencies), and the same with rope_theta' = θ^{p/h}, whose frequencies at dim
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,25 +39,25 @@ def frequencies_match(attns: list, inv_freq: torch.Tensor) -> bool:
     )
 
 
-def check_rope(loaded, plan: ExportPlan) -> None:
-    """Set ``plan.rope_theta`` (θ^{p/h} for the fast-pairs layout) and note what the export keeps,
-    or raise one line naming the first layer whose frequencies the config cannot express."""
+def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, list[str]]:
+    """The ``rope_theta`` to write (θ^{p/h} for the fast-pairs layout, None for the base model's) and
+    notes on what the export keeps, or one line naming the first layer whose frequencies the config
+    cannot express."""
     attns = [layer.self_attn for layer in decoder_layers(loaded.model)]
-    config = deepseek_config(loaded, plan)
+    config = deepseek_config(loaded, replace(plan, rope_theta=None))
     inv_freq, scaling = deepseek_rope(config)
+    rope_theta, notes = None, []
     if not frequencies_match(attns, inv_freq):
         theta = float(config.rope_parameters.get("rope_theta", 10000.0))
-        plan.rope_theta = theta ** (plan.rope_dim / loaded.spec.head_dim)
-        fast_config = deepseek_config(loaded, plan)
+        fast_theta = theta ** (plan.rope_dim / loaded.spec.head_dim)
+        fast_config = deepseek_config(loaded, replace(plan, rope_theta=fast_theta))
         fast_freq, fast_scaling = deepseek_rope(fast_config)
         if frequencies_match(attns, fast_freq):
-            config, inv_freq, scaling = fast_config, fast_freq, fast_scaling
-            plan.notes.append(
+            config, inv_freq, scaling, rope_theta = fast_config, fast_freq, fast_scaling, fast_theta
+            notes.append(
                 f"RoPE on the original model's {plan.rope_dim // 2} fastest frequency pairs: rope_theta "
-                f"{theta:g}^({plan.rope_dim}/{loaded.spec.head_dim}) = {plan.rope_theta:.6g} at dim {plan.rope_dim}"
+                f"{theta:g}^({plan.rope_dim}/{loaded.spec.head_dim}) = {fast_theta:.6g} at dim {plan.rope_dim}"
             )
-        else:
-            plan.rope_theta = None
     rope_type = config.rope_parameters.get("rope_type", "default")
     for i, attn in enumerate(attns):
         if not frequencies_match([attn], inv_freq):
@@ -74,9 +75,10 @@ def check_rope(loaded, plan: ExportPlan) -> None:
                 f"{scaling} for these rope_parameters; export with --format xecomla instead"
             )
     if not all(torch.equal(attn.rope_inv_freq.float().cpu(), inv_freq) for attn in attns):
-        plan.notes.append("RoPE frequencies agree with DeepSeek-V3's to 1e-6 relative (not bit for bit)")
+        notes.append("RoPE frequencies agree with DeepSeek-V3's to 1e-6 relative (not bit for bit)")
     if rope_type != "default":
-        plan.notes.append(
+        notes.append(
             f"rope_type '{rope_type}': transformers matches exactly; vLLM maps every non-default DeepSeek rope "
             "type to its own YaRN variant, so check vLLM output before serving"
         )
+    return rope_theta, notes

@@ -17,6 +17,7 @@ real channels, which the norm weight w undoes (``identity_constant``).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +25,9 @@ from ..errors import XecomlaError
 from ..loaded import parse_dtype
 from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
-from .plan import ExportPlan
+
+if TYPE_CHECKING:  # annotations only: plan.py imports this module
+    from .plan import ExportPlan
 
 # C² must exceed the latent's squared norm by this factor (2^24 is fp32's relative precision).
 MARGIN_BITS = 26
@@ -73,21 +76,40 @@ def identity_constant(bound: float, channels: int, dtype: torch.dtype) -> tuple[
     for j in range(128):
         C = 2.0**k * (1 + j / 128)
         s = norm_scale(C, channels, dtype)
-        w = float(torch.tensor(1.0 / s, dtype=torch.float64).to(dtype).item())
+        w = norm_weight(C, channels, dtype)
         err = abs(w * s - 1.0)
         if best is None or err < best[0]:
             best = (err, C, w)
     return best[1], best[2]
 
 
+def norm_weight(C: float, channels: int, dtype: torch.dtype) -> float:
+    """w = fl(1/s): the norm weight that undoes the scale s of the constant channel C."""
+    return float(torch.tensor(1.0 / norm_scale(C, channels, dtype), dtype=torch.float64).to(dtype).item())
+
+
+def emulation_constants(loaded, plan: ExportPlan) -> tuple[list[float], list[float]]:
+    """The constants C of the identity emulations, per layer: (latent ``identity``, queries ``lora-identity``);
+    empty where the plan uses neither. Part of the plan: the weights read them from it."""
+    dtype = parse_dtype(plan.dtype)
+    latent, queries = [], []
+    for layer in decoder_layers(loaded.model):
+        a, ln_w = layer.self_attn, _tensor(layer.input_layernorm.weight)
+        if plan.latent == "identity":
+            w_c = _tensor(a.kv_a_proj_with_mqa.weight)[: a.kv_rank]
+            latent.append(identity_constant(latent_bound(w_c, None, ln_w), plan.kv_lora_rank, dtype)[0])
+        if plan.queries == "lora-identity":
+            qa = _tensor(a.q_a_proj.weight)
+            queries.append(identity_constant(latent_bound(qa, None, ln_w), a.q_rank + 1, dtype)[0])
+    return latent, queries
+
+
 def _tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().cpu()
 
 
-def query_weights(
-    a, plan: ExportPlan, spec: MLASpec, ln_w: torch.Tensor, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """One layer's query projections, RoPE rows permuted; ``lora-identity`` appends its constant to the plan."""
+def query_weights(a, plan: ExportPlan, spec: MLASpec, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One layer's query projections, RoPE rows permuted; ``lora-identity`` with the plan's constant."""
     H, n, d = spec.num_heads, spec.nope_dim, a.kv_a_proj_with_mqa.weight.shape[1]
     qk = n + spec.rope_dim  # a query head's dims; DeepSeek-V3 scales scores by qk^-0.5, ours by h^-0.5
     q_order = torch.cat([torch.arange(n), n + interleave_perm(spec.rope_dim)])  # per head: [nope | rope permuted]
@@ -100,8 +122,8 @@ def query_weights(
     # lora-identity: [q_a; 0] with bias [0; C], norm weight 1/s, q_b gets a zero column
     qr = a.q_rank
     qa = _tensor(a.q_a_proj.weight)
-    C, w = identity_constant(latent_bound(qa, None, ln_w), qr + 1, dtype)
-    plan.q_constants.append(C)
+    C = plan.q_constants[layer]
+    w = norm_weight(C, qr + 1, dtype)
     qb = scale * _tensor(a.q_b_proj.weight).view(H, qk, qr)[:, q_order].reshape(H * qk, qr)
     return {
         "q_a_proj.weight": torch.cat([qa, torch.zeros(1, d)]),
@@ -111,11 +133,9 @@ def query_weights(
     }
 
 
-def latent_weights(
-    a, plan: ExportPlan, spec: MLASpec, ln_w: torch.Tensor, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+def latent_weights(a, plan: ExportPlan, spec: MLASpec, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One layer's KV latent and shared RoPE key: rows [c (r) | zero padding (R - r) | constant (identity) | k_rope];
-    ``identity`` appends its constant to the plan."""
+    ``identity`` with the plan's constant."""
     p, r = spec.rope_dim, a.kv_rank
     R, Rx = plan.kv_rank, plan.kv_lora_rank
     wkv = _tensor(a.kv_a_proj_with_mqa.weight)
@@ -132,8 +152,8 @@ def latent_weights(
             g = g * math.sqrt(r / R)
         out["kv_a_layernorm.weight"] = torch.cat([g, torch.zeros(R - r)])
     else:
-        C, w = identity_constant(latent_bound(w_c, None, ln_w), Rx, dtype)
-        plan.latent_constants.append(C)
+        C = plan.latent_constants[layer]
+        w = norm_weight(C, Rx, dtype)
         bias = torch.zeros(Rx + p)
         bias[Rx - 1] = C
         out["kv_a_proj_with_mqa.bias"] = bias
@@ -144,7 +164,7 @@ def latent_weights(
 def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
     """The checkpoint's weights in the DeepSeek-V3 layout (fp32 math, cast to the export dtype).
 
-    Fills ``plan.latent_constants`` / ``plan.q_constants`` with the constants C of the identity emulation."""
+    The identity emulations use the constants C the plan holds (``emulation_constants``)."""
     spec: MLASpec = loaded.spec
     model = loaded.model
     dtype = parse_dtype(plan.dtype)
@@ -156,14 +176,12 @@ def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
 
-    plan.latent_constants, plan.q_constants = [], []
     for i, layer in enumerate(decoder_layers(model)):
         a = layer.self_attn
         prefix = f"model.layers.{i}.self_attn."
-        ln_w = _tensor(layer.input_layernorm.weight)
         weights = {
-            **query_weights(a, plan, spec, ln_w, dtype),
-            **latent_weights(a, plan, spec, ln_w, dtype),
+            **query_weights(a, plan, spec, i, dtype),
+            **latent_weights(a, plan, spec, i, dtype),
             "o_proj.weight": _tensor(a.o_proj.weight),
         }
         if plan.attention_bias:

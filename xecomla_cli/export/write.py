@@ -94,7 +94,7 @@ def _export_deepseek(
 
     history = lineage(ckpt_dir, meta)
     config = deepseek_config(loaded, plan)
-    state = deepseek_state_dict(loaded, plan)  # fills the plan's emulation constants
+    state = deepseek_state_dict(loaded, plan)
     report: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:

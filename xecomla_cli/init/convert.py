@@ -9,7 +9,7 @@ statistics (``init.stats``), then each layer is built by ``init.method_weights``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,33 +32,48 @@ from .transmla import search_freqfold, transmla_energy, transmla_state_dict
 FREQFOLD_SEARCH_TOKENS = 2048  # calibration tokens scored per fold tried (a full model forward each)
 
 
+@dataclass
+class ConvertedLayer:
+    """One layer's MLA attention, and the RoPE pairs it kept (pair methods; per slice with group-rope)."""
+
+    attn: MLAAttention
+    rope_pairs: list | None = None
+
+
 def convert_layer(
     model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
 ) -> MLAAttention:
-    """The MLA attention of one layer, built from the model's original attention.
+    """The MLA attention of one layer, built from the model's original attention (the spec is not changed).
 
     ``stats``: the layer's calibration statistics, needed by the data-aware methods."""
+    return build_layer(model, spec, layer, method, stats).attn
+
+
+def build_layer(
+    model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
+) -> ConvertedLayer:
+    """``convert_layer``, with what the layer's conversion found for the spec's record."""
     cfg = parse_method(method) if isinstance(method, str) else method
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
+    pairs = None
     if cfg.freqfold is not None:
         sd, plan = transmla_state_dict(model, w, spec, layer, cfg, stats)
     else:
-        plans = layer_plans(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
+        plans = layer_plans(model, spec, cfg, stats, ROPE_CONTEXT)
         plan = merged_plan(plans)
         if cfg.is_paper:
-            sd = paper_state_dict(w, spec, layer, plan, spec.options.get("kv_svd_rows", "all"))
+            sd = paper_state_dict(w, spec, layer, plan, spec.kv_svd_rows)
         else:
             sd = method_state_dict(w, spec, layer, plans, cfg, stats)
         if cfg.pairs is not None:
             pairs = [pl.rope_idx[: pl.rope_idx.numel() // 2].tolist() for pl in plans]
-            spec.options.setdefault("rope_pairs", {})[str(layer)] = pairs[0] if len(pairs) == 1 else pairs
+            pairs = pairs[0] if len(pairs) == 1 else pairs
     new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
-    spec.options["rope_attention_scaling"] = plan.attention_scaling
     new.train(old.training)
-    return new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype)
+    return ConvertedLayer(new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype), pairs)
 
 
 def convert_model(
@@ -67,15 +82,16 @@ def convert_model(
     method: MethodConfig | str = "paper",
     calib_ids: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
-) -> None:
-    """Replace every converted layer's attention by its MLA, in place.
+) -> MLASpec:
+    """Replace every converted layer's attention by its MLA, in place; returns the spec of the
+    converted model (``spec`` itself is not changed): ``spec`` with what the conversion found
+    (RoPE attention scaling, kept RoPE pairs, a searched fold, budgeted ranks).
 
     A data-aware ``method`` calibrates on ``calib_ids`` (B, T) first (and, for ``refit``, keeps
     each layer's attention inputs in fp16); ``freqfold`` without a fold searches it (TransMLA's
-    ``--freqfold auto``, recorded in ``spec.options``); with ``budget`` the spec's ranks are
-    replaced by the budgeted per-layer ranks. ``progress(i)`` is called after each calibrated layer,
-    each fold of the search (i = -1) and each converted layer (``calibration_steps`` + converted
-    layers in all).
+    ``--freqfold auto``); with ``budget`` the spec's ranks are replaced by the budgeted per-layer
+    ranks. ``progress(i)`` is called after each calibrated layer, each fold of the search (i = -1)
+    and each converted layer (``calibration_steps`` + converted layers in all).
     """
     cfg = parse_method(method) if isinstance(method, str) else method
     layers = spec.converted_layers
@@ -92,6 +108,7 @@ def convert_model(
             if cfg.refit:
                 inputs[i] = runner.attention_inputs(i)
             tick(i)
+    found = {}
     if cfg.freqfold == 0:
 
         def fold_loss() -> float:
@@ -104,17 +121,25 @@ def convert_model(
         )
         for _ in range(len(fold_candidates(spec.head_dim, spec.rope_dim)) - len(tried)):
             tick(-1)  # folds not tried
-        spec.options["freqfold"] = {"fold": fold, "calibration_loss": tried}
+        found["freqfold"] = {"fold": fold, "calibration_loss": tried}
         cfg = replace(cfg, freqfold=fold)
     if cfg.budget:
-        apply_budget(model, spec, cfg, stats)
+        spec = budgeted_spec(model, spec, cfg, stats)
+    pairs: dict[str, list] = {}
+    scaling: set[float] = set()
     for i in layers:
         old = decoder_layers(model)[i].self_attn
-        new = convert_layer(model, spec, i, cfg, stats.get(i))
+        built = build_layer(model, spec, i, cfg, stats.get(i))
         if cfg.refit:
-            refit_output(old, new, inputs.pop(i), runner.chunks)
-        decoder_layers(model)[i].self_attn = new
+            refit_output(old, built.attn, inputs.pop(i), runner.chunks)
+        decoder_layers(model)[i].self_attn = built.attn
+        if built.rope_pairs is not None:
+            pairs[str(i)] = built.rope_pairs
+        scaling.add(float(built.attn.rope_attention_scaling))
         tick(i)
+    if len(scaling) != 1:  # one rotary embedding per model: the same for every layer
+        raise XecomlaError(f"the converted layers' RoPE attention scalings differ ({sorted(scaling)}): a bug")
+    return replace(spec, rope_attention_scaling=scaling.pop(), rope_pairs=pairs or None, **found)
 
 
 def swap_layers(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> Callable[[], None]:
@@ -131,30 +156,23 @@ def swap_layers(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerS
     return undo
 
 
-def apply_budget(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> None:
-    """Replace the spec's ranks by per-layer ranks with the same total (``budget``)."""
+def budgeted_spec(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> MLASpec:
+    """``spec`` with per-layer ranks of the same total (``budget``): layers x its average rank."""
     layers = spec.converted_layers
-    context = spec.options.get("rope_context", ROPE_CONTEXT)
     energies = {}
     for i in layers:
         w = AttentionWeights.of(decoder_layers(model)[i].self_attn)
         if cfg.freqfold is not None:
             energies[i] = transmla_energy(w, spec, cfg, stats[i])
         else:
-            energies[i] = layer_energy(w, spec, layer_plans(model, spec, cfg, stats[i], context), cfg, stats[i])
-    rank = budget_rank(spec)
+            energies[i] = layer_energy(w, spec, layer_plans(model, spec, cfg, stats[i], ROPE_CONTEXT), cfg, stats[i])
+    if spec.rank_budget is not None:  # budgeted already: keep its total
+        rank = spec.rank_budget // len(layers)
+    else:
+        rank = round(sum(spec.kv_ranks[i] for i in layers) / len(layers))
     ranks = budget_ranks(energies, rank, max_rank=min(spec.hidden_size, energies[layers[0]].numel()))
-    for i in layers:
-        spec.kv_ranks[i] = ranks[i]
-    spec.options["rank_budget"] = rank * len(layers)
-
-
-def budget_rank(spec: MLASpec) -> int:
-    """The average rank the budget keeps: the spec's rank before budgeting (recorded once)."""
-    if "budget_rank" not in spec.options:
-        ranks = [spec.kv_ranks[i] for i in spec.converted_layers]
-        spec.options["budget_rank"] = round(sum(ranks) / len(ranks))
-    return spec.options["budget_rank"]
+    kv_ranks = [ranks.get(i) if r is not None else None for i, r in enumerate(spec.kv_ranks)]
+    return replace(spec, kv_ranks=kv_ranks, rank_budget=rank * len(layers))
 
 
 def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:

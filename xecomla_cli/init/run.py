@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
@@ -115,11 +115,11 @@ def run_init(
     if not cfg.is_paper:
         calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)
         data = str(opts.calib_data) if opts.calib_data else "shakespeare"
-        spec.options["calibration"] = {"data": data, "tokens": calib_ids.numel()}
+        spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
     out = opts.output or opts.default_output(source)
     steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
     advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
-    convert_model(model, spec, cfg, calib_ids, progress=None if advance is None else lambda i: advance(1))
+    spec = convert_model(model, spec, cfg, calib_ids, progress=None if advance is None else lambda i: advance(1))
     if opts.dtype != "float32":
         model.to(parse_dtype(opts.dtype))
     seconds = time.perf_counter() - start

@@ -96,9 +96,6 @@ def build_spec(
     ranks: list[int | None] = [None] * L
     for i in layers:
         ranks[i] = kv_rank if kv_rank is not None else rank_for_energy(singular_values[i], energy)
-    options = {"kv_svd_rows": kv_rows}
-    if energy is not None:
-        options["energy"] = energy
     spec = MLASpec(
         **shape,
         rope_dim=p,
@@ -106,7 +103,8 @@ def build_spec(
         q_rank=q_rank,
         latent_norm=latent_norm,
         method=method,
-        options=options,
+        kv_svd_rows=kv_rows,
+        energy=energy,
         rope_groups=slices,
         qk_nope_dim=shape["head_dim"] if cfg.freqfold is not None else None,
     )

@@ -6,7 +6,7 @@ read sizes from here rather than recomputing them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
@@ -35,9 +35,16 @@ class MLASpec:
     q_rank: int | None = None  # low-rank queries (saves parameters, not cache)
     latent_norm: bool = False  # RMSNorm on the latent c (DeepSeek-V3 has one)
     method: str = "paper"  # how the weights were initialised
-    options: dict[str, Any] = field(default_factory=dict)
     rope_groups: int = 1  # S: RoPE key slices, one per S-th of the KV groups (1: one shared key)
     qk_nope_dim: int | None = None  # n when it is not h − p/S
+    # ---- what init-svd chose and found (init_record; rope_attention_scaling is read back on load) ----
+    kv_svd_rows: str = "all"  # the K/V rows the latent covers: "all" (paper) or "nope-v" (the kept rows)
+    energy: float | None = None  # --energy δ, when the ranks came from it
+    rope_attention_scaling: float = 1.0  # the base model's RoPE attention scaling, one for every layer
+    rope_pairs: dict[str, list] | None = None  # layer -> the original rotate-half pairs kept for RoPE
+    freqfold: dict[str, Any] | None = None  # TransMLA's searched fold: {"fold": N, "calibration_loss": {...}}
+    rank_budget: int | None = None  # budget: the total rank spread over the converted layers
+    calibration: dict[str, Any] | None = None  # a data-aware init's calibration text: {"data", "tokens"}
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -82,11 +89,15 @@ class MLASpec:
         """A spec of a Hugging Face config's shape (``kv_ranks`` all None: the original model)."""
         return cls(**attention_shape(config), rope_dim=rope_dim, kv_ranks=kv_ranks, **kwargs)
 
+    def init_record(self) -> dict[str, Any]:
+        """What init-svd chose and found beyond the sizes (the model card lists it), unset ones left out."""
+        return {k: getattr(self, k) for k in INIT_RECORD if getattr(self, k) is not None}
+
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name, default in (("rope_groups", 1), ("qk_nope_dim", None)):  # written only when used
-            if d[name] == default:
+        for name, default in (("rope_groups", 1), ("qk_nope_dim", None)) + tuple((k, None) for k in INIT_RECORD):
+            if d[name] == default:  # written only when used
                 del d[name]
         d["cache_values_per_token"] = {
             "per_layer": [self.values_per_token(i) for i in range(self.num_layers)],
@@ -98,8 +109,22 @@ class MLASpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MLASpec:
+        """The spec of an ``xecomla.json``; the ``options`` dict older versions wrote holds the same
+        records under the same names (its ``budget_rank`` and ``rope_context`` were never needed)."""
         names = cls.__dataclass_fields__.keys()
+        d = {**(d.get("options") or {}), **d}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+INIT_RECORD = (
+    "kv_svd_rows",
+    "energy",
+    "rope_attention_scaling",
+    "rope_pairs",
+    "freqfold",
+    "rank_budget",
+    "calibration",
+)
 
 
 def attention_shape(config) -> dict[str, int]:
