@@ -323,6 +323,7 @@ def test_local_cli_pipe_records_per_layer_errors(student_ckpt, text_file, tmp_pa
     assert [r["layer"] for r in layers] == [0, 1, 2]
     assert all(r["error_after"] < r["error_before"] for r in layers)
     assert meta["local"]["local_inputs"] == "teacher" and meta["local"]["local_epochs"] == 2
+    assert meta["local"]["local_batch"] == 1 and not {"lr", "micro_batch", "warmup"} & set(meta["local"])
     assert meta["metrics"]["local_tokens"] == 512
     # the output is an ordinary checkpoint: global distillation continues from it
     glob = [sys.executable, "-m", "xecomla_cli", "-q", "distill", str(out), "--steps", "1", "--batch-size", "2"]
@@ -333,7 +334,7 @@ def test_local_cli_pipe_records_per_layer_errors(student_ckpt, text_file, tmp_pa
 
     # restart semantics and bad input: one line each, nothing written
     bad = subprocess.run(cmd + ["--resume"], input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "no saved state to resume" in bad.stderr
+    assert bad.returncode == 1 and "--resume: global KD's option" in bad.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cmd_empty = [c if c != str(text_file) else str(empty) for c in cmd] + ["--force"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -63,7 +62,7 @@ def test_training_reduces_every_layer_error(setup):
     teacher, ids = setup
     for inputs in ("teacher", "student"):
         student = converted(teacher, kv_rank=8, rope_dim=8)
-        results = local_distill(student, teacher, ids, LocalConfig(epochs=8, lr=3e-3, micro_batch=1, inputs=inputs))
+        results = local_distill(student, teacher, ids, LocalConfig(epochs=8, lr=3e-3, batch=1, inputs=inputs))
         assert all(r.error_after < 0.9 * r.error_before for r in results), [
             (r.error_before, r.error_after) for r in results
         ]
@@ -110,7 +109,7 @@ def test_hybrid_layers_and_everything_else_untouched(setup):
     teacher, ids = setup
     student = converted(teacher, kv_rank=8, rope_dim=8, layers=[1])
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    results = local_distill(student, teacher, ids, LocalConfig(epochs=2, micro_batch=1))
+    results = local_distill(student, teacher, ids, LocalConfig(epochs=2, batch=1))
     assert [r.layer for r in results] == [1]
     after = student.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
@@ -132,4 +131,6 @@ def test_bad_input_is_one_line(setup):
         local_distill(copy.deepcopy(teacher), teacher, ids, LocalConfig())
     with pytest.raises(XecomlaError, match="--local-inputs"):
         LocalConfig(inputs="both")
-    assert math.isfinite(LocalConfig().lr)
+    for bad in (dict(epochs=0), dict(lr=0.0), dict(batch=0)):
+        with pytest.raises(XecomlaError, match="--local-epochs >= 1, --local-lr > 0 and --local-batch >= 1"):
+            LocalConfig(**bad)

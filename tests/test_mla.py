@@ -104,25 +104,26 @@ def test_low_rank_queries_are_truncated_svd():
 
 # ---- attention and the latent cache ----------------------------------------------------------
 def test_absorbed_decode_equals_expanded_attention():
+    """forward's decode step (one token over the latent cache, never expanded; with and without the
+    output absorption) equals forward's expanded attention over the whole sequence at its last token."""
+    from transformers import DynamicCache
+
     torch.manual_seed(0)
     model = make_model("llama")
     convert(model, kv_rank=12, rope_dim=8)
-    mla: MLAAttention = decoder_layers(model)[1].self_attn
+    mla: MLAAttention = decoder_layers(model)[0].self_attn.eval()
     B, L = 2, 7
     x = torch.randn(B, L, 64)
     pos = torch.arange(L).expand(B, L)
-    q = mla.project_q(x).view(B, L, 4, 16).transpose(1, 2)
-    q_nope, q_rope = q.split([8, 8], -1)
-    c, k_rope = mla.project_latent(x)
-    from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
-
-    cos, sin = rope_cos_sin(pos, mla.rope_inv_freq)
-    q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope.unsqueeze(1), cos, sin)
-    c = c.unsqueeze(1)
-    # last query attends to everything (causal)
-    absorbed = mla.absorbed_decode(q_nope[:, :, -1:], q_rope[:, :, -1:], c, k_rope, None)
-    expanded, _ = mla.expanded_attention(q_nope, q_rope, c, k_rope, None)  # (B, L, H, h), causal
-    torch.testing.assert_close(absorbed[:, :, 0], expanded[:, -1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        full, _ = mla(x, attention_mask=None, position_ids=pos)  # no cache: the expanded path, causal
+        for absorb in (False, True):
+            mla.absorb_output = absorb
+            cache = DynamicCache()
+            mla(x[:, :-1], attention_mask=None, past_key_values=cache, position_ids=pos[:, :-1])  # prefill
+            step, _ = mla(x[:, -1:], attention_mask=None, past_key_values=cache, position_ids=pos[:, -1:])
+            assert cache.layers[0].keys.shape[-2:] == (L, 12)  # the decode step read the latent cache
+            torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "mha"])

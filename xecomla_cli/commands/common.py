@@ -1,5 +1,8 @@
 """What every command shares: argument and option types, reading '-' from stdin, printing results.
 
+Options shared by several commands are declared once here, as ``Annotated`` types; a command's
+own options are declared inline in its signature (as in Typer's docs).
+
 Commands import from here (never from ``cli``): stdout carries only results (an output
 directory, or JSON with --json) so stages chain in pipes; progress and tables go to stderr.
 """
@@ -28,8 +31,12 @@ CkptArg = Annotated[str, typer.Argument(help="A stage checkpoint directory, or '
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or auto.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
-OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace an existing output directory (distill: and discard an unfinished run's state)."
+    ),
+]
 RopeDimOpt = Annotated[
     int | None, typer.Option("--rope-dim", help="Decoupled RoPE dims p (default: half the head dim).")
 ]

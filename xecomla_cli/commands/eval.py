@@ -9,7 +9,7 @@ import typer
 
 from .. import console
 from ..evaluate.options import DEFAULT_PPL_TOKENS
-from .common import DeviceOpt, DtypeOpt, emit, load, progress_bars, read_arg
+from .common import DeviceOpt, DtypeOpt, JsonOpt, emit, load, progress_bars, read_arg
 
 TASKS_HELP = (
     "Comma-separated zero-shot tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, boolq, "
@@ -21,70 +21,52 @@ PPL_DATA_HELP = (
 )
 
 
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="A stage checkpoint, 'demo', a Hub id, a local HF directory, a .gguf file, or '-' (read from stdin)."
-    ),
-]
-TasksOpt = Annotated[str | None, typer.Option("--tasks", help=TASKS_HELP)]
-LimitOpt = Annotated[
-    int | None,
-    typer.Option("--limit", help="First N examples of each task (MMLU: of each subject, as lm-evaluation-harness)."),
-]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass when scoring.")]
-PplDataOpt = Annotated[list[Path] | None, typer.Option("--ppl-data", help=PPL_DATA_HELP)]
-PplTokensOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--ppl-tokens",
-        help=f"Score at most N tokens (default: {DEFAULT_PPL_TOKENS} of LAMBADA; all of --ppl-data).",
-    ),
-]
-NoPplOpt = Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity.")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Perplexity window length in tokens.")]
-StrideOpt = Annotated[
-    int | None, typer.Option("--stride", help="Perplexity window step (default: --seq-len, disjoint windows).")
-]
-NoKvOpt = Annotated[bool, typer.Option("--no-kv", help="Skip the KV cache measurement.")]
-ContextOpt = Annotated[int, typer.Option("--context", help="Context length for the KV GB figure and --speed.")]
-BatchOpt = Annotated[int, typer.Option("--batch", help="Batch size for the KV GB figure and --speed.")]
-SpeedOpt = Annotated[
-    bool,
-    typer.Option(
-        "--speed",
-        help="Time prefill and decode (tokens/s, attention ms/step) for the model and its original/--teacher.",
-    ),
-]
-NewTokensOpt = Annotated[int, typer.Option("--new-tokens", help="Decode steps timed by --speed.")]
-TeacherOpt = Annotated[
-    str | None,
-    typer.Option("--teacher", help="Evaluate this source too and print teacher, model and delta side by side."),
-]
-AsJsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print the result as JSON on stdout (default: the model path).")
-]
-
-
 def eval_command(
-    model: ModelArg,
-    tasks: TasksOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = 32,
-    ppl_data: PplDataOpt = None,
-    ppl_tokens: PplTokensOpt = None,
-    no_ppl: NoPplOpt = False,
-    seq_len: SeqLenOpt = 1024,
-    stride: StrideOpt = None,
-    no_kv: NoKvOpt = False,
-    context: ContextOpt = 8192,
-    batch: BatchOpt = 1,
-    speed: SpeedOpt = False,
-    new_tokens: NewTokensOpt = 32,
-    teacher: TeacherOpt = None,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A stage checkpoint, 'demo', a Hub id, a local HF directory, a .gguf file, or '-' (read from stdin)."
+        ),
+    ],
+    tasks: Annotated[str | None, typer.Option("--tasks", help=TASKS_HELP)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", help="First N examples of each task (MMLU: of each subject, as lm-evaluation-harness)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass when scoring.")] = 32,
+    ppl_data: Annotated[list[Path] | None, typer.Option("--ppl-data", help=PPL_DATA_HELP)] = None,
+    ppl_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--ppl-tokens",
+            help=f"Score at most N tokens (default: {DEFAULT_PPL_TOKENS} of LAMBADA; all of --ppl-data).",
+        ),
+    ] = None,
+    no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity.")] = False,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window length in tokens.")] = 1024,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Perplexity window step (default: --seq-len, disjoint windows).")
+    ] = None,
+    no_kv: Annotated[bool, typer.Option("--no-kv", help="Skip the KV cache measurement.")] = False,
+    context: Annotated[int, typer.Option("--context", help="Context length for the KV GB figure and --speed.")] = 8192,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size for the KV GB figure and --speed.")] = 1,
+    speed: Annotated[
+        bool,
+        typer.Option(
+            "--speed",
+            help="Time prefill and decode (tokens/s, attention ms/step) for the model and its original/--teacher.",
+        ),
+    ] = False,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decode steps timed by --speed.")] = 32,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="Evaluate this source too and print teacher, model and delta side by side."),
+    ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
-    as_json: AsJsonOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model offline: perplexity, zero-shot accuracy (lm-evaluation-harness scoring), KV memory, speed.
 

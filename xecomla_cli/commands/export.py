@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import console
+from ..choices import ExportFormat
 from ..errors import XecomlaError
 from .common import CkptArg, ForceOpt, JsonOpt, emit, read_arg
 
@@ -18,12 +19,12 @@ def export_command(
         Path | None, typer.Option("--output", "-o", help="Output directory (default: <checkpoint>-hf).")
     ] = None,
     fmt: Annotated[
-        str,
+        ExportFormat,
         typer.Option(
             "--format",
             help="'hf': DeepSeek-V3 layout for stock transformers/vLLM; 'xecomla': our own format (any checkpoint).",
         ),
-    ] = "hf",
+    ] = ExportFormat.HF,
     dtype: Annotated[
         str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32 or bfloat16.")
     ] = "auto",
@@ -72,7 +73,7 @@ def export_command(
         result = export_checkpoint(
             path,
             output,
-            fmt=fmt,
+            fmt=fmt.value,
             dtype=dtype,
             pad_ranks=pad_ranks,
             portable=portable,

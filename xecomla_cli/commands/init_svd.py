@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from .. import console
+from ..choices import KvSvdRows
+from ..errors import XecomlaError
 from .common import DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
@@ -16,6 +18,17 @@ METHOD_HELP = (
     "freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
     "(--rope-dim is then the slices' total). See docs/methods.md."
 )
+
+
+def check_method(value: str) -> str:
+    """--method is checked while parsing: a preset, 'paper' or known components joined by '+'."""
+    from ..init.methods import parse_method
+
+    try:
+        parse_method(value)
+    except XecomlaError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def init_svd_command(
@@ -36,13 +49,13 @@ def init_svd_command(
     ] = None,
     latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
     kv_svd_rows: Annotated[
-        str,
+        KvSvdRows,
         typer.Option(
             "--kv-svd-rows",
             help="'all' (paper: SVD of all K and V rows) or 'nope-v' (only the rows that are kept).",
         ),
-    ] = "all",
-    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "paper",
+    ] = KvSvdRows.ALL,
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP, callback=check_method)] = "paper",
     calib_data: Annotated[
         Path | None,
         typer.Option(
@@ -75,7 +88,7 @@ def init_svd_command(
         rope_dim=rope_dim,
         layers=layers,
         latent_norm=latent_norm,
-        kv_svd_rows=kv_svd_rows,
+        kv_svd_rows=kv_svd_rows.value,
         method=method,
         calib_data=calib_data,
         calib_tokens=calib_tokens,

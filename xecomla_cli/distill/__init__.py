@@ -1,11 +1,6 @@
 """Knowledge distillation of an MLA student from a teacher (single process, or torchrun DDP/FSDP).
 
-One optimizer step, for a global batch of B packed blocks of T tokens:
-
-    h_t  = teacher body(ids)                     no grad, bf16 weights on GPU
-    h_s  = student body(ids)                     bf16 autocast over fp32 master weights on GPU
-    loss = T²·KL(p_t ‖ p_s) (+ w·CE)             kd_loss: chunked, logits never all in memory
-    backward, (all-reduce), clip, AdamW, LR schedule (linear warm-up, cosine to 10%)
+One optimizer step is written out once, in ``trainer`` (its docstring's table).
 
 Data positions are a function of the step (`BlockSampler`), so a run resumed from a saved state
 (model, optimizer, scheduler, RNG, step) continues exactly where the killed run stopped.
@@ -20,8 +15,10 @@ Under torchrun every rank computes, rank 0 writes.
 The recipe is ``run`` (`run_distill`); its components: ``config`` (options, resolved once into a
 frozen config), ``plan`` (output paths, resume or not), ``dist`` (processes), ``models`` (student
 and teacher), ``data`` (the packed-block cache), ``kd_loss`` (the chunked loss and its reference),
-``trainer`` (steps, validation, LR schedule), ``state`` (resumable state), ``metrics`` and
-``progress`` (what a run reports), ``output`` (the distilled stage checkpoint).
+``module`` (the student and the loss in one module), ``trainer`` (steps, validation, LR
+schedule), ``validation`` (KL and perplexities on held-out blocks), ``state`` (resumable state),
+``metrics`` and ``progress`` (what a run reports), ``output`` (the distilled stage checkpoint).
+``distill --local`` is the recipe ``local_run`` over ``local`` (layer-wise training).
 """
 
 from .config import DistillConfig, ResolvedConfig, resolve_config

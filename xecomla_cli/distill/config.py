@@ -8,7 +8,7 @@ such default in one place, before any model is loaded:
     teacher     --teacher or the student's source    -> a model source
     data        'auto'                               -> 'demo' when installed, else 'teacher'
     val_tokens  None                                 -> 64k on GPU, 4k on CPU (<= 16k for sampled text on CPU)
-    precision   'auto'                               -> bf16 on GPU and bf16-capable CPUs, else fp32
+    precision   'auto'                               -> bf16 on GPU and CPUs with AMX, else fp32
 
 and returns a `ResolvedConfig`. Nothing changes a config after that; its `to_dict()` is what the
 output's xecomla.json records under "distill", and a resumed run must match it (`state.RESUME_KEYS`).
@@ -27,7 +27,7 @@ from ..errors import XecomlaError
 from ..text.bundled import demo_available
 from ..text.packing import steps_for_tokens
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32")  # resolved (choices.Precision adds "auto")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class DistillConfig:
     freeze_non_mla: bool = False
     grad_checkpointing: bool = False
     checkpoint_layers: int | None = None  # with grad_checkpointing: only the first n decoder layers
-    precision: str = "auto"  # auto (bf16 autocast on GPU and bf16-capable CPUs, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on GPU and CPUs with AMX, else fp32) | bf16 | fp32
     device: str = "auto"
     fsdp: bool = False
     compile: bool = False  # torch.compile the decoder layers and the loss math
@@ -164,7 +164,7 @@ def check_options(options: DistillConfig, world: int) -> None:
     if options.lr <= 0 or options.temperature <= 0 or options.ce_weight < 0:
         raise XecomlaError("--lr and --temperature must be positive and --ce-weight not negative")
     if options.kd_kernel not in ("torch", "liger") or (options.kd_kernel == "liger" and options.ce_weight):
-        raise XecomlaError("--kd-kernel must be torch or liger (liger: KL only, no --ce-weight)")
+        raise XecomlaError("DistillConfig.kd_kernel must be torch or liger (liger: KL only, ce_weight 0)")
     if options.fsdp and world <= 1:
         raise XecomlaError("--fsdp shards over several processes: launch with torchrun --nproc-per-node N")
 

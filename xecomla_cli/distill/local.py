@@ -31,12 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..choices import LocalInputs, values
 from ..errors import XecomlaError
 from ..layerwise import Chunk, LayerRunner, attention_on, walk
 from ..mla.attention import MLAAttention
 from ..mla.rebuild import decoder_layers, mla_layers
 
-INPUTS = ("teacher", "student")
+INPUTS = values(LocalInputs)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class LocalConfig:
 
     epochs: int = 4
     lr: float = 1e-3
-    micro_batch: int = 4  # sequences per optimizer step
+    batch: int = 1  # sequences per Adam step (and per chunk of the layer walk)
     inputs: str = "teacher"  # "teacher": the teacher's hidden states; "student": the student's own
     skip_below: float = 1e-5  # relative error under which a layer is exact already and left alone
     bf16: bool = False  # training steps under bf16 autocast (fp32 weights; errors are measured in fp32)
@@ -54,15 +55,15 @@ class LocalConfig:
         return {
             "local_epochs": self.epochs,
             "local_lr": self.lr,
-            "local_micro_batch": self.micro_batch,
+            "local_batch": self.batch,
             "local_inputs": self.inputs,
         }
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
             raise XecomlaError(f"--local-inputs must be one of {', '.join(INPUTS)} (got '{self.inputs}')")
-        if self.epochs < 1 or self.lr <= 0 or self.micro_batch < 1:
-            raise XecomlaError("local distillation needs --local-epochs >= 1, --lr > 0 and --micro-batch >= 1")
+        if self.epochs < 1 or self.lr <= 0 or self.batch < 1:
+            raise XecomlaError("local distillation needs --local-epochs >= 1, --local-lr > 0 and --local-batch >= 1")
 
 
 @dataclass
@@ -149,8 +150,8 @@ def local_distill(
         raise XecomlaError("the student has no MLA layers to distil locally: pass an init-svd checkpoint")
     if len(decoder_layers(student)) != len(decoder_layers(teacher)):
         raise XecomlaError("the teacher has a different number of layers from the student: pick the student's source")
-    t_run = LayerRunner(teacher, input_ids, micro_batch=cfg.micro_batch)
-    s_run = LayerRunner(student, input_ids, micro_batch=cfg.micro_batch) if cfg.inputs == "student" else None
+    t_run = LayerRunner(teacher, input_ids, micro_batch=cfg.batch)
+    s_run = LayerRunner(student, input_ids, micro_batch=cfg.batch) if cfg.inputs == "student" else None
     results = []
     for i in walk([t_run] if s_run is None else [t_run, s_run], layers):
         start = time.perf_counter()

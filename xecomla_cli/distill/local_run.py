@@ -3,7 +3,7 @@
     plan_run        check the student checkpoint, resolve the options, claim OUT   plan.py, config.py
     load_models     the student (fp32) and the teacher                              models.py
     prepare_data    the packed blocks (the same --data as global distillation)      data.py
-    validate        validation KL and perplexities before and after                 trainer.py
+    validate        validation KL and perplexities before and after                 validation.py
     local_distill   each converted layer's attention trained to match the teacher   local.py
     save_distilled  the stage checkpoint OUT ("distill-local")                      output.py
 
@@ -33,9 +33,15 @@ from .local import LayerResult, LocalConfig, local_distill
 from .models import load_models
 from .output import run_record, save_distilled
 from .plan import plan_run
-from .trainer import Trainer
+from .validation import validate
 
 Log = Callable[[str], None]
+# DistillConfig fields that only global KD reads: xecomla.json's "local" section leaves them out
+GLOBAL_ONLY = frozenset(
+    {"micro_batch", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip", "temperature", "ce_weight"}
+    | {"freeze_non_mla", "grad_checkpointing", "checkpoint_layers", "fsdp", "compile", "kd_kernel"}
+    | {"save_every", "eval_every", "log_every"}
+)
 
 
 def run_local_distill(
@@ -65,14 +71,16 @@ def run_local_distill(
         f"local distillation of {plan.ckpt} from {cfg.teacher}: {human_count(ids.numel())} tokens of {cfg.data}, "
         f"{local.epochs} epochs per layer, lr {local.lr:g}, {local.inputs} inputs, {cfg.precision}"
     )
-    before = validate(student.model, teacher.model, cfg, dist, data)
+    with console.status("validation"):
+        before = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
     log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")
     start = time.perf_counter()
     results = train_layers(student.model, teacher.model, ids, local, log)
     seconds = time.perf_counter() - start
-    after = validate(student.model, teacher.model, cfg, dist, data)
+    with console.status("validation"):
+        after = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
     metrics = local_metrics(results, before, after, ids.numel(), seconds, cfg.teacher, cfg.data)
-    record = {**run_record(cfg, dist, data), **local.to_dict()}
+    record = {k: v for k, v in run_record(cfg, dist, data).items() if k not in GLOBAL_ONLY} | local.to_dict()
     save_distilled(
         plan,
         model=student.model,
@@ -104,15 +112,6 @@ def train_layers(student, teacher, ids, local: LocalConfig, log: Log) -> list[La
             progress.advance(task)
 
         return local_distill(student, teacher, ids, local, progress=report)
-
-
-def validate(student, teacher, cfg, dist, data) -> dict[str, float]:
-    """Validation KL(teacher ‖ student) and both perplexities on the held-out blocks."""
-    with console.status("validation"):
-        trainer = Trainer(student, teacher, cfg, dist)
-        out = trainer.evaluate(data.val)
-        student.eval()
-    return out
 
 
 def local_metrics(results: list[LayerResult], before, after, tokens: int, seconds: float, teacher, data):

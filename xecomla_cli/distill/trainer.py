@@ -1,4 +1,4 @@
-"""The distillation trainer: the student and the loss in one module, optimizer steps, validation.
+"""The distillation trainer: optimizer steps and validation over the student-and-loss module (``module``).
 
 One optimizer step, for this process's share of a batch of packed blocks of T tokens:
 
@@ -26,7 +26,9 @@ from ..errors import XecomlaError
 from ..mla.attention import MLAAttention
 from .config import ResolvedConfig
 from .dist import Dist
-from .kd_loss import kd_loss, kd_loss_liger, next_token_labels, ppl_from_nll
+from .kd_loss import next_token_labels
+from .module import DistillModule
+from .validation import batch_sums, default_micro_batch, metrics_from_sums
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -55,59 +57,6 @@ def freeze_non_mla(model) -> int:
     if n == 0:
         raise XecomlaError("--freeze-non-mla: the student has no MLA layers to train (is it an init-svd checkpoint?)")
     return n
-
-
-class DistillModule(nn.Module):
-    """The student and the loss in one forward, so DDP/FSDP see every parameter the loss uses."""
-
-    def __init__(
-        self,
-        student,
-        *,
-        temperature: float,
-        ce_weight: float,
-        autocast: torch.dtype | None,
-        compile_loss: bool = False,
-        kernel: str = "torch",
-    ):
-        super().__init__()
-        self.student = student
-        self.temperature = temperature
-        self.ce_weight = ce_weight
-        self.autocast = autocast
-        self.compile_loss = compile_loss
-        self.kernel = kernel
-
-    def forward(self, input_ids, teacher_hidden, teacher_weight, labels=None, teacher_ce: bool = False):
-        dev = input_ids.device.type
-        with torch.autocast(dev, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            h = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d)
-            w = self.student.lm_head.weight  # (V, d)
-            if self.kernel == "liger" and torch.is_grad_enabled():
-                loss, st = kd_loss_liger(h, w, teacher_hidden, teacher_weight, temperature=self.temperature)
-                return loss, st.kl_sum, st.ce_sum, st.teacher_ce_sum
-            loss, st = kd_loss(
-                h,
-                w,
-                teacher_hidden,
-                teacher_weight,
-                labels,
-                temperature=self.temperature,
-                ce_weight=self.ce_weight,
-                compile=self.compile_loss,
-                teacher_ce=teacher_ce,
-            )
-        return loss, st.kl_sum, st.ce_sum, st.teacher_ce_sum
-
-
-def kd_loss_stats(module: DistillModule, ids, teacher_hidden, teacher_weight, labels):
-    """(kl sum, student CE sum, teacher CE sum) at T = 1 on one batch, no gradients."""
-    temperature, module.temperature = module.temperature, 1.0
-    try:
-        _, kl, ce, tce = module(ids, teacher_hidden, teacher_weight, labels, teacher_ce=True)
-    finally:
-        module.temperature = temperature
-    return kl, ce, tce
 
 
 class Trainer:
@@ -143,8 +92,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
         self.local_batch = cfg.batch_size // self.dist.world
-        # Default micro-batch: the whole batch on GPU; on CPU ~2k tokens (memory, not speed, grows with it).
-        default_micro = self.local_batch if self.device.type == "cuda" else max(1, 2048 // cfg.seq_len)
+        default_micro = default_micro_batch(self.device, self.local_batch, cfg.seq_len)
         self.micro = max(1, min(cfg.micro_batch or default_micro, self.local_batch))
         self._teacher_val_hidden: list[torch.Tensor] | None = None
 
@@ -270,18 +218,12 @@ class Trainer:
             self._teacher_val_hidden = [self.teacher_hidden(mb.to(self.device)) for mb in batches]
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # kl, ce, teacher ce, tokens, labelled
         for i, (mb, th) in enumerate(zip(batches, self._teacher_val_hidden, strict=True)):
-            ids = mb.to(self.device)
-            labels = next_token_labels(ids)
-            kl, ce, tce = kd_loss_stats(self.module, ids, th, self.teacher_head, labels)
-            if i >= real:
-                continue  # a dummy batch
-            n, lab = ids.numel(), (ids.shape[1] - 1) * ids.shape[0]
-            counts = torch.tensor([n, lab], device=self.device)
-            sums += torch.cat([torch.stack([kl, ce, tce]).double(), counts.double()])
+            batch = batch_sums(self.module, mb.to(self.device), th, self.teacher_head)
+            if i < real:  # not a dummy batch
+                sums += batch
         self.dist.all_sum(sums)
-        kl, ce, tce, n, lab = sums.tolist()
         self.model.train()
-        return {"val_kl": kl / n, "val_ppl": ppl_from_nll(ce, lab), "val_ppl_teacher": ppl_from_nll(tce, lab)}
+        return metrics_from_sums(sums)
 
     # ---- state (for resume) -----------------------------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

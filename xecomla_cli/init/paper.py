@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from ..choices import KvSvdRows, values
 from ..mla.rope import model_inv_freq
 from ..mla.spec import MLASpec
 from .common import AttentionWeights, RopePlan, output_weights, pad_rank, query_weights, repeat_heads, truncated_svd
 
-KV_SVD_ROWS = ("all", "nope-v")
+KV_SVD_ROWS = values(KvSvdRows)
 
 
 def paper_rope_plan(config, head_dim: int, rope_dim: int) -> RopePlan:

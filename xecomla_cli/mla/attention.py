@@ -205,14 +205,6 @@ class MLAAttention(nn.Module):
             **kwargs,
         )
 
-    def absorbed_decode(self, q_nope, q_rope, c, k_rope, attention_mask, seq_lens=None):
-        """One new token over the latent cache, never expanded: per-head outputs (B, H, 1, h), before o_proj.
-
-        Shapes as in ``decode.latent_attention``. See the module docstring.
-        """
-        o_lat = latent_attention(self, q_nope, q_rope, c, k_rope, attention_mask, seq_lens)  # (B, H, r)
-        return up_project(self, o_lat).unsqueeze(2)
-
     @staticmethod
     def _default_positions(B, T, cache, device):
         start = cache.get_seq_length() if cache is not None else 0

@@ -1,0 +1,39 @@
+"""The fixed choices of the command line as Enums: Typer lists them in --help and refuses anything
+else while parsing. Commands pass ``.value`` on; the library takes (and checks) plain strings."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Precision(str, Enum):
+    """distill --precision."""
+
+    AUTO = "auto"  # bf16 autocast over fp32 weights on GPU and on CPUs with AMX, else fp32
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+class LocalInputs(str, Enum):
+    """distill --local-inputs: the hidden states a layer is trained on."""
+
+    TEACHER = "teacher"
+    STUDENT = "student"
+
+
+class ExportFormat(str, Enum):
+    """export --format."""
+
+    HF = "hf"  # DeepSeek-V3 layout for stock transformers / vLLM
+    XECOMLA = "xecomla"  # our own format (any checkpoint)
+
+
+class KvSvdRows(str, Enum):
+    """init-svd --kv-svd-rows: the K/V rows the paper init's latent covers."""
+
+    ALL = "all"
+    NOPE_V = "nope-v"
+
+
+def values(choice: type[Enum]) -> tuple[str, ...]:
+    return tuple(c.value for c in choice)
