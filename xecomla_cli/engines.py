@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import XecomlaError
 from .mla.spec import MLASpec
 
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.32 MLACommonBackend.get_supported_head_sizes()
@@ -159,3 +160,39 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
 
 def engine_rows_dict(rows: list[EngineRow]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in rows]
+
+
+def rank_for_width(
+    width: str, *, original_per_layer: int, head_dim: int, rope_dim: int | None, default_rope_dim: int
+) -> tuple[int, int]:
+    """``init-svd --latent-width W|vllm``: the (r, p) that cache W = r + p values per token per layer.
+
+    ``vllm`` is 576, the width every vLLM MLA backend takes (CPU too), split as DeepSeek-V3 does
+    (r 512 + p 64) when the head dim allows p = 64. A width that would not save memory against the
+    original's 2·G·h is refused with one line naming the original's width and the alternative."""
+    preset = width.strip().lower() == "vllm"
+    if preset:
+        w = VLLM_NATIVE_WIDTH
+        p = rope_dim if rope_dim is not None else (64 if head_dim > 64 else default_rope_dim)
+    else:
+        try:
+            w = int(width)
+        except ValueError:
+            raise XecomlaError(f"--latent-width '{width}' is not a number or 'vllm'") from None
+        p = rope_dim if rope_dim is not None else default_rope_dim
+    name = f"--latent-width {width}" + (f" ({w})" if preset else "")
+    if w >= original_per_layer:
+        smaller = [x for x in VLLM_MLA_WIDTHS if x < original_per_layer and x != w]
+        vllm_alt = (
+            f"--latent-width {smaller[-1]} (vLLM on GPU only, {original_per_layer / smaller[-1]:.2f}x) or "
+            if smaller and smaller[-1] not in VLLM_CPU_MLA_WIDTHS
+            else ""
+        )
+        raise XecomlaError(
+            f"{name} would not save memory: this model caches {original_per_layer} values per token per layer "
+            f"(2·G·h); use {vllm_alt}--kv-rank R with r + p below {original_per_layer} (xecomla, transformers, "
+            "llama.cpp and SGLang keep the latent at any width)"
+        )
+    if w <= p:
+        raise XecomlaError(f"{name} leaves no latent: it must exceed the RoPE dims p = {p}")
+    return w - p, p
