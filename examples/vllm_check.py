@@ -46,6 +46,7 @@ def vllm_greedy(model_dir: str, prompts: list[list[int]], tokens: int) -> tuple[
         enforce_eager=True,
         max_model_len=512,
         seed=0,
+        gpu_memory_utilization=float(os.environ.get("XECOMLA_VLLM_MEMORY", "0.2")),  # on CPU: the share of RAM
         compilation_config={"custom_ops": ["-rotary_embedding"]},
     )
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)

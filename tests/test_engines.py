@@ -65,22 +65,24 @@ def test_hybrid_runs_only_in_xecomla():
     assert all(r.values_per_token is None and "hybrid" in r.note for r in others)
 
 
-def test_per_layer_ranks_pad_for_transformers_and_are_refused_by_llama_cpp():
+def test_per_layer_ranks_are_padded_outside_xecomla():
     rows = by_engine(spec_of(DEMO, [32] * 15 + [64] * 15, 32))
     assert rows["xecomla"].values_per_token == (64 * 15 + 96 * 15)
-    assert rows["transformers"].values_per_token == 96 * 30 and "--pad-ranks" in rows["transformers"].note
-    assert rows["llama.cpp"].values_per_token is None and "per-layer" in rows["llama.cpp"].note
+    for name in ("transformers", "llama.cpp"):
+        assert rows[name].values_per_token == 96 * 30 and "--pad-ranks" in rows[name].note
 
 
 def test_export_padding_and_blockers():
     spec = spec_of(DEMO, [64] * 30, 32)
     padded = by_engine(spec, kv_lora_rank=544)  # export --latent-width 576
     assert padded["vLLM"].latent and padded["vLLM"].values_per_token == 576 * 30 and not padded["vLLM"].saves
+    assert padded["llama.cpp"].values_per_token == 96 * 30  # the GGUF is not padded
     blocked = by_engine(spec, blocker="the attention has q/k/v biases")
     assert blocked["xecomla"].latent and all(
         r.values_per_token is None for name, r in blocked.items() if name != "xecomla"
     )
     assert by_engine(spec, rope_type="llama3")["llama.cpp"].values_per_token is None
+    assert by_engine(spec, rope_type="yarn")["llama.cpp"].values_per_token is None
 
 
 def test_inspect_prints_the_engine_table(tiny_model_dir):

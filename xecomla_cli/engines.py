@@ -9,8 +9,10 @@ MLA on the latent. Each rule below is read from that engine's source (cited besi
   latent KV is still compressed", transformers 5.17 ``models/deepseek_v3/modeling_deepseek_v3.py``),
   so it caches kv_lora_rank + p per layer; it re-expands per-head K/V from the cache at every step
   (transient, one layer at a time). Honours attention biases, so the identity emulation is exact.
-- llama.cpp (``deepseek2`` GGUF): caches kv_lora_rank + n_rot per layer at any width; loads no
-  attention biases, has one kv_lora_rank and MLA in every layer.
+- llama.cpp (``deepseek2`` GGUF, ``export --format gguf``): caches kv_lora_rank + n_rot per layer at
+  any width; needs a real latent norm (it loads no attention biases), MLA in every layer, one
+  kv_lora_rank (per-layer ranks are padded) and unscaled RoPE: the refusals of
+  ``export/gguf_export.py: check_gguf_mla``.
 - vLLM 0.32: ``MLACommonMetadata.__post_init__`` rejects any ``kv_lora_rank + qk_rope_head_dim``
   outside ``MLACommonBackend.get_supported_head_sizes()`` = (320, 512, 576)
   (``vllm/model_executor/layers/attention/mla_attention.py``); on CPU the backends ``CPU_MLA`` and
@@ -35,7 +37,6 @@ from .mla.spec import MLASpec
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.32 MLACommonBackend.get_supported_head_sizes()
 VLLM_CPU_MLA_WIDTHS = (576,)  # vLLM 0.32 CPU_MLA / AMX_MLA
 VLLM_NATIVE_WIDTH = 576  # the width every vLLM MLA backend takes (512 latent + 64 RoPE in DeepSeek-V3)
-UNSUPPORTED_ROPE = ("llama3",)  # rope types the DeepSeek-V2 graph of llama.cpp has no code for
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class EngineRow:
     values_per_token: int | None  # None: the engine cannot run this checkpoint correctly
     original_values_per_token: int
     note: str  # the condition, the command, or why not; one line
+    only: str = ""  # a restriction of the engine's devices, e.g. "GPU"
 
     @property
     def compression(self) -> float | None:
@@ -89,8 +91,8 @@ def engine_support(
     if blocker is None and spec.rope_groups > 1:
         blocker = "per-group RoPE slices: DeepSeek-V3 has one RoPE key"
 
-    def row(engine: str, latent: bool, per_layer: int | None, note: str) -> EngineRow:
-        return EngineRow(engine, latent, None if per_layer is None else per_layer * L, original, note)
+    def row(engine: str, latent: bool, per_layer: int | None, note: str, only: str = "") -> EngineRow:
+        return EngineRow(engine, latent, None if per_layer is None else per_layer * L, original, note, only)
 
     rows = [
         EngineRow(
@@ -98,45 +100,45 @@ def engine_support(
             True,
             spec.values_per_token_total,
             original,
-            "xecomla eval/generate on the checkpoint (--format xecomla export): latent in every converted layer",
+            "the checkpoint, or export --format xecomla: latent in every converted layer",
         )
     ]
     if blocker is not None:
         why = f"no DeepSeek-V3 export ({blocker})"
         return rows + [row(e, False, None, why) for e in ("transformers", "llama.cpp", "vLLM", "SGLang (Triton)")]
 
-    padded = " (ranks padded to the largest: export --pad-ranks)" if len(set(ranks)) > 1 else ""
+    padded = " (--pad-ranks)" if len(set(ranks)) > 1 else ""
     rows.append(
         row(
             "transformers",
             True,
             width,
-            f"stock DeepseekV3 caches the normed latent + k_rot ({kv_lora_rank} + {p}){padded}; "
-            "it re-expands K/V from them at every step",
+            f"DeepseekV3 caches latent + k_rot ({kv_lora_rank} + {p}){padded}, re-expands K/V at each step",
         )
     )
     no_bias = (
         "drops the attention biases of the no-latent-norm emulation (wrong outputs): "
         "use a checkpoint with a latent norm (init-svd --latent-norm)"
     )
-    rows.append(_llama_cpp(spec, width, attention_bias, rope_type, row, no_bias))
+    rows.append(_llama_cpp(spec, not spec.latent_norm, rope_type, row, no_bias))
     rows.append(_vllm(spec, width, attention_bias, row, no_bias))
     if attention_bias:
         rows.append(row("SGLang (Triton)", False, None, no_bias))
     else:
-        rows.append(row("SGLang (Triton)", True, width, f"MLA pool of {width} per layer, any width (not run here)"))
+        rows.append(row("SGLang (Triton)", True, width, f"MLA pool caches {width} per layer, any width (not run)"))
     return rows
 
 
-def _llama_cpp(spec: MLASpec, width: int, attention_bias: bool, rope_type, row, no_bias: str) -> EngineRow:
-    ranks = {r for r in spec.kv_ranks if r is not None}
+def _llama_cpp(spec: MLASpec, attention_bias: bool, rope_type, row, no_bias: str) -> EngineRow:
+    """``export --format gguf`` (deepseek2): the checkpoint's own r + p, whatever the hf export pads to."""
+    ranks = sorted({r for r in spec.kv_ranks if r is not None})
+    width = ranks[-1] + spec.rope_dim
     if attention_bias:
         return row("llama.cpp", False, None, no_bias.replace("drops", "loads none of"))
-    if len(ranks) > 1:
-        return row("llama.cpp", False, None, "per-layer ranks: the deepseek2 GGUF has one kv_lora_rank")
-    if rope_type in UNSUPPORTED_ROPE:
-        return row("llama.cpp", False, None, f"{rope_type} RoPE scaling: the deepseek2 graph has no code for it")
-    return row("llama.cpp", True, width, f"deepseek2 GGUF caches {width} per layer (any width)")
+    if rope_type not in (None, "default"):
+        return row("llama.cpp", False, None, f"{rope_type} RoPE scaling: the deepseek2 graph cannot apply it")
+    padded = f", ranks padded to {ranks[-1]} (--pad-ranks)" if len(ranks) > 1 else ""
+    return row("llama.cpp", True, width, f"export --format gguf: deepseek2 caches {width} per layer{padded}")
 
 
 def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) -> EngineRow:
@@ -148,7 +150,7 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
     pad = VLLM_NATIVE_WIDTH * spec.num_layers
     pad_ratio = spec.original_values_per_token_total / pad
     if width in VLLM_MLA_WIDTHS:
-        return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 576: export --latent-width 576)")
+        return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 576)", only="GPU")
     return row(
         "vLLM",
         False,
@@ -158,8 +160,10 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
     )
 
 
-def engine_rows_dict(rows: list[EngineRow]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in rows]
+VLLM_CAPTION = (
+    "vLLM's MLA takes r+p = 320, 512 or 576 (CPU: 576); other widths run with VLLM_MLA_DISABLE=1 over expanded "
+    "K/V, or pad: export --latent-width 576"
+)
 
 
 def rank_for_width(

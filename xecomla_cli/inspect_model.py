@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .engines import engine_support
+from .engines import VLLM_CAPTION, engine_support
 from .init.common import energy_curve, layer_singular_values, rank_for_energy
 from .loaded import model_dtype_name
 from .mla.convert import decoder_layers
@@ -92,7 +92,8 @@ def engines_by_rank(config, arch: dict[str, Any], ranks: list[int], rope_dim: in
         spec = MLASpec.for_config(config, rope_dim, [r] * arch["num_layers"], latent_norm=True)
         rows = engine_support(spec, rope_type=rope_type, blocker=blocker)
         by_rank.append({"rank": r, "width": r + rope_dim, "rows": [row.to_dict() for row in rows]})
-    return {"assumes": "a latent-norm conversion of every layer at rank r, exported bias-free", "by_rank": by_rank}
+    assumes = "a latent-norm conversion of every layer at rank r, exported bias-free"
+    return {"assumes": assumes, "caption": VLLM_CAPTION, "by_rank": by_rank}
 
 
 def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: int = 1) -> dict[str, Any]:

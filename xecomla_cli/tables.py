@@ -108,13 +108,17 @@ def _engine_cell(row: dict[str, Any]) -> str:
     cannot run the export."""
     if row["values_per_token"] is None:
         return "no"
-    return f"{row['compression']:.2f}x" + ("" if row["latent"] else " expanded")
+    return (
+        f"{row['compression']:.2f}x"
+        + ("" if row["latent"] else " expanded")
+        + (f" {row['only']}" if row["only"] else "")
+    )
 
 
 def engines_by_rank_table(report: dict[str, Any]) -> Table:
     """inspect: per candidate rank, the cache compression each engine keeps (engines.engine_support)."""
     e = report["engines"]
-    t = Table(title=f"Where the saving holds ({e['assumes']})", title_justify="left")
+    t = Table(title=f"Where the saving holds ({e['assumes']})", title_justify="left", caption=e["caption"])
     t.add_column("rank r", justify="right")
     t.add_column("r+p", justify="right")
     for row in e["by_rank"][0]["rows"]:
