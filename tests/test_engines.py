@@ -40,7 +40,9 @@ def test_width_576_is_native_to_vllm_on_cpu_and_gpu():
     rows = by_engine(spec_of(LLAMA3_8B, [512] * 32, 64))
     assert all(r.latent and r.values_per_token == 576 * 32 for r in rows.values())
     assert rows["vLLM"].compression == pytest.approx(2048 / 576)
-    assert "CPU" in rows["vLLM"].note
+    assert "GPU and CPU" in rows["vLLM"].note and not rows["vLLM"].only
+    other_split = by_engine(spec_of(LLAMA3_8B, [544] * 32, 32))["vLLM"]  # 576 too, but not 512 + 64
+    assert other_split.latent and other_split.only == "GPU" and "CPU decodes only 512 + 64" in other_split.note
 
 
 def test_width_320_is_vllm_gpu_only():

@@ -20,6 +20,7 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import save_checkpoint
+from xecomla_cli.engines import rank_for_width
 from xecomla_cli.export import export_checkpoint
 from xecomla_cli.init import build_spec, convert_model
 
@@ -135,4 +136,40 @@ def test_vllm_mla_path_matches_transformers_on_prefill(portable_ckpt, tmp_path):
     ref = transformers_reference(out)
     got = run_vllm(python, out, 1, mla=True, tmp_path=tmp_path)
     assert got["tokens"] == ref["tokens"][:1]
+    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def native_ckpt(tmp_path_factory):
+    """Head dim 128 with init-svd's vLLM preset (r 512 + p 64): the one split vLLM's CPU MLA decode kernel runs."""
+    tmp = tmp_path_factory.mktemp("vllm576")
+    model = make_model(
+        "llama",
+        hidden_size=512,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+    )
+    kv_rank, rope_dim = rank_for_width("vllm", original_per_layer=256, head_dim=128, rope_dim=None, default_rope_dim=64)
+    spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
+    convert_model(model, spec)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
+    return save_checkpoint(
+        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny"
+    )
+
+
+def test_vllm_mla_latent_cache_generation_matches_transformers(native_ckpt, tmp_path):
+    """The whole generation through vLLM's MLA path (CPU_MLA: latent cache, absorbed decode) at r 512 + p 64."""
+    python = vllm_python()
+    result = export_checkpoint(native_ckpt, tmp_path / "hf", portable=True)
+    vllm_row = {r["engine"]: r for r in result.engines}["vLLM"]
+    assert vllm_row["latent"] and vllm_row["values_per_token"] == 2 * 576 and not vllm_row["only"]
+    ref = transformers_reference(result.path)
+    got = run_vllm(python, result.path, NEW_TOKENS, mla=True, tmp_path=tmp_path)
+    assert got["tokens"] == ref["tokens"]
     assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4

@@ -16,7 +16,9 @@ MLA on the latent. Each rule below is read from that engine's source (cited besi
 - vLLM 0.32: ``MLACommonMetadata.__post_init__`` rejects any ``kv_lora_rank + qk_rope_head_dim``
   outside ``MLACommonBackend.get_supported_head_sizes()`` = (320, 512, 576)
   (``vllm/model_executor/layers/attention/mla_attention.py``); on CPU the backends ``CPU_MLA`` and
-  ``AMX_MLA`` take only 576 (``vllm/v1/attention/backends/mla/cpu_mla.py``, ``amx_mla.py``).
+  ``AMX_MLA`` take only 576 (``vllm/v1/attention/backends/mla/cpu_mla.py``, ``amx_mla.py``), and
+  the CPU decode kernel ``torch.ops._C.mla_decode_kvcache`` runs only kv_lora_rank 512 + rope 64
+  (any other split of 576 raises 'Unsupported block size: 16'; measured, docs/vllm.md).
   ``VLLM_MLA_DISABLE=1`` serves other widths as plain attention over expanded K/V:
   2·H·(n + p) values per token per layer (``transformers_utils/model_arch_config_convertor.py``).
   Its DeepSeek attention is built with ``bias=False`` (``model_executor/models/deepseek_v2.py``).
@@ -37,6 +39,7 @@ from .mla.spec import MLASpec
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.32 MLACommonBackend.get_supported_head_sizes()
 VLLM_CPU_MLA_WIDTHS = (576,)  # vLLM 0.32 CPU_MLA / AMX_MLA
 VLLM_NATIVE_WIDTH = 576  # the width every vLLM MLA backend takes (512 latent + 64 RoPE in DeepSeek-V3)
+VLLM_CPU_KV_LORA_RANK = 512  # CPU_MLA's decode kernel runs only 512 + 64 ('Unsupported block size: 16' otherwise)
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,11 @@ def _llama_cpp(spec: MLASpec, attention_bias: bool, rope_type, row, no_bias: str
 def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) -> EngineRow:
     if attention_bias:
         return row("vLLM", False, None, no_bias)
-    if width in VLLM_CPU_MLA_WIDTHS:
+    if width in VLLM_CPU_MLA_WIDTHS and width - spec.rope_dim == VLLM_CPU_KV_LORA_RANK:
         return row("vLLM", True, width, f"MLA at width {width} on GPU and CPU")
+    if width in VLLM_CPU_MLA_WIDTHS:
+        split = f"{VLLM_CPU_KV_LORA_RANK} + {VLLM_NATIVE_WIDTH - VLLM_CPU_KV_LORA_RANK}"
+        return row("vLLM", True, width, f"MLA at width {width} on GPU; CPU decodes only {split}", only="GPU")
     expanded = 2 * spec.num_heads * (spec.nope_dim + spec.rope_dim)  # VLLM_MLA_DISABLE=1: per-head K and V
     pad = VLLM_NATIVE_WIDTH * spec.num_layers
     pad_ratio = spec.original_values_per_token_total / pad
