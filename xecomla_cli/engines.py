@@ -167,8 +167,8 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
 
 
 VLLM_CAPTION = (
-    "vLLM's MLA takes r+p = 320, 512 or 576 (CPU: 576); other widths run with VLLM_MLA_DISABLE=1 over expanded "
-    "K/V, or pad: export --latent-width 576"
+    "vLLM's MLA takes r+p = 320, 512 or 576 (CPU: r 512 + p 64 only); other widths run with VLLM_MLA_DISABLE=1 over "
+    "expanded K/V, or pad: export --latent-width 576"
 )
 
 
