@@ -146,13 +146,15 @@ def native_ckpt(tmp_path_factory):
     model = make_model(
         "llama",
         hidden_size=512,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         head_dim=128,
         num_hidden_layers=2,
         intermediate_size=256,
+    )  # caches 2·4·128 = 1,024 values per token per layer: 576 saves memory
+    kv_rank, rope_dim = rank_for_width(
+        "vllm", original_per_layer=1024, head_dim=128, rope_dim=None, default_rope_dim=64
     )
-    kv_rank, rope_dim = rank_for_width("vllm", original_per_layer=256, head_dim=128, rope_dim=None, default_rope_dim=64)
     spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
     convert_model(model, spec)
     with torch.no_grad():

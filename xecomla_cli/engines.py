@@ -156,7 +156,7 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
     pad = VLLM_NATIVE_WIDTH * spec.num_layers
     pad_ratio = spec.original_values_per_token_total / pad
     if width in VLLM_MLA_WIDTHS:
-        return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 576)", only="GPU")
+        return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 512 + 64 only)", only="GPU")
     return row(
         "vLLM",
         False,
