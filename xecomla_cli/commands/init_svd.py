@@ -40,6 +40,15 @@ def init_svd_command(
             "--energy", help="Per-layer rank: smallest keeping this fraction of the stacked K/V SVD energy (e.g. 0.95)."
         ),
     ] = None,
+    latent_width: Annotated[
+        str | None,
+        typer.Option(
+            "--latent-width",
+            help="Cached values per token per layer r + p instead of --kv-rank (r = W - p); 'vllm': 576, the width "
+            "every vLLM MLA backend takes (r 512 + p 64 where the head dim allows). Refused where it would not "
+            "save memory.",
+        ),
+    ] = None,
     q_rank: Annotated[
         int | None, typer.Option("--q-rank", help="Low-rank queries of this rank (saves parameters, not cache).")
     ] = None,
@@ -84,6 +93,7 @@ def init_svd_command(
     opts = InitOptions(
         kv_rank=kv_rank,
         energy=energy,
+        latent_width=latent_width,
         q_rank=q_rank,
         rope_dim=rope_dim,
         layers=layers,

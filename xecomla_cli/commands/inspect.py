@@ -31,5 +31,6 @@ def inspect_command(
     console.err.print(tables.architecture_table(report))
     console.err.print(tables.budget_table(report, per_layer))
     console.err.print(tables.energy_rank_table(report))
+    console.err.print(tables.engines_by_rank_table(report))
     if as_json:
         emit(report)

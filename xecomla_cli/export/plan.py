@@ -72,6 +72,7 @@ class ExportResult:
     plan: ExportPlan | None
     verify: dict[str, Any] | None = None
     hub_url: str | None = None
+    engines: list[dict[str, Any]] = field(default_factory=list)  # engines.engine_support rows for this export
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +81,7 @@ class ExportResult:
             "plan": asdict(self.plan) if self.plan else None,
             "portable": self.plan.portable if self.plan else None,
             "verify": self.verify,
+            "engines": self.engines,
             "hub_url": self.hub_url,
         }
 

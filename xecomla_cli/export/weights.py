@@ -173,8 +173,8 @@ def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
         for name, t in model.state_dict().items()
         if ".self_attn." not in name and not name.endswith("rotary_emb.inv_freq")
     }
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    if getattr(model.config, "tie_word_embeddings", False):  # also written untied: vLLM's DeepSeek ignores the tie
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
 
     for i, layer in enumerate(decoder_layers(model)):
         a = layer.self_attn

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import MAX_SHARD_SIZE, atomic_directory, command_line, load_checkpoint, read_meta
+from ..engines import engine_support
 from ..errors import XecomlaError
 from ..mla.spec import MLASpec
 from .card import lineage, render_card
@@ -63,13 +64,22 @@ def export_checkpoint(
         raise XecomlaError(f"output '{out_dir}' already exists: pass --force to replace it, or choose another -o")
     command = _export_command(ckpt_dir)
     if fmt == "xecomla":
-        return _export_own(ckpt_dir, out_dir, meta, command, force)
+        result = _export_own(ckpt_dir, out_dir, meta, command, force)
+        if meta.get("mla"):  # what each engine would keep once exported in its layout (hf, gguf)
+            result.engines = [r.to_dict() for r in engine_support(MLASpec.from_dict(meta["mla"]))]
+        return result
     if dtype == "auto":
         dtype = meta.get("dtype", "float32")
         dtype = dtype if dtype in WEIGHT_DTYPES else "float32"
     loaded = loaded or load_checkpoint(ckpt_dir, dtype="float32", device="cpu")
     plan = plan_export(loaded, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
-    return _export_deepseek(ckpt_dir, out_dir, meta, command, loaded, plan, verify=verify, force=force)
+    result = _export_deepseek(ckpt_dir, out_dir, meta, command, loaded, plan, verify=verify, force=force)
+    rope_type = (getattr(loaded.config, "rope_parameters", None) or {}).get("rope_type")
+    rows = engine_support(
+        loaded.spec, kv_lora_rank=plan.kv_lora_rank, attention_bias=plan.attention_bias, rope_type=rope_type
+    )
+    result.engines = [r.to_dict() for r in rows]
+    return result
 
 
 def _export_own(ckpt_dir: Path, out_dir: Path, meta: dict, command: str, force: bool) -> ExportResult:

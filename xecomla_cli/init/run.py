@@ -10,15 +10,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
+from ..engines import rank_for_width
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
+from ..mla.spec import attention_shape
 from ..sources import load_model
 from ..text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
 from .common import layer_singular_values
 from .convert import calibration_steps, convert_model
 from .methods import MethodConfig, parse_method
 from .paper import KV_SVD_ROWS
-from .spec_builder import build_spec, parse_layers
+from .spec_builder import build_spec, parse_layers, rope_dim_default
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance(n)
 
@@ -29,6 +31,7 @@ class InitOptions:
 
     kv_rank: int | None = None
     energy: float | None = None
+    latent_width: str | None = None  # r + p as a number, or 'vllm' (engines.rank_for_width)
     q_rank: int | None = None
     rope_dim: int | None = None
     layers: str | None = None  # '0-11,20'; None: all
@@ -45,8 +48,8 @@ class InitOptions:
     def __post_init__(self) -> None:
         if self.kv_svd_rows not in KV_SVD_ROWS:
             raise XecomlaError(f"--kv-svd-rows must be one of {', '.join(KV_SVD_ROWS)}")
-        if (self.kv_rank is None) == (self.energy is None):
-            raise XecomlaError("give exactly one of --kv-rank R or --energy δ")
+        if [self.kv_rank, self.energy, self.latent_width].count(None) != 2:
+            raise XecomlaError("give exactly one of --kv-rank R, --energy δ or --latent-width W|vllm")
         cfg = self.method_config
         if cfg.is_paper and self.calib_data is not None:
             raise XecomlaError(
@@ -75,7 +78,7 @@ class InitOptions:
         """runs/<source>-mla-r64[-method]."""
         name = Path(source.rstrip("/")).name or source
         name = name.removesuffix(".gguf").replace("/", "-")
-        budget = f"r{self.kv_rank}" if self.kv_rank else f"e{self.energy:g}"
+        budget = f"r{self.kv_rank}" if self.kv_rank else f"e{self.energy:g}" if self.energy else f"w{self.latent_width}"
         method = "" if self.method_config.is_paper else "-" + self.method.replace("+", "-")
         return Path("runs") / f"{name}-mla-{budget}{method}"
 
@@ -99,11 +102,22 @@ def run_init(
         raise XecomlaError(f"'{source}' is already an MLA checkpoint: init-svd takes an original model")
     layer_list = parse_layers(opts.layers, model.config.num_hidden_layers)
     sv = layer_singular_values(model) if opts.energy is not None else None
+    kv_rank, rope_dim = opts.kv_rank, opts.rope_dim
+    if opts.latent_width is not None:
+        shape = attention_shape(model.config)
+        G, h = shape["num_kv_heads"], shape["head_dim"]
+        kv_rank, rope_dim = rank_for_width(
+            opts.latent_width,
+            original_per_layer=2 * G * h,
+            head_dim=h,
+            rope_dim=opts.rope_dim,
+            default_rope_dim=rope_dim_default(h, G if cfg.group_rope else 1),
+        )
     spec = build_spec(
         model.config,
-        kv_rank=opts.kv_rank,
+        kv_rank=kv_rank,
         energy=opts.energy,
-        rope_dim=opts.rope_dim,
+        rope_dim=rope_dim,
         q_rank=opts.q_rank,
         layers=layer_list,
         latent_norm=opts.latent_norm,
@@ -111,6 +125,8 @@ def run_init(
         kv_rows=opts.kv_rows,
         singular_values=sv,
     )
+    if opts.latent_width is not None:
+        spec = replace(spec, latent_width=opts.latent_width)
     calib_ids = None
     if not cfg.is_paper:
         calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)

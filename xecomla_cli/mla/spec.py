@@ -45,6 +45,7 @@ class MLASpec:
     freqfold: dict[str, Any] | None = None  # TransMLA's searched fold: {"fold": N, "calibration_loss": {...}}
     rank_budget: int | None = None  # budget: the total rank spread over the converted layers
     calibration: dict[str, Any] | None = None  # a data-aware init's calibration text: {"data", "tokens"}
+    latent_width: int | str | None = None  # --latent-width W (or 'vllm'), when the ranks came from it
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -124,6 +125,7 @@ INIT_RECORD = (
     "freqfold",
     "rank_budget",
     "calibration",
+    "latent_width",
 )
 
 

@@ -1,0 +1,208 @@
+"""Where the smaller cache holds: which serving engines keep the MLA latent cache for a conversion.
+
+A conversion caches r + p values per token per converted layer, but only in an engine that runs
+MLA on the latent. Each rule below is read from that engine's source (cited beside it):
+
+- xecomla (``--format xecomla`` checkpoints, ``eval``): always the latent, any rank, hybrid too.
+- transformers (stock ``DeepseekV3ForCausalLM``, the ``hf`` export): ``past_key_values.update``
+  receives ``kv_a_layernorm(c)`` and the rotated ``k_rot`` ("Cache read / write is performed while
+  latent KV is still compressed", transformers 5.17 ``models/deepseek_v3/modeling_deepseek_v3.py``),
+  so it caches kv_lora_rank + p per layer; it re-expands per-head K/V from the cache at every step
+  (transient, one layer at a time). Honours attention biases, so the identity emulation is exact.
+- llama.cpp (``deepseek2`` GGUF, ``export --format gguf``): caches kv_lora_rank + n_rot per layer at
+  any width; needs a real latent norm (it loads no attention biases), MLA in every layer, one
+  kv_lora_rank (per-layer ranks are padded) and unscaled RoPE: the refusals of
+  ``export/gguf_export.py: check_gguf_mla``.
+- vLLM 0.32: ``MLACommonMetadata.__post_init__`` rejects any ``kv_lora_rank + qk_rope_head_dim``
+  outside ``MLACommonBackend.get_supported_head_sizes()`` = (320, 512, 576)
+  (``vllm/model_executor/layers/attention/mla_attention.py``); on CPU the backends ``CPU_MLA`` and
+  ``AMX_MLA`` take only 576 (``vllm/v1/attention/backends/mla/cpu_mla.py``, ``amx_mla.py``), and
+  the CPU decode kernel ``torch.ops._C.mla_decode_kvcache`` runs only kv_lora_rank 512 + rope 64
+  (any other split of 576 raises 'Unsupported block size: 16'; measured, docs/vllm.md).
+  ``VLLM_MLA_DISABLE=1`` serves other widths as plain attention over expanded K/V:
+  2·H·(n + p) values per token per layer (``transformers_utils/model_arch_config_convertor.py``).
+  Its DeepSeek attention is built with ``bias=False`` (``model_executor/models/deepseek_v2.py``).
+- SGLang, Triton backend: ``MLATokenToKVPool`` caches kv_lora_rank + qk_rope_head_dim per layer
+  and the Triton decode kernel takes any width (576 and 288 get tuned tiles, others a power-of-two
+  block: ``python/sglang/srt/layers/attention/triton_ops/decode_attention.py``); its DeepSeek
+  attention is bias-free too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import XecomlaError
+from .mla.spec import MLASpec
+
+VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.32 MLACommonBackend.get_supported_head_sizes()
+VLLM_CPU_MLA_WIDTHS = (576,)  # vLLM 0.32 CPU_MLA / AMX_MLA
+VLLM_NATIVE_WIDTH = 576  # the width every vLLM MLA backend takes (512 latent + 64 RoPE in DeepSeek-V3)
+VLLM_CPU_KV_LORA_RANK = 512  # CPU_MLA's decode kernel runs only 512 + 64 ('Unsupported block size: 16' otherwise)
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """One engine: what it caches for this conversion, in values per token over all layers."""
+
+    engine: str
+    latent: bool  # caches the latent (r + p per converted layer), not per-head K/V
+    values_per_token: int | None  # None: the engine cannot run this checkpoint correctly
+    original_values_per_token: int
+    note: str  # the condition, the command, or why not; one line
+    only: str = ""  # a restriction of the engine's devices, e.g. "GPU"
+
+    @property
+    def compression(self) -> float | None:
+        return None if self.values_per_token is None else self.original_values_per_token / self.values_per_token
+
+    @property
+    def saves(self) -> bool:
+        return self.values_per_token is not None and self.values_per_token < self.original_values_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.compression
+        return {**asdict(self), "compression": None if c is None else round(c, 4), "saves": self.saves}
+
+
+def engine_support(
+    spec: MLASpec,
+    *,
+    kv_lora_rank: int | None = None,
+    attention_bias: bool | None = None,
+    rope_type: str | None = None,
+    blocker: str | None = None,
+) -> list[EngineRow]:
+    """Which engines keep the latent cache for ``spec``, one row per engine.
+
+    ``kv_lora_rank`` and ``attention_bias`` describe the DeepSeek-V3 export (default: what
+    ``export`` makes of the spec: the largest rank, plus the constant channel and biases of the
+    identity emulation when the spec has no latent norm). ``rope_type`` is the base model's RoPE
+    scaling; ``blocker`` is why no DeepSeek-V3 export exists (e.g. Qwen2's query biases)."""
+    L, original = spec.num_layers, spec.original_values_per_token_total
+    ranks = [r for r in spec.kv_ranks if r is not None]
+    hybrid = len(ranks) < L
+    if attention_bias is None:
+        attention_bias = not spec.latent_norm
+    if kv_lora_rank is None:
+        kv_lora_rank = max(ranks) + (1 if attention_bias else 0)
+    p = spec.rope_dim
+    width = kv_lora_rank + p  # what a DeepSeek-V3-layout engine caches per token per layer
+    if blocker is None and hybrid:
+        blocker = "hybrid: the DeepSeek-V3 layout has MLA in every layer"
+    if blocker is None and spec.rope_groups > 1:
+        blocker = "per-group RoPE slices: DeepSeek-V3 has one RoPE key"
+
+    def row(engine: str, latent: bool, per_layer: int | None, note: str, only: str = "") -> EngineRow:
+        return EngineRow(engine, latent, None if per_layer is None else per_layer * L, original, note, only)
+
+    rows = [
+        EngineRow(
+            "xecomla",
+            True,
+            spec.values_per_token_total,
+            original,
+            "the checkpoint, or export --format xecomla: latent in every converted layer",
+        )
+    ]
+    if blocker is not None:
+        why = f"no DeepSeek-V3 export ({blocker})"
+        return rows + [row(e, False, None, why) for e in ("transformers", "llama.cpp", "vLLM", "SGLang (Triton)")]
+
+    padded = " (--pad-ranks)" if len(set(ranks)) > 1 else ""
+    rows.append(
+        row(
+            "transformers",
+            True,
+            width,
+            f"DeepseekV3 caches latent + k_rot ({kv_lora_rank} + {p}){padded}, re-expands K/V at each step",
+        )
+    )
+    no_bias = (
+        "drops the attention biases of the no-latent-norm emulation (wrong outputs): "
+        "use a checkpoint with a latent norm (init-svd --latent-norm)"
+    )
+    rows.append(_llama_cpp(spec, not spec.latent_norm, rope_type, row, no_bias))
+    rows.append(_vllm(spec, width, attention_bias, row, no_bias))
+    if attention_bias:
+        rows.append(row("SGLang (Triton)", False, None, no_bias))
+    else:
+        rows.append(row("SGLang (Triton)", True, width, f"MLA pool caches {width} per layer, any width (not run)"))
+    return rows
+
+
+def _llama_cpp(spec: MLASpec, attention_bias: bool, rope_type, row, no_bias: str) -> EngineRow:
+    """``export --format gguf`` (deepseek2): the checkpoint's own r + p, whatever the hf export pads to."""
+    ranks = sorted({r for r in spec.kv_ranks if r is not None})
+    width = ranks[-1] + spec.rope_dim
+    if attention_bias:
+        return row("llama.cpp", False, None, no_bias.replace("drops", "loads none of"))
+    if rope_type not in (None, "default"):
+        return row("llama.cpp", False, None, f"{rope_type} RoPE scaling: the deepseek2 graph cannot apply it")
+    padded = f", ranks padded to {ranks[-1]} (--pad-ranks)" if len(ranks) > 1 else ""
+    return row("llama.cpp", True, width, f"export --format gguf: deepseek2 caches {width} per layer{padded}")
+
+
+def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) -> EngineRow:
+    if attention_bias:
+        return row("vLLM", False, None, no_bias)
+    if width in VLLM_CPU_MLA_WIDTHS and width - spec.rope_dim == VLLM_CPU_KV_LORA_RANK:
+        return row("vLLM", True, width, f"MLA at width {width} on GPU and CPU")
+    if width in VLLM_CPU_MLA_WIDTHS:
+        split = f"{VLLM_CPU_KV_LORA_RANK} + {VLLM_NATIVE_WIDTH - VLLM_CPU_KV_LORA_RANK}"
+        return row("vLLM", True, width, f"MLA at width {width} on GPU; CPU decodes only {split}", only="GPU")
+    expanded = 2 * spec.num_heads * (spec.nope_dim + spec.rope_dim)  # VLLM_MLA_DISABLE=1: per-head K and V
+    pad = VLLM_NATIVE_WIDTH * spec.num_layers
+    pad_ratio = spec.original_values_per_token_total / pad
+    if width in VLLM_MLA_WIDTHS:
+        return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 512 + 64 only)", only="GPU")
+    return row(
+        "vLLM",
+        False,
+        expanded,
+        f"MLA refuses width {width} (takes {'/'.join(map(str, VLLM_MLA_WIDTHS))}): VLLM_MLA_DISABLE=1 caches "
+        f"expanded K/V as counted; export --latent-width 576 keeps MLA at {pad_ratio:.2f}x",
+    )
+
+
+VLLM_CAPTION = (
+    "vLLM's MLA takes r+p = 320, 512 or 576 (CPU: r 512 + p 64 only); other widths run with VLLM_MLA_DISABLE=1 over "
+    "expanded K/V, or pad: export --latent-width 576"
+)
+
+
+def rank_for_width(
+    width: str, *, original_per_layer: int, head_dim: int, rope_dim: int | None, default_rope_dim: int
+) -> tuple[int, int]:
+    """``init-svd --latent-width W|vllm``: the (r, p) that cache W = r + p values per token per layer.
+
+    ``vllm`` is 576, the width every vLLM MLA backend takes (CPU too), split as DeepSeek-V3 does
+    (r 512 + p 64) when the head dim allows p = 64. A width that would not save memory against the
+    original's 2·G·h is refused with one line naming the original's width and the alternative."""
+    preset = width.strip().lower() == "vllm"
+    if preset:
+        w = VLLM_NATIVE_WIDTH
+        p = rope_dim if rope_dim is not None else (64 if head_dim > 64 else default_rope_dim)
+    else:
+        try:
+            w = int(width)
+        except ValueError:
+            raise XecomlaError(f"--latent-width '{width}' is not a number or 'vllm'") from None
+        p = rope_dim if rope_dim is not None else default_rope_dim
+    name = f"--latent-width {width}" + (f" ({w})" if preset else "")
+    if w >= original_per_layer:
+        smaller = [x for x in VLLM_MLA_WIDTHS if x < original_per_layer and x != w]
+        vllm_alt = (
+            f"--latent-width {smaller[-1]} (vLLM on GPU only, {original_per_layer / smaller[-1]:.2f}x) or "
+            if smaller and smaller[-1] not in VLLM_CPU_MLA_WIDTHS
+            else ""
+        )
+        raise XecomlaError(
+            f"{name} would not save memory: this model caches {original_per_layer} values per token per layer "
+            f"(2·G·h); use {vllm_alt}--kv-rank R with r + p below {original_per_layer} (xecomla, transformers, "
+            "llama.cpp and SGLang keep the latent at any width)"
+        )
+    if w <= p:
+        raise XecomlaError(f"{name} leaves no latent: it must exceed the RoPE dims p = {p}")
+    return w - p, p
