@@ -45,7 +45,7 @@ def test_init_svd_vllm_preset_on_a_wide_tiny_model(tiny_model_dir, tmp_path):
     path = run_init(str(src), InitOptions(latent_width="vllm", output=tmp_path / "ck"))
     spec = load_model(str(path)).spec
     assert (spec.kv_ranks, spec.rope_dim, spec.values_per_token(0)) == ([512], 64, 576)
-    assert spec.options["latent_width"] == "vllm"
+    assert spec.latent_width == "vllm"
 
 
 def test_init_svd_latent_width_refusal_is_one_line(tiny_model_dir, tmp_path):
