@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xecomla_cli.export.gguf_export import export_gguf  # noqa: E402
-from xecomla_cli.export.llama_cpp import llama_cpp_tool  # noqa: E402
+from xecomla_cli.export.gguf_verify import run_llama_cpp  # noqa: E402
+from xecomla_cli.export.llama_cpp_build import llama_cpp_tool  # noqa: E402
+
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 
 
 def ints(text: str) -> list[int]:
@@ -55,34 +57,19 @@ def gguf_pair(args) -> dict[str, Path]:
 
 
 def kv_mib(model: Path, cells: int, ctk: str, fa: int) -> float:
-    """The KV cache llama.cpp allocates for a context of ``cells`` cells (parsed from its log)."""
-    cmd = [
-        str(llama_cpp_tool("llama-completion")),
-        "-m",
-        str(model),
-        "-c",
-        str(cells),
-        "-n",
-        "1",
-        "-p",
-        "Hi",
-        "-t",
-        "1",
-        "-ctk",
-        ctk,
-        "-fa",
-        "on" if fa else "off",
-        "-no-cnv",
-        "--no-warmup",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    found = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", done.stdout + done.stderr)
-    if not found:
-        raise SystemExit(
-            f"no KV cache size in llama-completion's log for {model} ({done.returncode}): "
-            f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}"
-        )
-    return float(found[-1])
+    """The KV cache llama.cpp allocates for a context of ``cells`` cells (from its log, via the verifier's child)."""
+    request = {
+        "texts": [],
+        "special_texts": [],
+        "prompts": [[0]],
+        "greedy": [0],
+        "new_tokens": 0,
+        "threads": 1,
+        "kv_type": GGML_TYPES[ctk],
+        "n_ctx": cells,
+        "flash_attn": fa,
+    }
+    return float(run_llama_cpp(model, request)["kv_mib"][0])
 
 
 def llama_bench(models: list[Path], depths: list[int], args) -> list[dict]:

@@ -19,7 +19,7 @@ from xecomla_cli.checkpoint import load_checkpoint, save_checkpoint
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.export.gguf_export import export_gguf
 from xecomla_cli.export.gguf_tokenizer import pre_tokenizer_name
-from xecomla_cli.export.llama_cpp import llama_cpp_available
+from xecomla_cli.export.llama_cpp_build import llama_cpp_available
 from xecomla_cli.init import build_spec, convert_model
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -60,9 +60,11 @@ def nothing_written(tmp_path: Path, out: Path) -> bool:
 @torch.no_grad()
 def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     """All-position logits from the llama_cpp bindings in this process (independent of the verifier)."""
-    from xecomla_cli.export.llama_cpp import import_llama_cpp
+    from xecomla_cli.export.llama_cpp_build import import_llama_cpp
 
-    llm = import_llama_cpp().Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm = import_llama_cpp().Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0
+    )  # an f32 KV cache (the default f16 one rounds the latent)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
@@ -78,8 +80,8 @@ def test_mla_round_trip_f32_matches_in_llama_cpp(tmp_path, family):
     assert v["tokens_equal"] and v["greedy_tokens_equal"] and v["max_abs_logit_diff"] < 1e-4 * v["max_abs_logit"]
     ours = load_checkpoint(ckpt).model(torch.tensor([PROMPT])).logits[0].detach().numpy()
     np.testing.assert_allclose(llama_cpp_logits(out, PROMPT), ours, rtol=0, atol=1e-4 * np.abs(ours).max())
-    # llama.cpp caches the latent and the RoPE key only: 3 layers x (16 + 8) values, f16, per cell
-    assert v["kv_mib"] == pytest.approx(3 * 24 * v["kv_cells"] * 2 / 2**20)
+    # llama.cpp caches the latent and the RoPE key only: 3 layers x (16 + 8) values per cell (f32 in the check)
+    assert v["kv_mib"] == pytest.approx(3 * 24 * v["kv_cells"] * 4 / 2**20, abs=0.005)  # MiB to 2 decimals
 
 
 @needs_llama_cpp
@@ -88,7 +90,9 @@ def test_mla_weight_types(tmp_path, outtype):
     ckpt = mla_ckpt(tmp_path, tie_word_embeddings=True)
     result = export_gguf(str(ckpt), tmp_path / "m.gguf", outtype=outtype)
     v = result.verify
-    assert v["tokens_equal"] and v["max_abs_logit_diff"] <= v["allowed"] < 0.05 * v["max_abs_logit"]
+    # llama.cpp also rounds activations to the weight type: the difference stays below the weights' own rounding effect
+    assert v["tokens_equal"] and v["max_abs_logit_diff"] <= 0.5 * v["allowed"]
+    assert v["max_abs_logit_diff"] <= v["weight_rounding_effect"] * 1.5
     stored = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
     assert stored in result.tensor_types and "F32" in result.tensor_types  # matrices, and norms in f32
 
@@ -103,7 +107,7 @@ def test_original_model_as_llama_arch(tmp_path, family):
     v = result.verify
     assert result.arch == "llama" and v["greedy_tokens_equal"] and v["max_abs_logit_diff"] < 1e-4 * v["max_abs_logit"]
     assert result.values_per_token_per_layer == 2 * 2 * 16  # K and V of 2 KV heads, head dim 16
-    assert v["kv_mib"] == pytest.approx(3 * 64 * v["kv_cells"] * 2 / 2**20)
+    assert v["kv_mib"] == pytest.approx(3 * 64 * v["kv_cells"] * 4 / 2**20, abs=0.005)
 
 
 @needs_llama_cpp
@@ -156,12 +160,13 @@ def test_a_file_llama_cpp_refuses_is_never_written(tmp_path, monkeypatch):
 
 @needs_llama_cpp
 def test_a_tokenizer_mismatch_is_caught(tmp_path, monkeypatch):
-    """Naming the wrong pre-tokenizer (digits split one by one) must fail the token check on '2024'."""
+    """BPE merges written in the wrong order (ranks reversed) must fail the token check."""
     import xecomla_cli.export.gguf_tokenizer as gt
 
-    monkeypatch.setattr(gt, "pre_tokenizer_name", lambda pre: "smollm")
+    real = gt._merges
+    monkeypatch.setattr(gt, "_merges", lambda model: real(model)[::-1])
     out = tmp_path / "x.gguf"
-    with pytest.raises(XecomlaError, match="tokenises sample text 1 differently"):
+    with pytest.raises(XecomlaError, match=r"tokenises sample text \d differently"):
         export_gguf(str(mla_ckpt(tmp_path)), out)
     assert nothing_written(tmp_path, out)
 

@@ -5,8 +5,9 @@ refuses (or a ggml assertion that aborts) cannot take the export down with it:
 
 REQUEST: {"model": path, "lib": the llama.cpp libraries (or null), "texts": [str] (tokenised plain),
 "special_texts": [str] (special tokens parsed), "prompts": [[ids]] (all-position logits), "greedy": [ids],
-"new_tokens": n, "threads": n}.
-RESULT: tokens_<i>, special_<i>, logits_<i>, greedy, and kv_mib (what llama.cpp allocated for its cache).
+"new_tokens": n, "threads": n, "kv_type": ggml type of the KV cache (0: f32), optional "n_ctx", "flash_attn"}.
+RESULT: tokens_<i>, special_<i>, logits_<i>, greedy, kv_mib and kv_cells (the cache llama.cpp allocated: MiB to
+two decimals, and its cells, a multiple of 256).
 Only numpy and the llama_cpp bindings are imported here (no torch): the child starts in about a second.
 """
 
@@ -44,7 +45,7 @@ def main(request_path: str, result_path: str) -> int:
         os.environ.setdefault("LLAMA_CPP_LIB_PATH", req["lib"])
     import llama_cpp
 
-    n_ctx = max([len(p) for p in req["prompts"]] + [len(req["greedy"]) + req["new_tokens"], 64]) + 8
+    n_ctx = req.get("n_ctx") or max([len(p) for p in req["prompts"]] + [len(req["greedy"]) + req["new_tokens"], 64]) + 8
     log, saved = _capture_stderr()
     try:
         llm = llama_cpp.Llama(
@@ -53,6 +54,9 @@ def main(request_path: str, result_path: str) -> int:
             n_batch=n_ctx,
             logits_all=True,
             n_threads=req["threads"],
+            type_k=req.get("kv_type"),
+            type_v=req.get("kv_type"),
+            flash_attn=bool(req.get("flash_attn", False)),
             verbose=True,
             seed=0,
         )
@@ -62,8 +66,9 @@ def main(request_path: str, result_path: str) -> int:
         print(json.dumps({"error": f"{exc}", "log": errors[-3:]}), file=sys.stderr)
         return 3
     text = _restore_stderr(log, saved)
-    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", text)
-    out = {"kv_mib": np.array([float(kv[-1]) if kv else -1.0]), "n_ctx": np.array([n_ctx])}
+    kv = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells", text)
+    mib, cells = (float(kv[-1][0]), int(kv[-1][1])) if kv else (-1.0, -1)
+    out = {"kv_mib": np.array([mib]), "kv_cells": np.array([cells])}
     for i, s in enumerate(req["texts"]):
         out[f"tokens_{i}"] = np.array(llm.tokenize(s.encode(), add_bos=True, special=False), dtype=np.int64)
     for i, s in enumerate(req["special_texts"]):

@@ -2,8 +2,8 @@
 
 1. Tokens: llama.cpp tokenises sample texts (digits, punctuation, non-ASCII, runs of spaces and
    newlines; plus a chat-template rendering with its special tokens) into exactly transformers' ids.
-2. Logits: on several prompts (ids from transformers) every position's logits agree with xecomla's
-   model whose weights are rounded to the GGUF's types, within ``allowed``.
+2. Logits (llama.cpp with an f32 KV cache): on several prompts (ids from transformers) every position's
+   logits agree with xecomla's model whose weights are rounded to the GGUF's types, within ``allowed``.
 3. Greedy: a continuation decoded greedily by llama.cpp is the one transformers' ``generate`` gives,
    unless they part at a near tie (our top-2 gap at that step below ``allowed``), which is reported.
 
@@ -28,7 +28,7 @@ import torch
 
 from ..errors import XecomlaError
 from .gguf_writer import OutType, rounded
-from .llama_cpp import SETUP_HINT, llama_cpp_bin
+from .llama_cpp_build import SETUP_HINT, llama_cpp_bin
 
 VERIFY_RTOL = {"f32": 1e-3, "f16": 1e-2, "bf16": 2e-2, "q8_0": 2e-2}
 SAMPLE_TEXTS = [
@@ -98,6 +98,7 @@ def verify_gguf(path: Path, loaded, outtype: OutType, threads: int = 2) -> dict[
         "greedy": greedy_ids,
         "new_tokens": NEW_TOKENS,
         "threads": threads,
+        "kv_type": 0,  # an f32 cache: llama.cpp's default f16 cache rounds the latent (~1e-3), a serving choice
     }
     theirs = run_llama_cpp(path, request)
 
@@ -139,7 +140,7 @@ def verify_gguf(path: Path, loaded, outtype: OutType, threads: int = 2) -> dict[
         "weight_rounding_effect": noise,
         "allowed": allowed,
         "kv_mib": float(theirs["kv_mib"][0]),
-        "kv_cells": int(theirs["n_ctx"][0]),
+        "kv_cells": int(theirs["kv_cells"][0]),
     }
     if diff > allowed:
         raise XecomlaError(
