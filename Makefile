@@ -53,6 +53,17 @@ $(BENCH_CKPT): | setup
 bench: setup $(BENCH_CKPT)
 	$(BIN)/python bench/decode_e2e.py --mla $(BENCH_CKPT)
 
+# llama.cpp: llama-bench on the demo and its 4x conversion, both GGUF f16 (bench/llama_bench.py; the 32K depth
+# prefills take many minutes on 2 cores)
+GGUF_CKPT ?= runs/g-init
+
+$(GGUF_CKPT): | setup
+	$(BIN)/xecomla init-svd demo --kv-rank 64 --method deepseek --latent-norm -o $(GGUF_CKPT)
+
+.PHONY: bench-llama
+bench-llama: setup $(GGUF_CKPT)
+	$(BIN)/python bench/llama_bench.py --mla $(GGUF_CKPT)
+
 .PHONY: bench-gpu
 bench-gpu:
 	PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py

@@ -93,11 +93,12 @@ def llama_bench(models: list[Path], depths: list[int], args) -> list[dict]:
         str(args.reps),
         "-o",
         "json",
+        "--progress",
     ]
     print(" ".join(cmd), file=sys.stderr)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # progress on stderr
     if done.returncode != 0:
-        raise SystemExit(f"llama-bench failed ({done.returncode}): {done.stderr.strip().splitlines()[-3:]}")
+        raise SystemExit(f"llama-bench failed ({done.returncode})")
     return json.loads(done.stdout)
 
 
@@ -122,21 +123,22 @@ def rows(results: list[dict], paths: dict[str, Path]) -> list[dict]:
 def table(measured: list[dict], kv: dict) -> list[dict]:
     """Per depth: the original's and the conversion's best tok/s (over the settings run), their ratio and KV MiB."""
     lines = []
-    for depth in sorted({m["depth"] for m in measured}):
+    for depth in sorted({int(k.split("@")[1]) for k in kv}):
         best = {}
         for kind in ("original", "mla"):
             cands = [m for m in measured if m["model"] == kind and m["depth"] == depth]
-            best[kind] = max(cands, key=lambda m: m["tok_s"])
+            best[kind] = max(cands, key=lambda m: m["tok_s"]) if cands else None
         o, m = best["original"], best["mla"]
         ko, km = kv[f"original@{depth}"], kv[f"mla@{depth}"]
+        timed = o is not None and m is not None
         lines.append(
             {
                 "depth": depth,
-                "original_tok_s": o["tok_s"],
-                "mla_tok_s": m["tok_s"],
-                "ratio": m["tok_s"] / o["tok_s"],
-                "original_settings": f"t{o['threads']} fa{o['fa']} {o['ctk']}",
-                "mla_settings": f"t{m['threads']} fa{m['fa']} {m['ctk']}",
+                "original_tok_s": o["tok_s"] if timed else None,
+                "mla_tok_s": m["tok_s"] if timed else None,
+                "ratio": m["tok_s"] / o["tok_s"] if timed else None,
+                "original_settings": f"t{o['threads']} fa{o['fa']} {o['ctk']}" if timed else "KV size only",
+                "mla_settings": f"t{m['threads']} fa{m['fa']} {m['ctk']}" if timed else "KV size only",
                 "original_kv_mib": ko,
                 "mla_kv_mib": km,
                 "kv_ratio": ko / km,
@@ -151,8 +153,13 @@ def markdown(lines: list[dict]) -> str:
         "| settings (orig / MLA) |\n"
         "|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
+
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
     return head + "".join(
-        f"| {x['depth']} | {x['original_tok_s']:.2f} | {x['mla_tok_s']:.2f} | {x['ratio']:.2f}x | "
+        f"| {x['depth']} | {num(x['original_tok_s'], '.2f')} | {num(x['mla_tok_s'], '.2f')} | "
+        f"{num(x['ratio'], '.2f')}x | "
         f"{x['original_kv_mib']:.2f} | {x['mla_kv_mib']:.2f} | {x['kv_ratio']:.2f}x | "
         f"{x['original_settings']} / {x['mla_settings']} |\n"
         for x in lines
@@ -170,6 +177,7 @@ def main() -> None:
     ap.add_argument("--fa", default="1", help="flash attention: 0, 1 or 0,1")
     ap.add_argument("--ctk", default="f16", help="K cache type(s): f16, q8_0 or f16,q8_0")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--kv-depths", default="", help="depths whose KV size only is reported (no timing)")
     ap.add_argument("--profile-depth", type=int, default=None, help="only this depth (a settings sweep)")
     ap.add_argument("--work", default="runs/gguf-bench", help="where the two GGUFs are kept")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/llama_bench_<date>.json)")
@@ -183,7 +191,7 @@ def main() -> None:
     load_after = load()
     kv = {}
     for kind, path in paths.items():
-        for depth in depths:
+        for depth in depths + ints(args.kv_depths):
             kv[f"{kind}@{depth}"] = kv_mib(path, depth + args.tg, args.ctk.split(",")[0], int(args.fa.split(",")[0]))
     lines = table(measured, kv)
     result = {
