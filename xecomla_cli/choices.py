@@ -25,6 +25,7 @@ class ExportFormat(str, Enum):
     """export --format."""
 
     HF = "hf"  # DeepSeek-V3 layout for stock transformers / vLLM
+    GGUF = "gguf"  # one llama.cpp file (deepseek2 for MLA, llama for an original model)
     XECOMLA = "xecomla"  # our own format (any checkpoint)
 
 

@@ -10,6 +10,7 @@ import typer
 from .. import console
 from ..choices import ExportFormat
 from ..errors import XecomlaError
+from ..export.gguf_writer import OutType
 from .common import CkptArg, ForceOpt, JsonOpt, emit, read_arg
 
 
@@ -22,9 +23,13 @@ def export_command(
         ExportFormat,
         typer.Option(
             "--format",
-            help="'hf': DeepSeek-V3 layout for stock transformers/vLLM; 'xecomla': our own format (any checkpoint).",
+            help="'hf': DeepSeek-V3 layout for stock transformers/vLLM; 'gguf': one llama.cpp file (deepseek2, or "
+            "llama for an original model); 'xecomla': our own format (any checkpoint).",
         ),
     ] = ExportFormat.HF,
+    outtype: Annotated[
+        OutType, typer.Option("--outtype", help="--format gguf: weight type, as llama.cpp's converter names it.")
+    ] = OutType.f16,
     dtype: Annotated[
         str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32 or bfloat16.")
     ] = "auto",
@@ -68,6 +73,11 @@ def export_command(
 
     if (private or revision) and not push_to_hub:
         raise XecomlaError("--private and --revision apply to --push-to-hub REPO: add it, or drop them")
+    if fmt == "gguf":
+        _export_gguf(
+            read_arg(ckpt), output, outtype, dtype, pad_ranks, latent_width, push_to_hub, verify, force, as_json
+        )
+        return
     path = Path(read_arg(ckpt))
     with console.status(f"exporting {path}"):
         result = export_checkpoint(
@@ -93,4 +103,18 @@ def export_command(
         with console.status(f"uploading to {push_to_hub}"):
             result.hub_url = push(result.path, push_to_hub, private=private, revision=revision)
         console.log(f"[green]pushed[/] {result.path} -> {result.hub_url}")
+    emit(result.to_dict() if as_json else result.path)
+
+
+def _export_gguf(source, output, outtype, dtype, pad_ranks, latent_width, push_to_hub, verify, force, as_json) -> None:
+    """--format gguf: one llama.cpp file, verified in llama.cpp before it is renamed into place."""
+    from ..export.gguf_export import export_gguf
+
+    if dtype != "auto" or latent_width is not None or push_to_hub:
+        raise XecomlaError("--format gguf takes --outtype (not --dtype, --latent-width or --push-to-hub)")
+    with console.status(f"exporting {source} to GGUF ({outtype.value}) and checking it in llama.cpp"):
+        result = export_gguf(source, output, outtype=outtype, pad_ranks=pad_ranks, verify=verify, force=force)
+    for line in result.summary_lines():
+        console.log(line)
+    console.log(f"[green]wrote[/] {result.path}")
     emit(result.to_dict() if as_json else result.path)

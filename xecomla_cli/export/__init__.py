@@ -41,6 +41,15 @@ The package, in the order an export runs:
     verify.verify_export      stock transformers must reproduce our logits before the rename
     write.export_checkpoint   the atomic write (plus card.render_card, the README.md)
     hub.push_to_hub           the upload
+
+``--format gguf`` (llama.cpp; gguf_export.py says what it refuses and why):
+
+    gguf_export.export_gguf   deepseek2 for an MLA checkpoint, llama for an original; temp file, verify, rename
+    gguf_tensors              the tensors and keys of each llama.cpp arch (from the DeepSeek-V3 state dict)
+    gguf_tokenizer            tokenizer metadata that llama.cpp tokenises exactly like transformers
+    gguf_writer               the file (gguf.GGUFWriter) in f32 / f16 / bf16 / q8_0
+    gguf_verify               tokens, logits and greedy tokens in llama.cpp (gguf_llama_run.py: the child process)
+    llama_cpp_build           where `make setup` put llama.cpp (libraries, llama-bench, llama-completion)
 """
 
 from .hub import push_to_hub

@@ -1,0 +1,99 @@
+"""Writing a GGUF file with the ``gguf`` library: keys, tokenizer, tensors in the chosen weight type.
+
+Weight types follow llama.cpp's converter (``--outtype``): 1-D tensors and norms stay f32; every
+matrix is f32, f16, bf16 or q8_0; a q8_0 matrix whose rows are not a multiple of 32 falls back to f16.
+``rounded`` gives the values llama.cpp will read back, for the verification's reference.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .gguf_tokenizer import TokenizerMeta
+
+
+class OutType(str, Enum):
+    """GGUF weight types, named as llama.cpp's ``--outtype``."""
+
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+def _qtypes():
+    from gguf import GGMLQuantizationType as Q
+    from gguf import LlamaFileType as F
+
+    return {
+        OutType.f32: (Q.F32, F.ALL_F32),
+        OutType.f16: (Q.F16, F.MOSTLY_F16),
+        OutType.bf16: (Q.BF16, F.MOSTLY_BF16),
+        OutType.q8_0: (Q.Q8_0, F.MOSTLY_Q8_0),
+    }
+
+
+def tensor_qtype(name: str, data: np.ndarray, outtype: OutType):
+    """The ggml type a tensor is stored in (llama.cpp's converter rules)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    if data.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return Q.F32
+    qtype = _qtypes()[OutType(outtype)][0]
+    if data.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        return Q.F16
+    return qtype
+
+
+def encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, object]:
+    """(stored bytes or array, ggml type) of one tensor."""
+    from gguf import quants
+
+    qtype = tensor_qtype(name, data, outtype)
+    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype), qtype
+
+
+def rounded(name: str, data: np.ndarray, outtype: OutType) -> np.ndarray:
+    """The float32 values llama.cpp reads back for this tensor."""
+    from gguf import quants
+
+    stored, qtype = encode(name, data, outtype)
+    return quants.dequantize(stored, qtype).reshape(data.shape).astype(np.float32)
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    keys: dict,
+    tensors: dict[str, np.ndarray],
+    tokenizer: TokenizerMeta,
+    outtype: OutType,
+    name: str,
+) -> dict[str, str]:
+    """Write the file; returns each tensor's stored type (for the report)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch=arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_string("general.source.xecomla_version", __version__)
+    for key, value in keys.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_file_type(_qtypes()[OutType(outtype)][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer.write(writer)
+    types = {}
+    for tensor_name, data in tensors.items():
+        stored, qtype = encode(tensor_name, data, outtype)
+        writer.add_tensor(tensor_name, stored, raw_dtype=qtype)
+        types[tensor_name] = qtype.name
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
