@@ -21,7 +21,7 @@ runner = CliRunner()
     [
         (["distill", "nowhere", "--precision", "fp16"], "--precision"),
         (["distill", "nowhere", "--local", "--local-inputs", "both"], "--local-inputs"),
-        (["export", "nowhere", "--format", "gguf"], "--format"),
+        (["export", "nowhere", "--format", "onnx"], "--format"),
         (["init-svd", "nowhere", "--kv-rank", "8", "--kv-svd-rows", "some"], "--kv-svd-rows"),
         (["init-svd", "nowhere", "--kv-rank", "8", "--method", "best+nonsense"], "--method"),
     ],
