@@ -34,7 +34,15 @@ def init_svd_command(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Layers to convert, e.g. '0-11,20' (default: all).")
     ] = None,
-    latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
+    latent_norm: Annotated[
+        bool,
+        typer.Option(
+            "--latent-norm/--no-latent-norm",
+            help="RMSNorm on the latent, as DeepSeek-V3 and every engine that runs it (default), initialised with "
+            "a norm channel fitted on the calibration text; --no-latent-norm: the paper's un-normed latent, "
+            "which export emulates with attention biases that only transformers reads.",
+        ),
+    ] = True,
     kv_svd_rows: Annotated[
         str,
         typer.Option(
@@ -47,12 +55,12 @@ def init_svd_command(
         Path | None,
         typer.Option(
             "--calib-data",
-            help="Calibration text for data-aware methods: .txt, .jsonl or a directory "
+            help="Calibration text for data-aware methods and the latent norm: .txt, .jsonl or a directory "
             "(default: a slice of the bundled public-domain Shakespeare).",
         ),
     ] = None,
     calib_tokens: Annotated[
-        int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods.")
+        int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods and the latent norm.")
     ] = 8192,
     output: Annotated[
         Path | None,

@@ -21,6 +21,7 @@ from .calibration import LayerRunner, LayerStats, calibration_loss
 from .common import AttentionWeights
 from .freqfold import fold_candidates
 from .latent import budget_ranks
+from .latent_norm import add_norm_channel, data_rank_spec
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict
 from .rope_pairs import layer_plans, merged_plan
@@ -30,26 +31,35 @@ FREQFOLD_SEARCH_TOKENS = 2048  # calibration tokens scored per fold tried (a ful
 
 
 def convert_layer(
-    model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
+    model,
+    spec: MLASpec,
+    layer: int,
+    method: MethodConfig | str = "paper",
+    stats: LayerStats | None = None,
+    inputs: list[torch.Tensor] | None = None,
 ) -> MLAAttention:
     """The MLA attention of one layer, built from the model's original attention.
 
-    ``stats``: the layer's calibration statistics, needed by the data-aware methods."""
+    ``stats``: the layer's calibration statistics, needed by the data-aware methods; ``inputs``: its
+    attention inputs on the calibration tokens, needed by the latent norm (``init.latent_norm``)."""
     cfg = parse_method(method) if isinstance(method, str) else method
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
+    built = data_rank_spec(spec, layer)  # with a latent norm: rank r - 1, the last channel is the norm channel's
     if cfg.freqfold is not None:
-        sd, plan = transmla_state_dict(model, w, spec, layer, cfg, stats)
+        sd, plan = transmla_state_dict(model, w, built, layer, cfg, stats)
     else:
-        plans = layer_plans(model, spec, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
+        plans = layer_plans(model, built, cfg, stats, spec.options.get("rope_context", ROPE_CONTEXT))
         plan = merged_plan(plans)
         if cfg.is_paper:
-            sd = paper_state_dict(w, spec, layer, plan, spec.options.get("kv_svd_rows", "all"))
+            sd = paper_state_dict(w, built, layer, plan, spec.options.get("kv_svd_rows", "all"))
         else:
-            sd = method_state_dict(w, spec, layer, plans, cfg, stats)
+            sd = method_state_dict(w, built, layer, plans, cfg, stats)
         if cfg.pairs is not None:
             pairs = [pl.rope_idx[: pl.rope_idx.numel() // 2].tolist() for pl in plans]
             spec.options.setdefault("rope_pairs", {})[str(layer)] = pairs[0] if len(pairs) == 1 else pairs
+    if spec.latent_norm:
+        add_norm_channel(sd, inputs, spec.kv_ranks[layer])
     new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
@@ -80,14 +90,14 @@ def convert_model(
     stats: dict[int, LayerStats] = {}
     inputs: dict[int, list[torch.Tensor]] = {}
     runner = None
-    if not cfg.is_paper:
+    if not cfg.is_paper or spec.latent_norm:
         if calib_ids is None:
-            raise XecomlaError("this --method needs calibration data: pass calibration token ids")
+            raise XecomlaError("this --method or the latent norm needs calibration data: pass calibration token ids")
         runner = LayerRunner(model, calib_ids)
         for i in range(max(layers) + 1):
             if i in layers:
                 stats[i] = runner.stats(i)
-                if cfg.refit:
+                if cfg.refit or spec.latent_norm:
                     inputs[i] = runner.attention_inputs(i)
             if i < max(layers):
                 runner.advance(i)
@@ -110,9 +120,10 @@ def convert_model(
         apply_budget(model, spec, cfg, stats)
     for i in layers:
         old = decoder_layers(model)[i].self_attn
-        new = convert_layer(model, spec, i, cfg, stats.get(i))
+        new = convert_layer(model, spec, i, cfg, stats.get(i), inputs.get(i))
         if cfg.refit:
-            refit_output(old, new, inputs.pop(i), runner.chunks)
+            refit_output(old, new, inputs[i], runner.chunks)
+        inputs.pop(i, None)
         decoder_layers(model)[i].self_attn = new
         tick(i)
 
@@ -161,7 +172,7 @@ def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
     """How many calibration steps ``convert_model`` reports (for a progress bar): the layers of the
     calibration pass, and the folds a ``freqfold`` search may try."""
     cfg = parse_method(method) if isinstance(method, str) else method
-    if cfg.is_paper:
+    if cfg.is_paper and not spec.latent_norm:
         return 0
     folds = len(fold_candidates(spec.head_dim, spec.rope_dim)) if cfg.freqfold == 0 else 0
     return max(spec.converted_layers) + 1 + folds
