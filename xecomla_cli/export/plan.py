@@ -51,8 +51,9 @@ class ExportPlan:
         lines += [f"  {note}" for note in self.notes]
         if not self.portable:
             lines.append(
-                "[yellow]note:[/] attention biases carry the latent-norm emulation: exact in transformers; vLLM and "
-                "SGLang drop them (use a --latent-norm checkpoint there, or --portable to enforce it)"
+                "[yellow]note:[/] attention biases carry the latent-norm emulation (a --no-latent-norm checkpoint): "
+                "exact in transformers; vLLM, SGLang and llama.cpp drop them (init-svd's default latent norm "
+                "exports without biases; --portable enforces it)"
             )
         return lines
 
