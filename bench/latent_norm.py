@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--distill-tokens", default="8k", help="0: no distillation")
     ap.add_argument("--distill-args", default="--local --data teacher --local-inputs student --seq-len 512 "
                     "--batch-size 4")  # fmt: skip
+    ap.add_argument("--distill-methods", help="distil only these methods (default: every one)")
     ap.add_argument("--no-errors", action="store_true", help="skip the per-layer errors")
     ap.add_argument("--out", type=Path, default=Path("runs/latent-norm"))
     opts = ap.parse_args()
@@ -180,7 +181,10 @@ def main() -> None:
                 row[k]["layer_error"] = errs
                 row[k]["layer_error_summary"] = {name: summary(e) for name, e in errs.items()}
     if opts.distill_tokens not in ("0", ""):
+        chosen = opts.distill_methods.split(",") if opts.distill_methods else list(report["methods"])
         for method, row in report["methods"].items():
+            if method not in chosen:
+                continue
             for k in ("no_norm", "norm_channel"):
                 t0 = time.perf_counter()
                 row[k]["distilled_ppl"] = evaluate(distill(ckpts[method][k], opts), opts)
