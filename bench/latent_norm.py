@@ -174,10 +174,14 @@ def main() -> None:
         report["methods"][method] = row
         print(json.dumps({method: row}), file=sys.stderr, flush=True)
     if not opts.no_errors:
-        inputs = layer_inputs(opts)
+        inputs = None
         for method, row in report["methods"].items():
             for k in ("plain_norm", "norm_channel"):
-                errs = layer_errors(ckpts[method][k], inputs)
+                cache = ckpts[method][k].parent / f"{ckpts[method][k].name}.layer-errors.json"
+                if not cache.exists():
+                    inputs = inputs or layer_inputs(opts)
+                    cache.write_text(json.dumps(layer_errors(ckpts[method][k], inputs)) + "\n")
+                errs = json.loads(cache.read_text())
                 row[k]["layer_error"] = errs
                 row[k]["layer_error_summary"] = {name: summary(e) for name, e in errs.items()}
     if opts.distill_tokens not in ("0", ""):
