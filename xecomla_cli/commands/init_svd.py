@@ -11,9 +11,9 @@ from .. import console
 from .common import DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
-    "'paper' (default; its factorisation is data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, deepseek) or "
-    "components joined by '+' (qk-pairs, rot-pairs, fast-pairs, uniform-pairs, rorope, complex, group-rope, "
-    "freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
+    "'paper' (default; its factorisation is data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, "
+    "deepseek) or components joined by '+' (qk-pairs, rot-pairs, fast-pairs, uniform-pairs, rorope, complex, "
+    "group-rope, freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
     "(--rope-dim is then the slices' total). See docs/methods.md."
 )
 
