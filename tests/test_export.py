@@ -40,7 +40,8 @@ def make_ckpt(
     spec = build_spec(model.config, kv_rank=kv_rank, q_rank=q_rank, latent_norm=latent_norm, layers=layers)
     if ranks is not None:  # per-layer ranks, as --energy gives
         spec.kv_ranks = list(ranks)
-    spec = convert_model(model, spec)
+    calib = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0)) if latent_norm else None
+    spec = convert_model(model, spec, calib_ids=calib)  # the latent norm's channel is fitted on calibration inputs
     if latent_norm:  # a trained norm is not all ones
         with torch.no_grad():
             for layer in model.model.layers:
@@ -225,7 +226,7 @@ def test_latent_width_pads_to_a_serving_width(tmp_path):
 
 def test_portable_refuses_the_bias_emulation(tmp_path):
     ckpt = make_ckpt(tmp_path, "ckpt")
-    with pytest.raises(XecomlaError, match="--latent-norm"):
+    with pytest.raises(XecomlaError, match="--no-latent-norm"):
         export_checkpoint(ckpt, tmp_path / "out", portable=True)
     ok = make_ckpt(tmp_path, "ckpt-norm", latent_norm=True)
     assert export_checkpoint(ok, tmp_path / "out", portable=True).plan.portable

@@ -13,9 +13,9 @@ from ..errors import XecomlaError
 from .common import DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
-    "'paper' (default, data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, deepseek) or "
-    "components joined by '+' (qk-pairs, rot-pairs, fast-pairs, uniform-pairs, rorope, complex, group-rope, "
-    "freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
+    "'paper' (default; its factorisation is data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, "
+    "deepseek) or components joined by '+' (qk-pairs, rot-pairs, fast-pairs, uniform-pairs, rorope, complex, "
+    "group-rope, freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
     "(--rope-dim is then the slices' total). See docs/methods.md."
 )
 
@@ -56,7 +56,15 @@ def init_svd_command(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Layers to convert, e.g. '0-11,20' (default: all).")
     ] = None,
-    latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMSNorm on the latent (as DeepSeek-V3).")] = False,
+    latent_norm: Annotated[
+        bool,
+        typer.Option(
+            "--latent-norm/--no-latent-norm",
+            help="RMSNorm on the latent, as DeepSeek-V3 and every engine that runs it (default), initialised with "
+            "a norm channel fitted on the calibration text; --no-latent-norm: the paper's un-normed latent, "
+            "which export emulates with attention biases that only transformers reads.",
+        ),
+    ] = True,
     kv_svd_rows: Annotated[
         KvSvdRows,
         typer.Option(
@@ -69,12 +77,12 @@ def init_svd_command(
         Path | None,
         typer.Option(
             "--calib-data",
-            help="Calibration text for data-aware methods: .txt, .jsonl or a directory "
+            help="Calibration text for data-aware methods and the latent norm: .txt, .jsonl or a directory "
             "(default: a slice of the bundled public-domain Shakespeare).",
         ),
     ] = None,
     calib_tokens: Annotated[
-        int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods.")
+        int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods and the latent norm.")
     ] = 8192,
     output: Annotated[
         Path | None,

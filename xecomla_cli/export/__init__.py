@@ -19,10 +19,10 @@ equal ours bit for bit, and its cached ``k_rot`` identical to ours.
 The latent norm. DeepSeek-V3 always applies ``kv_a_layernorm`` (and ``q_a_layernorm`` with
 ``q_lora_rank``); the paper's MLA has none. Two exact mappings:
 
-* ``norm``: the checkpoint has a latent norm (``init-svd --latent-norm``, trained by distill):
+* ``norm``: the checkpoint has a latent norm (init-svd's default, trained by distill):
   weights map one to one; no biases, so every engine loads it.
-* ``identity`` (the constant channel): one extra latent channel with zero weights and a bias C
-  (``attention_bias: true``). With C² ≥ 2^26 · max‖c‖², fp32 computes mean(c_ext²) = C²/(r+1)
+* ``identity`` (the constant channel; ``init-svd --no-latent-norm``): one extra latent channel with
+  zero weights and a bias C (``attention_bias: true``). With C² ≥ 2^26 · max‖c‖², fp32 computes mean(c_ext²) = C²/(r+1)
   exactly, so RMSNorm(c_ext) = c · s with a constant s, and the norm weight 1/s undoes it (the
   extra channel's weight is 0, so it is cached as 0 and its up-projection column is 0). Exact to
   ~1 ulp; costs one cached value per token per layer (r + 1 + p). C is a power of two times a

@@ -244,7 +244,7 @@ def _method_section(meta: dict[str, Any], spec: MLASpec) -> list[str]:
         f"hidden {spec.hidden_size}",
         f"- Decoupled RoPE dims p = {spec.rope_dim} (shared RoPE key), no-RoPE dims n = {spec.nope_dim}",
         f"- Low-rank queries: {'q_rank = ' + str(spec.q_rank) if spec.q_rank else 'no'}",
-        f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (paper default)'}",
+        f"- Latent RMSNorm: {'yes' if spec.latent_norm else 'no (--no-latent-norm, as the paper)'}",
     ]
     out += [f"- `{k}`: {_option(v)}" for k, v in sorted(spec.init_record().items())]
     for later in ("distill", "dpo"):  # stage options recorded by later stages
@@ -290,8 +290,8 @@ def _layout_section(plan: ExportPlan, verify: dict[str, Any] | None) -> list[str
             "No attention biases: loads in stock transformers, vLLM and SGLang."
             if plan.portable
             else "Uses attention biases (identity emulation of the mandatory latent norm): exact in stock "
-            "transformers; vLLM and SGLang drop DeepSeek attention biases, so serve a checkpoint "
-            "trained with `--latent-norm` there."
+            "transformers; vLLM, SGLang and llama.cpp drop DeepSeek attention biases, so serve a checkpoint "
+            "made with init-svd's default latent norm there (not `--no-latent-norm`)."
         ),
     ]
     out += [f"- {n}" for n in plan.notes]

@@ -59,8 +59,9 @@ class ExportPlan:
         lines += [f"  {note}" for note in self.notes]
         if not self.portable:
             lines.append(
-                "[yellow]note:[/] attention biases carry the latent-norm emulation: exact in transformers; vLLM and "
-                "SGLang drop them (use a --latent-norm checkpoint there, or --portable to enforce it)"
+                "[yellow]note:[/] attention biases carry the latent-norm emulation (a --no-latent-norm checkpoint): "
+                "exact in transformers; vLLM, SGLang and llama.cpp drop them (init-svd's default latent norm "
+                "exports without biases; --portable enforces it)"
             )
         return lines
 
@@ -131,9 +132,10 @@ def plan_export(
         raise XecomlaError(f"export --dtype {dtype} is not supported: use float32 or bfloat16")
     if latent == "identity" and portable:
         raise XecomlaError(
-            "this checkpoint has no latent norm, so the export emulates DeepSeek-V3's mandatory kv_a_layernorm "
-            "with an attention bias, which vLLM and SGLang silently drop: --portable needs a checkpoint made with "
-            "`init-svd --latent-norm` (then distilled); without --portable the export is exact in transformers"
+            "this checkpoint has no latent norm (init-svd --no-latent-norm), so the export emulates DeepSeek-V3's "
+            "mandatory kv_a_layernorm with an attention bias, which vLLM, SGLang and llama.cpp drop: --portable "
+            "needs a checkpoint made without --no-latent-norm (init-svd's default); without --portable the export "
+            "is exact in transformers"
         )
 
     attention_bias = latent == "identity"

@@ -21,6 +21,7 @@ from ..mla.spec import MLASpec
 from .common import AttentionWeights
 from .freqfold import fold_candidates
 from .latent import budget_ranks
+from .latent_norm import add_norm_channel, data_rank_spec
 from .method_weights import layer_energy, method_state_dict
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict
@@ -41,34 +42,48 @@ class ConvertedLayer:
 
 
 def convert_layer(
-    model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
+    model,
+    spec: MLASpec,
+    layer: int,
+    method: MethodConfig | str = "paper",
+    stats: LayerStats | None = None,
+    inputs: list[torch.Tensor] | None = None,
 ) -> MLAAttention:
     """The MLA attention of one layer, built from the model's original attention (the spec is not changed).
 
-    ``stats``: the layer's calibration statistics, needed by the data-aware methods."""
-    return build_layer(model, spec, layer, method, stats).attn
+    ``stats``: the layer's calibration statistics, needed by the data-aware methods; ``inputs``: its
+    attention inputs on the calibration tokens, needed by the latent norm (``init.latent_norm``)."""
+    return build_layer(model, spec, layer, method, stats, inputs).attn
 
 
 def build_layer(
-    model, spec: MLASpec, layer: int, method: MethodConfig | str = "paper", stats: LayerStats | None = None
+    model,
+    spec: MLASpec,
+    layer: int,
+    method: MethodConfig | str = "paper",
+    stats: LayerStats | None = None,
+    inputs: list[torch.Tensor] | None = None,
 ) -> ConvertedLayer:
     """``convert_layer``, with what the layer's conversion found for the spec's record."""
     cfg = parse_method(method) if isinstance(method, str) else method
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
     pairs = None
+    built = data_rank_spec(spec, layer)  # with a latent norm: rank r - 1, the last channel is the norm channel's
     if cfg.freqfold is not None:
-        sd, plan = transmla_state_dict(model, w, spec, layer, cfg, stats)
+        sd, plan = transmla_state_dict(model, w, built, layer, cfg, stats)
     else:
-        plans = layer_plans(model, spec, cfg, stats, ROPE_CONTEXT)
+        plans = layer_plans(model, built, cfg, stats, ROPE_CONTEXT)
         plan = merged_plan(plans)
         if cfg.is_paper:
-            sd = paper_state_dict(w, spec, layer, plan, spec.kv_svd_rows)
+            sd = paper_state_dict(w, built, layer, plan, spec.kv_svd_rows)
         else:
-            sd = method_state_dict(w, spec, layer, plans, cfg, stats)
+            sd = method_state_dict(w, built, layer, plans, cfg, stats)
         if cfg.pairs is not None:
             pairs = [pl.rope_idx[: pl.rope_idx.numel() // 2].tolist() for pl in plans]
             pairs = pairs[0] if len(pairs) == 1 else pairs
+    if spec.latent_norm:
+        add_norm_channel(sd, inputs, spec.kv_ranks[layer])
     new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
@@ -99,13 +114,13 @@ def convert_model(
     stats: dict[int, LayerStats] = {}
     inputs: dict[int, list[torch.Tensor]] = {}
     runner = None
-    if not cfg.is_paper:
+    if not cfg.is_paper or spec.latent_norm:
         if calib_ids is None:
-            raise XecomlaError("this --method needs calibration data: pass calibration token ids")
+            raise XecomlaError("this --method or the latent norm needs calibration data: pass calibration token ids")
         runner = LayerRunner(model, calib_ids)
         for i in walk([runner], layers):
             stats[i] = layer_stats(runner, i)
-            if cfg.refit:
+            if cfg.refit or spec.latent_norm:
                 inputs[i] = runner.attention_inputs(i)
             tick(i)
     found = {}
@@ -129,9 +144,10 @@ def convert_model(
     scaling: set[float] = set()
     for i in layers:
         old = decoder_layers(model)[i].self_attn
-        built = build_layer(model, spec, i, cfg, stats.get(i))
+        built = build_layer(model, spec, i, cfg, stats.get(i), inputs.get(i))
         if cfg.refit:
-            refit_output(old, built.attn, inputs.pop(i), runner.chunks)
+            refit_output(old, built.attn, inputs[i], runner.chunks)
+        inputs.pop(i, None)
         decoder_layers(model)[i].self_attn = built.attn
         if built.rope_pairs is not None:
             pairs[str(i)] = built.rope_pairs
@@ -179,7 +195,7 @@ def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
     """How many calibration steps ``convert_model`` reports (for a progress bar): the converted
     layers of the calibration pass, and the folds a ``freqfold`` search may try."""
     cfg = parse_method(method) if isinstance(method, str) else method
-    if cfg.is_paper:
+    if cfg.is_paper and not spec.latent_norm:
         return 0
     folds = len(fold_candidates(spec.head_dim, spec.rope_dim)) if cfg.freqfold == 0 else 0
     return len(spec.converted_layers) + folds

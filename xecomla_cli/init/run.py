@@ -35,7 +35,7 @@ class InitOptions:
     q_rank: int | None = None
     rope_dim: int | None = None
     layers: str | None = None  # '0-11,20'; None: all
-    latent_norm: bool = False
+    latent_norm: bool = True  # DeepSeek-V3's kv_a_layernorm with its norm channel (``init.latent_norm``)
     kv_svd_rows: str = "all"
     method: str = "paper"
     calib_data: Path | None = None
@@ -51,9 +51,10 @@ class InitOptions:
         if [self.kv_rank, self.energy, self.latent_width].count(None) != 2:
             raise XecomlaError("give exactly one of --kv-rank R, --energy δ or --latent-width W|vllm")
         cfg = self.method_config
-        if cfg.is_paper and self.calib_data is not None:
+        if not self.calibrates and self.calib_data is not None:
             raise XecomlaError(
-                "--calib-data is only used by a data-aware --method (e.g. --method best): the paper init is data-free"
+                "--calib-data is only used by a data-aware --method (e.g. --method best) or the latent norm: "
+                "the paper init with --no-latent-norm is data-free"
             )
         if cfg.budget and self.kv_rank is None:
             raise XecomlaError(
@@ -63,6 +64,11 @@ class InitOptions:
     @property
     def method_config(self) -> MethodConfig:
         return parse_method(self.method)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the init reads calibration text: a data-aware method, or the latent norm's channel."""
+        return not self.method_config.is_paper or self.latent_norm
 
     @property
     def method_name(self) -> str:
@@ -128,7 +134,7 @@ def run_init(
     if opts.latent_width is not None:
         spec = replace(spec, latent_width=opts.latent_width)
     calib_ids = None
-    if not cfg.is_paper:
+    if opts.calibrates:
         calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)
         data = str(opts.calib_data) if opts.calib_data else "shakespeare"
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})

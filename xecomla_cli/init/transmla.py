@@ -97,6 +97,7 @@ def transmla_energy(w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats
 def full_rank_spec(spec: MLASpec) -> MLASpec:
     """The spec at the largest useful latent rank: TransMLA's partial-RoPE model (no rank cut)."""
     full = copy.deepcopy(spec)
+    full.latent_norm = False  # the fold is chosen for the keys; the latent norm's channel plays no part
     rank = min(spec.hidden_size, 2 * spec.num_kv_heads * spec.head_dim)
     full.kv_ranks = [None if r is None else rank for r in spec.kv_ranks]
     return full
