@@ -59,7 +59,7 @@ def plain_norm(no_norm: Path, out: Path) -> Path:
         return out
     from xecomla_cli.checkpoint import load_checkpoint, save_checkpoint
     from xecomla_cli.mla.attention import LatentRMSNorm
-    from xecomla_cli.mla.convert import decoder_layers
+    from xecomla_cli.mla.rebuild import decoder_layers
 
     loaded = load_checkpoint(no_norm)
     spec = loaded.spec
@@ -104,8 +104,9 @@ def layer_inputs(opts) -> dict[str, list]:
 
     from xecomla_cli.evaluate.common import encode, prefix_token_id
     from xecomla_cli.evaluate.tasks import lambada_passages
-    from xecomla_cli.init.calibration import DEFAULT_CALIB_TOKENS, LayerRunner, calibration_ids
-    from xecomla_cli.mla.convert import decoder_layers
+    from xecomla_cli.layerwise import LayerRunner
+    from xecomla_cli.mla.rebuild import decoder_layers
+    from xecomla_cli.text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
     from xecomla_cli.sources import load_model
 
     orig = load_model(opts.source, dtype="float32", device="cpu")
@@ -117,7 +118,7 @@ def layer_inputs(opts) -> dict[str, list]:
         runner = LayerRunner(orig.model, ids)
         xs = []
         for i, layer in enumerate(decoder_layers(orig.model)):
-            xs.append(torch.cat([layer.input_layernorm(c["h"]) for c in runner.chunks]).half())  # (B, T, d)
+            xs.append(torch.cat([layer.input_layernorm(c.h) for c in runner.chunks]).half())  # (B, T, d)
             if i + 1 < len(runner.layers):
                 runner.advance(i)
         out[name] = xs
@@ -128,7 +129,7 @@ def layer_errors(ckpt: Path, inputs: dict[str, list]) -> dict[str, list[float]]:
     """Per layer: the normed latent's relative error on each input set, and on held-out first tokens."""
     from xecomla_cli.checkpoint import load_checkpoint
     from xecomla_cli.init.latent_norm import normed_latent_error
-    from xecomla_cli.mla.convert import decoder_layers
+    from xecomla_cli.mla.rebuild import decoder_layers
 
     layers = decoder_layers(load_checkpoint(ckpt).model)
     res = {name: [round(normed_latent_error(layers[i].self_attn, x.float()), 5) for i, x in enumerate(xs)]

@@ -99,6 +99,12 @@ def make_model(family: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def calib_ids(batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    """(batch, seq) random token ids: calibration text for a tiny model (the latent norm's channel
+    and the data-aware methods are fitted on it)."""
+    return torch.randint(0, 300, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
 def save_model(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)

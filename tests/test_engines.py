@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import calib_ids, make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import save_checkpoint
 from xecomla_cli.engines import engine_support
@@ -106,7 +106,7 @@ def test_stock_transformers_caches_the_latent_as_the_table_says(tmp_path):
 
     model = make_model("llama", num_hidden_layers=2)
     spec = build_spec(model.config, kv_rank=16, latent_norm=True)
-    convert_model(model, spec)
+    spec = convert_model(model, spec, calib_ids=calib_ids())
     ckpt = save_checkpoint(
         tmp_path / "ck", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny"
     )

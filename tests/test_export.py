@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import calib_ids, make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import load_checkpoint, record_metrics, save_checkpoint
 from xecomla_cli.errors import XecomlaError
@@ -40,7 +40,7 @@ def make_ckpt(
     spec = build_spec(model.config, kv_rank=kv_rank, q_rank=q_rank, latent_norm=latent_norm, layers=layers)
     if ranks is not None:  # per-layer ranks, as --energy gives
         spec.kv_ranks = list(ranks)
-    calib = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0)) if latent_norm else None
+    calib = calib_ids() if latent_norm else None
     spec = convert_model(model, spec, calib_ids=calib)  # the latent norm's channel is fitted on calibration inputs
     if latent_norm:  # a trained norm is not all ones
         with torch.no_grad():

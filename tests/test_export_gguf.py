@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, save_model
+from conftest import calib_ids, make_model, make_tokenizer, save_model
 
 from xecomla_cli.checkpoint import load_checkpoint, save_checkpoint
 from xecomla_cli.errors import XecomlaError
@@ -42,7 +42,7 @@ def mla_ckpt(tmp_path: Path, family="llama", *, latent_norm=True, layers=None, r
     spec = build_spec(model.config, kv_rank=16, latent_norm=latent_norm, layers=layers)
     if ranks is not None:
         spec.kv_ranks = list(ranks)
-    convert_model(model, spec)
+    spec = convert_model(model, spec, calib_ids=calib_ids() if latent_norm else None)
     if latent_norm:
         with torch.no_grad():
             for layer in model.model.layers:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import calib_ids, make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import save_checkpoint
 from xecomla_cli.engines import rank_for_width
@@ -112,7 +112,7 @@ def portable_ckpt(tmp_path_factory):
     )
     spec = build_spec(model.config, kv_rank=32, latent_norm=True)
     spec = convert_model(
-        model, spec, calib_ids=torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+        model, spec, calib_ids=calib_ids()
     )
     with torch.no_grad():
         for layer in model.model.layers:
@@ -158,7 +158,8 @@ def native_ckpt(tmp_path_factory):
         "vllm", original_per_layer=1024, head_dim=128, rope_dim=None, default_rope_dim=64
     )
     spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
-    convert_model(model, spec)
+    calib = calib_ids()
+    spec = convert_model(model, spec, calib_ids=calib)  # the norm channel is fitted on calibration inputs
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)

@@ -12,7 +12,7 @@ from xecomla_cli.checkpoint import load_checkpoint
 from xecomla_cli.distill.trainer import freeze_non_mla
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.init.calibration import LayerRunner
+from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.init.latent_norm import (
     add_norm_channel,
     fit_norm_channel,
@@ -21,7 +21,7 @@ from xecomla_cli.init.latent_norm import (
     token_weights,
 )
 from xecomla_cli.mla.attention import LatentRMSNorm
-from xecomla_cli.mla.convert import decoder_layers
+from xecomla_cli.mla.rebuild import decoder_layers
 
 
 def ids(seed=0, B=4, T=48):
@@ -83,7 +83,7 @@ def test_module_error_is_the_constructions_scale_error():
         model.model.embed_tokens.weight[:, 0] += 2.0
     calib = ids()
     runner = LayerRunner(model, calib)
-    x = decoder_layers(model)[0].input_layernorm(runner.chunks[0]["h"])  # (B, T, d)
+    x = decoder_layers(model)[0].input_layernorm(runner.chunks[0].h)  # (B, T, d)
     spec = build_spec(model.config, kv_rank=16, latent_norm=True, method="deepseek")
     convert_model(model, spec, "deepseek", calib)
     attn = decoder_layers(model)[0].self_attn
@@ -152,7 +152,7 @@ def test_every_method_defaults_to_a_portable_latent_norm(tiny_model_dir, tmp_pat
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
     assert lm.spec.latent_norm and lm.spec.kv_ranks == [16, 16, 16]  # the cache budget is unchanged
-    assert lm.spec.options["calibration"]["tokens"] >= 256
+    assert lm.spec.calibration["tokens"] >= 256
     for layer in decoder_layers(lm.model):
         assert layer.self_attn.kv_a_layernorm.weight[-1] == 0
     if method == "mha2mla":  # per-group RoPE slices: not the DeepSeek-V3 layout, the norm is there all the same
@@ -180,7 +180,7 @@ def test_no_latent_norm_is_the_paper_latent_exported_with_the_emulation(tiny_mod
     res = run_cli(["--quiet", "init-svd", str(src), "--kv-rank", "16", "--no-latent-norm", "-o", str(out)])
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
-    assert not lm.spec.latent_norm and "calibration" not in lm.spec.options  # data-free, as the paper
+    assert not lm.spec.latent_norm and lm.spec.calibration is None  # data-free, as the paper
     plan = plan_export(lm)
     assert plan.latent == "identity" and plan.attention_bias and plan.kv_lora_rank == 17
     model = load_model(str(src)).model

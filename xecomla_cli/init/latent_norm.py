@@ -72,7 +72,7 @@ class NormChannel:
 
 def data_rank_spec(spec: MLASpec, layer: int) -> MLASpec:
     """The spec an init method builds layer ``layer`` with: with a latent norm, its rank r − 1 (the
-    last channel is the norm channel's); the same spec (options shared) otherwise."""
+    last channel is the norm channel's); the same spec otherwise."""
     if not spec.latent_norm:
         return spec
     r = spec.kv_ranks[layer]
