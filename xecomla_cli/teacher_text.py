@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from .errors import XecomlaError
+from .sampling import sample, sample_next  # noqa: F401 (sample_next: this module's API)
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
-CACHE_VERSION = 2  # 2: inverse-CDF sampler
+CACHE_VERSION = 3  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention)
 
 
 def default_cache_dir() -> Path:
@@ -59,50 +60,9 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def sample_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), by inverse CDF: (B, V) -> (B,).
-
-    One cumulative sum and a binary search per row; torch.multinomial draws an exponential per
-    vocabulary entry, which costs more than the model step itself on a CPU."""
-    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-
-@torch.no_grad()
 def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, stop: list[int], temperature: float):
-    """Ancestral sampling of up to ``new_tokens`` after left-padded prompts (B, T), with a KV cache.
-
-    A row that draws a stop token leaves the batch (its cache rows are dropped), so each step costs
-    what the unfinished rows need; its remaining places are padded with that stop token. Returns
-    the new tokens (B, <= new_tokens)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    vocab = model.config.vocab_size
-    stops = torch.tensor(stop or [-1], device=ids.device)
-    out = torch.full((ids.shape[0], new_tokens), max(stop or [0]), dtype=torch.long, device=ids.device)
-    rows = torch.arange(ids.shape[0], device=ids.device)  # the batch's rows in the output
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    step_ids, steps = ids, 0
-    for t in range(new_tokens):
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-        ).logits[:, -1, :vocab]
-        nxt = sample_next(logits, temperature)
-        out[rows, t] = nxt
-        steps = t + 1
-        live = ~torch.isin(nxt, stops)
-        if not bool(live.all()):
-            if not bool(live.any()):
-                break
-            keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
-        step_ids = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        pos = pos[:, -1:] + 1
-    return out[:, :steps]
+    """Up to ``new_tokens`` sampled after left-padded prompts (B, T): ``sampling.sample``."""
+    return sample(model, ids, mask, new_tokens, stop, temperature)
 
 
 def _trim(row: torch.Tensor, stop: list[int]) -> list[int]:

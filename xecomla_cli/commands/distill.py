@@ -57,7 +57,11 @@ LrOpt = Annotated[
     ),
 ]
 WarmupOpt = Annotated[
-    float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")
+    float | None,
+    typer.Option(
+        "--warmup",
+        help="Warm-up: a fraction of the steps (<1) or a number of steps (default 0.05; 0.1 with --dpo / --on-policy).",
+    ),
 ]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.")]
 ClipOpt = Annotated[float, typer.Option("--clip", help="Gradient-norm clipping (0: off).")]
@@ -134,6 +138,43 @@ LocalInputsOpt = Annotated[
         "student's own, with the earlier layers already trained ('student').",
     ),
 ]
+DpoOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dpo",
+        help="DPO after KD (X-EcoMLA's last stage): sigmoid loss, β 0.01, lr 5e-7, warm-up 0.1, one epoch "
+        "over --prefs; "
+        "the reference is a frozen copy of CKPT.",
+    ),
+]
+PrefsOpt = Annotated[
+    str,
+    typer.Option(
+        "--prefs",
+        help="With --dpo: 'teacher' (pairs built offline: the teacher's answer chosen, the student's rejected), "
+        "a .jsonl file of prompt/chosen/rejected (or ultrafeedback chat messages), or hf:NAME[:SPLIT].",
+    ),
+]
+OnPolicyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--on-policy",
+        help="On-policy distillation (GKD): the student answers teacher-written prompts, the teacher scores "
+        "every token (--divergence); lr 1e-5, one pass over --prompts.",
+    ),
+]
+BetaOpt = Annotated[float, typer.Option("--beta", help="With --dpo: DPO's β.")]
+PromptsOpt = Annotated[
+    int, typer.Option("--prompts", help="With --dpo --prefs teacher or --on-policy: teacher-written prompts.")
+]
+DivergenceOpt = Annotated[
+    str, typer.Option("--divergence", help="With --on-policy: reverse (KL(student ‖ teacher)), forward or jsd.")
+]
+StudentFractionOpt = Annotated[
+    float,
+    typer.Option("--student-fraction", help="With --on-policy: GKD's λ, the share of steps the student samples."),
+]
+NewTokensOpt = Annotated[int, typer.Option("--new-tokens", help="With --on-policy: most tokens of a sampled answer.")]
 
 
 def distill_command(
@@ -146,7 +187,7 @@ def distill_command(
     batch_size: BatchSizeOpt = 8,
     micro_batch: MicroBatchOpt = None,
     lr: LrOpt = None,
-    warmup: WarmupOpt = 0.05,
+    warmup: WarmupOpt = None,
     weight_decay: WeightDecayOpt = 0.0,
     clip: ClipOpt = 1.0,
     temperature: TemperatureOpt = 1.0,
@@ -170,6 +211,14 @@ def distill_command(
     local: LocalOpt = False,
     local_epochs: LocalEpochsOpt = 4,
     local_inputs: LocalInputsOpt = "teacher",
+    dpo: DpoOpt = False,
+    prefs: PrefsOpt = "teacher",
+    on_policy: OnPolicyOpt = False,
+    beta: BetaOpt = 0.01,
+    prompts: PromptsOpt = 64,
+    divergence: DivergenceOpt = "reverse",
+    student_fraction: StudentFractionOpt = 1.0,
+    new_tokens: NewTokensOpt = 128,
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, or layer by layer (--local).
 
@@ -182,6 +231,10 @@ def distill_command(
     from ..distill.local import LocalConfig
     from ..distill.local_run import run_local_distill
 
+    if dpo or on_policy:
+        out, metrics = _run_policy(ckpt, locals())
+        emit({"output": str(out), **metrics} if as_json else out)
+        return
     cfg = DistillConfig(
         teacher=teacher,
         data=data,
@@ -191,7 +244,7 @@ def distill_command(
         batch_size=batch_size,
         micro_batch=micro_batch,
         lr=lr if lr is not None else 3e-4,
-        warmup=warmup,
+        warmup=0.05 if warmup is None else warmup,
         weight_decay=weight_decay,
         clip=clip,
         temperature=temperature,
@@ -218,3 +271,38 @@ def distill_command(
         out, metrics = run_distill(read_arg(ckpt), cfg, output=output, resume=resume, force=force)
     if int(os.environ.get("RANK", "0")) == 0:
         emit({"output": str(out), **metrics} if as_json else out)
+
+
+def _run_policy(ckpt: str, o: dict):
+    """--dpo / --on-policy: the stages after KD (distill/policy_run.py)."""
+    from ..distill.config import resolve_precision
+    from ..distill.policy_config import PolicyConfig
+    from ..distill.policy_run import run_policy
+    from ..errors import XecomlaError
+    from ..loaded import parse_device
+
+    if o["dpo"] and o["on_policy"] or o["local"] or o["tokens"]:
+        raise XecomlaError("--dpo and --on-policy are separate runs, without --local; give their budget as --steps")
+    cfg = PolicyConfig(
+        mode="dpo" if o["dpo"] else "on-policy",
+        teacher=o["teacher"],
+        prefs=o["prefs"],
+        prompts=o["prompts"],
+        steps=o["steps"],
+        batch_size=o["batch_size"],
+        micro_batch=o["micro_batch"] or 2,
+        lr=o["lr"],
+        warmup=0.1 if o["warmup"] is None else o["warmup"],
+        weight_decay=o["weight_decay"],
+        clip=o["clip"],
+        beta=o["beta"],
+        divergence=o["divergence"],
+        student_fraction=o["student_fraction"],
+        new_tokens=o["new_tokens"],
+        temperature=o["temperature"],
+        precision=resolve_precision(o["precision"], parse_device(o["device"])),
+        device=o["device"],
+        save_every=o["save_every"],
+        seed=o["seed"],
+    )
+    return run_policy(read_arg(ckpt), cfg, output=o["output"], resume=o["resume"], force=o["force"])
