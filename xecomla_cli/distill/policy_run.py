@@ -13,6 +13,7 @@ One process (no torchrun): these stages are short next to KD.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,8 @@ def load(ckpt: Path, cfg: ResolvedPolicyConfig, device: torch.device):
 
 def prepare(cfg: ResolvedPolicyConfig, student, teacher, cache: Path, device) -> dict[str, Any]:
     """DPO: the pairs and the reference's log-probs; on-policy: the prompts. Read back from `cache`."""
-    if cache.is_file():
+    key = json.dumps({k: cfg.to_dict()[k] for k in ITEM_KEYS} | {"student": str(student.source)})
+    if cache.is_file() and _cache_key(cache) == key:  # made by an unfinished run with these settings
         t = load_file(cache)
         if cfg.mode == "dpo":
             return {"pairs": Pairs.from_tensors(t), "ref_logps": t["ref_logps"]}
@@ -209,15 +211,23 @@ def prepare(cfg: ResolvedPolicyConfig, student, teacher, cache: Path, device) ->
         items, tensors = {"prompts": prompts}, Pairs(prompts, prompts, prompts).to_tensors()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp")
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata={"key": key})
     tmp.replace(cache)
     return items
 
 
+ITEM_KEYS = ("mode", "teacher", "prefs", "prompts", "max_prompt", "max_length", "temperature", "seed", "micro_batch")
+
+
+def _cache_key(cache: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(cache, "pt") as f:
+        return (f.metadata() or {}).get("key")
+
+
 def final_metrics(cfg: ResolvedPolicyConfig, metrics_path: Path, seconds: float) -> dict[str, Any]:
     """The run's summary for xecomla.json: first and last losses (mean of the last quarter of the steps)."""
-    import json
-
     lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     train = [x for x in lines if x.get("event") == "train"]
     tail = train[-max(1, len(train) // 4) :]
