@@ -150,10 +150,10 @@ def run_policy(
     else:
         metrics_log.start()
     records, start = [], time.perf_counter() - seconds
-    with TrainProgress(cfg.total_steps, trainer.step, disable=False) as progress:
+    label = "DPO loss" if cfg.mode == "dpo" else f"{cfg.divergence} divergence"
+    with TrainProgress(cfg.total_steps, trainer.step, disable=False, label=label, metric="loss") as progress:
         while trainer.step < cfg.total_steps:
             record = {"step": trainer.step + 1, **trainer.train_step(), "seconds": time.perf_counter() - start}
-            record["kl"], record["tokens_per_s"] = record["loss"], 0.0  # the progress bar's fields
             metrics_log.write({"event": "train", **round_floats(record)})
             records.append(record)
             progress.update(trainer.step, record)
