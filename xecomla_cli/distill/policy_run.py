@@ -154,7 +154,7 @@ def run_policy(
     with TrainProgress(cfg.total_steps, trainer.step, disable=False, label=label, metric="loss") as progress:
         while trainer.step < cfg.total_steps:
             record = {"step": trainer.step + 1, **trainer.train_step(), "seconds": time.perf_counter() - start}
-            metrics_log.write({"event": "train", **round_floats(record)})
+            metrics_log.write({"event": "train", **round_floats(record), "lr": record["lr"]})  # 5e-7 survives
             records.append(record)
             progress.update(trainer.step, record)
             if on_step is not None:
