@@ -106,8 +106,8 @@ def layer_inputs(opts) -> dict[str, list]:
     from xecomla_cli.evaluate.tasks import lambada_passages
     from xecomla_cli.layerwise import LayerRunner
     from xecomla_cli.mla.rebuild import decoder_layers
-    from xecomla_cli.text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
     from xecomla_cli.sources import load_model
+    from xecomla_cli.text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
 
     orig = load_model(opts.source, dtype="float32", device="cpu")
     tok = orig.tokenizer

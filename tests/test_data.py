@@ -9,9 +9,10 @@ import torch
 
 from xecomla_cli.counts import parse_count
 from xecomla_cli.errors import XecomlaError
+from xecomla_cli.text.chat import has_chat_template, user_header
 from xecomla_cli.text.documents import iter_documents
 from xecomla_cli.text.packing import BlockSampler, pack, prepare_text_data, spread, steps_for_tokens, tokenize_document
-from xecomla_cli.text.teacher import has_chat_template, teacher_samples, user_header
+from xecomla_cli.text.teacher import teacher_samples
 
 
 def test_parse_count():
@@ -143,7 +144,7 @@ def test_teacher_samples_are_reproducible(tokenizer, tmp_path, monkeypatch):
 
 
 def test_inverse_cdf_draws_follow_the_softmax():
-    from xecomla_cli.text.teacher import sample_next
+    from xecomla_cli.text.sampling import sample_next
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 0.0, -1.0, float("-inf"), 1.0])
@@ -160,19 +161,20 @@ def test_sampling_with_left_padding_matches_generate(tokenizer):
     transformers' greedy generate gives each prompt alone (positions and mask are right)."""
     from conftest import make_model
 
-    from xecomla_cli.text.teacher import _left_pad, _sample
+    from xecomla_cli.text.chat import left_pad
+    from xecomla_cli.text.sampling import sample
 
     model = make_model("llama").eval()
     prompts = [[5, 9, 13, 2, 7], [11, 4], [8, 8, 3]]
-    ids, mask = _left_pad(prompts, 0, torch.device("cpu"))
-    got = _sample(model, ids, mask, 6, [], temperature=1e-6)
+    ids, mask = left_pad(prompts, 0, torch.device("cpu"))
+    got = sample(model, ids, mask, 6, [], temperature=1e-6)
     for row, prompt in zip(got, prompts, strict=True):
         x = torch.tensor([prompt])
         want = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6, pad_token_id=0)
         assert row.tolist() == want[0, len(prompt) :].tolist()
     # a row that draws a stop token leaves the batch; the others go on exactly as before
     stop = int(got[1, 0])
-    early = _sample(model, ids, mask, 6, [stop], temperature=1e-6)
+    early = sample(model, ids, mask, 6, [stop], temperature=1e-6)
     assert early[1].tolist() == [stop] * early.shape[1]
     for k in (0, 2):
         want = got[k].tolist()

@@ -111,9 +111,7 @@ def portable_ckpt(tmp_path_factory):
         intermediate_size=256,
     )
     spec = build_spec(model.config, kv_rank=32, latent_norm=True)
-    spec = convert_model(
-        model, spec, calib_ids=calib_ids()
-    )
+    spec = convert_model(model, spec, calib_ids=calib_ids())
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)

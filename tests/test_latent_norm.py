@@ -12,7 +12,6 @@ from xecomla_cli.checkpoint import load_checkpoint
 from xecomla_cli.distill.trainer import freeze_non_mla
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.init.latent_norm import (
     add_norm_channel,
     fit_norm_channel,
@@ -20,6 +19,7 @@ from xecomla_cli.init.latent_norm import (
     scale_error,
     token_weights,
 )
+from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.mla.attention import LatentRMSNorm
 from xecomla_cli.mla.rebuild import decoder_layers
 

@@ -21,6 +21,14 @@ class LocalInputs(str, Enum):
     STUDENT = "student"
 
 
+class Divergence(str, Enum):
+    """distill --on-policy --divergence: what the teacher's scores on the student's answers minimise."""
+
+    REVERSE = "reverse"  # KL(student ‖ teacher)
+    FORWARD = "forward"  # KL(teacher ‖ student)
+    JSD = "jsd"  # generalised Jensen-Shannon (GKD's β 0.5)
+
+
 class ExportFormat(str, Enum):
     """export --format."""
 

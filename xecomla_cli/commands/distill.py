@@ -1,8 +1,10 @@
-"""`xecomla distill`: recover an MLA checkpoint's quality by KL distillation from a teacher.
+"""`xecomla distill`: recover an MLA checkpoint's quality by KL distillation from a teacher, layer
+by layer (``--local``), or with the stages after KD: DPO (``--dpo``) and on-policy distillation
+(``--on-policy``).
 
-Defaults live in the config dataclasses (``DistillConfig``, ``LocalConfig``); the options below
-show them. Global KD's own options and ``--local``'s own options exclude each other: giving one
-that the chosen mode ignores is an error, so ``xecomla.json`` records only what the run used.
+Defaults live in the config dataclasses (``DistillConfig``, ``LocalConfig``, ``PolicyConfig``); the
+options below show them. Each mode has its own options (``OPTION_MODES``): giving one that the
+chosen mode ignores is an error, so ``xecomla.json`` records only what the run used.
 """
 
 from __future__ import annotations
@@ -13,38 +15,61 @@ from typing import Annotated
 
 import typer
 
-from ..choices import LocalInputs, Precision
+from ..choices import Divergence, LocalInputs, Precision
 from ..distill.config import DistillConfig
 from ..distill.local import LocalConfig
+from ..distill.policy_config import PolicyConfig
 from ..errors import XecomlaError
 from .common import DeviceOpt, ForceOpt, JsonOpt, emit, read_arg
 
-GLOBAL_ONLY = (
-    "micro_batch", "lr", "warmup", "weight_decay", "clip", "temperature", "ce_weight", "freeze_non_mla",
-    "grad_checkpointing", "checkpoint_layers", "save_every", "eval_every", "log_every", "resume", "fsdp", "compile",
-)  # fmt: skip
-LOCAL_ONLY = ("local_batch", "local_lr", "local_epochs", "local_inputs")
-D, L = DistillConfig, LocalConfig
+KD, LOCAL, DPO, ON_POLICY = "global KD", "--local", "--dpo", "--on-policy"
+OPTIMIZER = (KD, DPO, ON_POLICY)  # a full-model AdamW run
+OPTION_MODES = {  # the options a mode uses; the others (teacher, steps, batch size, seed, ...) are everyone's
+    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens"), (KD, LOCAL)),
+    **dict.fromkeys(("micro_batch", "lr", "warmup", "weight_decay", "clip", "save_every", "resume"), OPTIMIZER),
+    **dict.fromkeys(
+        (
+            "temperature",
+            "ce_weight",
+            "freeze_non_mla",
+            "grad_checkpointing",
+            "checkpoint_layers",
+            "eval_every",
+            "log_every",
+            "fsdp",
+            "compile",
+        ),
+        (KD,),
+    ),  # fmt: skip
+    **dict.fromkeys(("local_batch", "local_lr", "local_epochs", "local_inputs"), (LOCAL,)),
+    **dict.fromkeys(("prefs", "beta"), (DPO,)),
+    "prompts": (DPO, ON_POLICY),
+    **dict.fromkeys(("divergence", "student_fraction", "new_tokens"), (ON_POLICY,)),
+}
+D, L, P = DistillConfig, LocalConfig, PolicyConfig
 MICRO_BATCH_HELP = (
-    "blocks per forward/backward on one process; the rest is gradient accumulation "
-    "(default: the whole batch on GPU, 2k tokens on CPU)."
+    "blocks (pairs, prompts) per forward/backward on one process; the rest is gradient accumulation "
+    "(default: the whole batch on GPU, 2k tokens on CPU; 2 with --dpo / --on-policy)."
 )
 TEMPERATURE_HELP = "softmax temperature of both distributions (the loss is scaled by T²)."
 CHECKPOINTING_HELP = "recompute decoder-layer activations in the backward pass (less memory, ~30% slower)."
 LAYERS_HELP = "checkpoint only the first N decoder layers (implies --grad-checkpointing)."
 EVAL_EVERY_HELP = "validate every N steps (default: 3 times a run on GPU, once on CPU, plus start and end)."
 LOG_EVERY_HELP = "write a metrics line every N steps (default: 1 on CPU, 10 on GPU)."
-PRECISION, LOCAL_INPUTS = Precision(D.precision), LocalInputs(L.inputs)  # the configs' defaults as choices
+LR_HELP = "peak learning rate (AdamW; warm-up, cosine decay to 10%; 5e-7 with --dpo, 1e-5 with --on-policy)."
+WARMUP_HELP = "a fraction of the steps (<1) or a number of steps (0.1 with --dpo / --on-policy)."
+SAVE_EVERY_HELP = "save a resumable state every N steps (0: never; 50 with --dpo / --on-policy)."
+PREFS_HELP = (
+    "'teacher' (pairs built offline: the teacher's answer chosen, the student's rejected), a .jsonl file "
+    "of prompt/chosen/rejected (or ultrafeedback chat messages), or hf:NAME[:SPLIT]."
+)
+PRECISION, LOCAL_INPUTS, DIVERGENCE = Precision(D.precision), LocalInputs(L.inputs), Divergence(P.divergence)
 
 
-def kd_option(flag: str, help: str):
-    """An option of global KD only (refused with --local)."""
-    return typer.Option(flag, help=f"Global KD only: {help}")
-
-
-def local_option(flag: str, help: str):
-    """An option of --local only."""
-    return typer.Option(flag, help=f"With --local: {help}")
+def mode_option(flag: str, help: str):
+    """An option of the modes ``OPTION_MODES`` names for it (refused in the others)."""
+    modes = OPTION_MODES[flag.lstrip("-").replace("-", "_")]
+    return typer.Option(flag, help=f"{', '.join(modes)}: {help}")
 
 
 def distill_command(
@@ -54,7 +79,7 @@ def distill_command(
         typer.Argument(help="The student: a stage checkpoint (e.g. from init-svd), or '-' (read the path from stdin)."),
     ],
     tokens: Annotated[
-        str | None, typer.Option("--tokens", help="Training budget in tokens: 50k, 2M, 1.5B ... (or give --steps).")
+        str | None, mode_option("--tokens", "training budget in tokens: 50k, 2M, 1.5B ... (or give --steps).")
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Training budget in optimizer steps.")] = None,
     teacher: Annotated[
@@ -65,42 +90,41 @@ def distill_command(
     ] = D.teacher,
     data: Annotated[
         str,
-        typer.Option(
+        mode_option(
             "--data",
-            help="'demo' (installed public-domain text), 'teacher' (text sampled from the teacher), a "
+            "'demo' (installed public-domain text), 'teacher' (text sampled from the teacher), a "
             ".txt/.jsonl/.parquet/.arrow file or directory, or hf:NAME[:CONFIG][:SPLIT]. "
             "auto: demo when installed, else teacher.",
         ),
     ] = D.data,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed training block.")] = D.seq_len,
+    seq_len: Annotated[int, mode_option("--seq-len", "tokens per packed training block.")] = D.seq_len,
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size", help="Blocks per optimizer step (all processes together); with --tokens, sets the budget."
         ),
     ] = D.batch_size,
-    micro_batch: Annotated[int | None, kd_option("--micro-batch", MICRO_BATCH_HELP)] = D.micro_batch,
-    lr: Annotated[float, kd_option("--lr", "peak learning rate (AdamW; warm-up, cosine decay to 10%).")] = D.lr,
-    warmup: Annotated[float, kd_option("--warmup", "a fraction of the steps (<1) or a number of steps.")] = D.warmup,
-    weight_decay: Annotated[float, kd_option("--weight-decay", "AdamW weight decay on matrices.")] = D.weight_decay,
-    clip: Annotated[float, kd_option("--clip", "gradient-norm clipping (0: off).")] = D.clip,
-    temperature: Annotated[float, kd_option("--temperature", TEMPERATURE_HELP)] = D.temperature,
-    ce_weight: Annotated[float, kd_option("--ce-weight", "add this weight x next-token CE to the KL.")] = D.ce_weight,
-    freeze_non_mla: Annotated[bool, kd_option("--freeze-non-mla", "train only the MLA attention.")] = D.freeze_non_mla,
-    grad_checkpointing: Annotated[bool, kd_option("--grad-checkpointing", CHECKPOINTING_HELP)] = D.grad_checkpointing,
-    checkpoint_layers: Annotated[int | None, kd_option("--checkpoint-layers", LAYERS_HELP)] = D.checkpoint_layers,
-    save_every: Annotated[
-        int, kd_option("--save-every", "save a resumable state every N steps (0: never).")
-    ] = D.save_every,
-    eval_every: Annotated[int | None, kd_option("--eval-every", EVAL_EVERY_HELP)] = D.eval_every,
-    log_every: Annotated[int | None, kd_option("--log-every", LOG_EVERY_HELP)] = D.log_every,
+    micro_batch: Annotated[int | None, mode_option("--micro-batch", MICRO_BATCH_HELP)] = D.micro_batch,
+    lr: Annotated[float, mode_option("--lr", LR_HELP)] = D.lr,
+    warmup: Annotated[float, mode_option("--warmup", WARMUP_HELP)] = D.warmup,
+    weight_decay: Annotated[float, mode_option("--weight-decay", "AdamW weight decay on matrices.")] = D.weight_decay,
+    clip: Annotated[float, mode_option("--clip", "gradient-norm clipping (0: off).")] = D.clip,
+    temperature: Annotated[float, mode_option("--temperature", TEMPERATURE_HELP)] = D.temperature,
+    ce_weight: Annotated[float, mode_option("--ce-weight", "add this weight x next-token CE to the KL.")] = D.ce_weight,
+    freeze_non_mla: Annotated[
+        bool, mode_option("--freeze-non-mla", "train only the MLA attention.")
+    ] = D.freeze_non_mla,
+    grad_checkpointing: Annotated[bool, mode_option("--grad-checkpointing", CHECKPOINTING_HELP)] = D.grad_checkpointing,
+    checkpoint_layers: Annotated[int | None, mode_option("--checkpoint-layers", LAYERS_HELP)] = D.checkpoint_layers,
+    save_every: Annotated[int, mode_option("--save-every", SAVE_EVERY_HELP)] = D.save_every,
+    eval_every: Annotated[int | None, mode_option("--eval-every", EVAL_EVERY_HELP)] = D.eval_every,
+    log_every: Annotated[int | None, mode_option("--log-every", LOG_EVERY_HELP)] = D.log_every,
     val_tokens: Annotated[
-        str | None,
-        typer.Option("--val-tokens", help="Held-out validation tokens (default: 4k on CPU, 64k on GPU)."),
+        str | None, mode_option("--val-tokens", "held-out validation tokens (default: 4k on CPU, 64k on GPU).")
     ] = None,
-    resume: Annotated[bool, kd_option("--resume", "continue the unfinished run of this output.")] = False,
-    fsdp: Annotated[bool, kd_option("--fsdp", "under torchrun, shard the models (FSDP2) instead of DDP.")] = D.fsdp,
-    compile: Annotated[bool, kd_option("--compile", "torch.compile the layers and the loss (GPU).")] = D.compile,
+    resume: Annotated[bool, mode_option("--resume", "continue the unfinished run of this output.")] = False,
+    fsdp: Annotated[bool, mode_option("--fsdp", "under torchrun, shard the models (FSDP2) instead of DDP.")] = D.fsdp,
+    compile: Annotated[bool, mode_option("--compile", "torch.compile the layers and the loss (GPU).")] = D.compile,
     precision: Annotated[
         Precision,
         typer.Option(
@@ -124,20 +148,48 @@ def distill_command(
         ),
     ] = False,
     local_batch: Annotated[
-        int, local_option("--local-batch", "sequences per Adam step (and per chunk of the walk).")
+        int, mode_option("--local-batch", "sequences per Adam step (and per chunk of the walk).")
     ] = L.batch,
-    local_lr: Annotated[float, local_option("--local-lr", "Adam's learning rate per layer.")] = L.lr,
-    local_epochs: Annotated[int, local_option("--local-epochs", "passes over the tokens per layer.")] = L.epochs,
+    local_lr: Annotated[float, mode_option("--local-lr", "Adam's learning rate per layer.")] = L.lr,
+    local_epochs: Annotated[int, mode_option("--local-epochs", "passes over the tokens per layer.")] = L.epochs,
     local_inputs: Annotated[
         LocalInputs,
-        local_option(
+        mode_option(
             "--local-inputs",
             "each layer's inputs are the teacher's hidden states, or the student's own "
             "with the earlier layers already trained.",
         ),
     ] = LOCAL_INPUTS,
+    dpo: Annotated[
+        bool,
+        typer.Option(
+            "--dpo",
+            help="DPO after KD (X-EcoMLA's last stage): sigmoid loss against a frozen copy of CKPT, one epoch over "
+            "--prefs; its budget is --steps.",
+        ),
+    ] = False,
+    prefs: Annotated[str, mode_option("--prefs", PREFS_HELP)] = P.prefs,
+    beta: Annotated[float, mode_option("--beta", "DPO's β.")] = P.beta,
+    on_policy: Annotated[
+        bool,
+        typer.Option(
+            "--on-policy",
+            help="On-policy distillation (GKD): the student answers teacher-written prompts and the teacher scores "
+            "every token (--divergence); one pass over --prompts, or --steps.",
+        ),
+    ] = False,
+    prompts: Annotated[
+        int, mode_option("--prompts", "teacher-written prompts (--dpo: with --prefs teacher).")
+    ] = P.prompts,
+    divergence: Annotated[
+        Divergence, mode_option("--divergence", "reverse (KL(student ‖ teacher)), forward or jsd.")
+    ] = DIVERGENCE,
+    student_fraction: Annotated[
+        float, mode_option("--student-fraction", "GKD's λ: the share of steps whose answers the student samples.")
+    ] = P.student_fraction,
+    new_tokens: Annotated[int, mode_option("--new-tokens", "most tokens of a sampled answer.")] = P.new_tokens,
 ) -> None:
-    """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, or layer by layer (--local).
+    """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, layer by layer (--local), or with DPO (--dpo) or on-policy distillation (--on-policy) after KD.
 
     Prints the output checkpoint directory; its xecomla.json holds the metrics, metrics.jsonl the training curve.
 
@@ -147,7 +199,12 @@ def distill_command(
     from ..distill import run_distill
     from ..distill.local_run import run_local_distill
 
-    check_mode(ctx, local)
+    mode = run_mode(local=local, dpo=dpo, on_policy=on_policy)
+    check_mode(ctx, mode)
+    if mode in (DPO, ON_POLICY):
+        out, metrics = run_policy_mode(ctx, mode, read_arg(ckpt), locals())
+        emit({"output": str(out), **metrics} if as_json else out)
+        return
     cfg = DistillConfig(
         teacher=teacher,
         data=data,
@@ -184,19 +241,38 @@ def distill_command(
         emit({"output": str(out), **metrics} if as_json else out)
 
 
-def check_mode(ctx: typer.Context, local: bool) -> None:
-    """One line for an option the chosen mode (global KD or --local) would ignore."""
-    given = [
-        name
-        for name in (GLOBAL_ONLY if local else LOCAL_ONLY)
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"  # given, not defaulted
-    ]
-    if not given:
+def run_mode(*, local: bool, dpo: bool, on_policy: bool) -> str:
+    chosen = [m for m, on in ((LOCAL, local), (DPO, dpo), (ON_POLICY, on_policy)) if on]
+    if len(chosen) > 1:
+        raise XecomlaError(f"{' and '.join(chosen)} are separate runs: give one (chain them with a pipe)")
+    return chosen[0] if chosen else KD
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (rather than leaving its default)."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
+def check_mode(ctx: typer.Context, mode: str) -> None:
+    """One line for the options the chosen mode would ignore."""
+    unused = [name for name, modes in OPTION_MODES.items() if mode not in modes and given(ctx, name)]
+    if not unused:
         return
-    flags = ", ".join("--" + name.replace("_", "-") for name in given)
-    if local:
-        raise XecomlaError(
-            f"{flags}: global KD's option(s), unused by --local (its own: --local-batch, --local-lr, "
-            "--local-epochs, --local-inputs)"
-        )
-    raise XecomlaError(f"{flags}: option(s) of --local; add --local, or leave them out for global KD")
+    flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+    own = ", ".join("--" + name.replace("_", "-") for name, modes in OPTION_MODES.items() if modes == (mode,))
+    modes = sorted({m for name in unused for m in OPTION_MODES[name]})
+    raise XecomlaError(f"{flags}: used by {' / '.join(modes)}, not by {mode} (its own options: {own})")
+
+
+def run_policy_mode(ctx: typer.Context, mode: str, ckpt: str, params: dict):
+    """--dpo / --on-policy (``distill.policy_run``): the options given, PolicyConfig's defaults for the rest."""
+    from ..distill.config import resolve_precision
+    from ..distill.policy_run import run_policy
+    from ..loaded import parse_device
+
+    fields = {"teacher", "steps", "batch_size", "seed", "device"} | {n for n, m in OPTION_MODES.items() if mode in m}
+    fields -= {"resume"}
+    kw = {name: getattr(params[name], "value", params[name]) for name in fields if given(ctx, name)}
+    precision = resolve_precision(params["precision"].value, parse_device(params["device"]))
+    cfg = PolicyConfig(mode="dpo" if mode == DPO else "on-policy", precision=precision, **kw)
+    return run_policy(ckpt, cfg, output=params["output"], resume=params["resume"], force=params["force"])

@@ -10,11 +10,12 @@ from .. import console
 class TrainProgress:
     """A rich progress bar of the optimizer steps (disabled under --quiet and on ranks > 0)."""
 
-    def __init__(self, total: int, start: int, disable: bool):
+    def __init__(self, total: int, start: int, disable: bool, label: str = "KL", metric: str = "kl"):
         self.disable = disable or console.is_quiet()
         self.progress = console.make_progress(TextColumn("{task.fields[info]}"))
         self.task = self.progress.add_task("distil", total=total, completed=start, info="")
         self.val = ""
+        self.label, self.metric = label, metric
 
     def __enter__(self):
         if not self.disable:
@@ -26,7 +27,10 @@ class TrainProgress:
             self.progress.stop()
 
     def update(self, step: int, record: dict[str, float]) -> None:
-        info = f"KL {record['kl']:.4f}  {record['tokens_per_s']:,.0f} tok/s{self.val}"
+        info = f"{self.label} {record[self.metric]:.4f}"
+        if "tokens_per_s" in record:
+            info += f"  {record['tokens_per_s']:,.0f} tok/s"
+        info += self.val
         self.progress.update(self.task, completed=step, info=info)
 
     def note(self, val: dict[str, float]) -> None:

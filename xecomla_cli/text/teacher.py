@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 
 from ..errors import XecomlaError
+from .chat import has_chat_template, left_pad, stop_ids, trim_at_stop, user_header
+from .sampling import sample
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
-CACHE_VERSION = 2  # 2: inverse-CDF sampler
+CACHE_VERSION = 3  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention)
 
 
 CACHE_ENV = "XECOMLA_CACHE"  # the cache root, when set (the tests point it at a temporary directory)
@@ -45,112 +47,26 @@ def default_cache_dir() -> Path:
     return Path(root) / "xecomla" / "teacher-text"
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def user_header(tokenizer) -> str:
-    """The chat template's text before a user message (system prompt included, if the template adds one)."""
-    marker = "\x00USER\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    return text[: text.index(marker)]
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a chat turn: EOS and the template's end-of-turn token, when it has one."""
-    ids = {tokenizer.eos_token_id}
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
-def sample_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), by inverse CDF: (B, V) -> (B,).
-
-    One cumulative sum and a binary search per row; torch.multinomial draws an exponential per
-    vocabulary entry, which costs more than the model step itself on a CPU."""
-    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-
-@torch.no_grad()
-def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, stop: list[int], temperature: float):
-    """Ancestral sampling of up to ``new_tokens`` after left-padded prompts (B, T), with a KV cache.
-
-    A row that draws a stop token leaves the batch (its cache rows are dropped), so each step costs
-    what the unfinished rows need; its remaining places are padded with that stop token. Returns
-    the new tokens (B, <= new_tokens)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    vocab = model.config.vocab_size
-    stops = torch.tensor(stop or [-1], device=ids.device)
-    out = torch.full((ids.shape[0], new_tokens), max(stop or [0]), dtype=torch.long, device=ids.device)
-    rows = torch.arange(ids.shape[0], device=ids.device)  # the batch's rows in the output
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    step_ids, steps = ids, 0
-    for t in range(new_tokens):
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-        ).logits[:, -1, :vocab]
-        nxt = sample_next(logits, temperature)
-        out[rows, t] = nxt
-        steps = t + 1
-        live = ~torch.isin(nxt, stops)
-        if not bool(live.all()):
-            if not bool(live.any()):
-                break
-            keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
-        step_ids = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        pos = pos[:, -1:] + 1
-    return out[:, :steps]
-
-
-def _trim(row: torch.Tensor, stop: list[int]) -> list[int]:
-    """A sampled row up to and including its first stop token."""
-    tokens = row.tolist()
-    for k, t in enumerate(tokens):
-        if t in stop:
-            return tokens[: k + 1]
-    return tokens
-
-
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = torch.tensor(r)
-        mask[b, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def chat_conversations(model, tokenizer, batch: int, temperature: float) -> list[list[int]]:
     """``batch`` conversations (token ids, in the chat template) written by the teacher: a user
     message sampled after the user header, then the assistant's answer to it."""
     device = next(model.parameters()).device
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     header = tokenizer(user_header(tokenizer), add_special_tokens=False)["input_ids"]
-    ids, mask = _left_pad([header] * batch, stop[0], device)
+    ids, mask = left_pad([header] * batch, stop[0], device)
     prompts = []
-    for row in _sample(model, ids, mask, PROMPT_TOKENS, stop, temperature).cpu():
-        text = tokenizer.decode([t for t in _trim(row, stop) if t not in stop], skip_special_tokens=True).strip()
+    for row in sample(model, ids, mask, PROMPT_TOKENS, stop, temperature).cpu():
+        text = tokenizer.decode([t for t in trim_at_stop(row, stop) if t not in stop], skip_special_tokens=True).strip()
         prompts.append(text or "Hello!")
     rendered = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
     starts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
-    ids, mask = _left_pad(starts, stop[0], device)
-    answers = _sample(model, ids, mask, ANSWER_TOKENS, stop, temperature).cpu()
+    ids, mask = left_pad(starts, stop[0], device)
+    answers = sample(model, ids, mask, ANSWER_TOKENS, stop, temperature).cpu()
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    return [s + _trim(a, stop) + newline for s, a in zip(starts, answers, strict=True)]
+    return [s + trim_at_stop(a, stop) + newline for s, a in zip(starts, answers, strict=True)]
 
 
 def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float) -> list[list[int]]:
@@ -159,8 +75,8 @@ def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise XecomlaError("the tokenizer has neither a BOS nor an EOS token to start teacher samples from")
-    ids, mask = _left_pad([[start]] * batch, start, next(model.parameters()).device)
-    rows = torch.cat([ids, _sample(model, ids, mask, seq_len - 1, [], temperature)], dim=1)
+    ids, mask = left_pad([[start]] * batch, start, next(model.parameters()).device)
+    rows = torch.cat([ids, sample(model, ids, mask, seq_len - 1, [], temperature)], dim=1)
     return rows.cpu().tolist()
 
 
