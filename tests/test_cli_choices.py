@@ -36,13 +36,21 @@ def test_bad_choices_fail_while_parsing(args, bad):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--local", "--micro-batch", "2"], "--micro-batch: global KD's option"),
-        (["--local", "--lr", "1e-3", "--resume"], "--lr, --resume: global KD's option"),
-        (["--local-lr", "1e-2"], "--local-lr: option(s) of --local"),
+        (
+            ["--tokens", "1k", "--local", "--micro-batch", "2"],
+            "--micro-batch: not used by --local (option(s) of global KD",
+        ),
+        (["--tokens", "1k", "--local", "--lr", "1e-3", "--resume"], "--lr, --resume: not used by --local"),
+        (["--tokens", "1k", "--local-lr", "1e-2"], "--local-lr: not used by global KD (option(s) of --local)"),
+        (["--dpo", "--tokens", "1k"], "--tokens: not used by --dpo"),
+        (["--dpo", "--divergence", "jsd"], "--divergence: not used by --dpo (option(s) of --on-policy)"),
+        (["--on-policy", "--beta", "0.1", "--temperature", "2"], "--temperature, --beta: not used by --on-policy"),
+        (["--tokens", "1k", "--prompts", "8"], "--prompts: not used by global KD (option(s) of --dpo, --on-policy)"),
+        (["--dpo", "--on-policy"], "--dpo and --on-policy are separate runs"),
     ],
 )
-def test_local_and_global_options_exclude_each_other(args, message):
-    result = runner.invoke(app, ["distill", "nowhere", "--tokens", "1k", *args])
+def test_each_mode_refuses_the_options_it_would_ignore(args, message):
+    result = runner.invoke(app, ["distill", "nowhere", *args])
     assert message in str(result.exception)  # main() prints it as one line and exits 1
 
 

@@ -260,8 +260,8 @@ def check_mode(ctx: typer.Context, mode: str) -> None:
         return
     flags = ", ".join("--" + name.replace("_", "-") for name in unused)
     own = ", ".join("--" + name.replace("_", "-") for name, modes in OPTION_MODES.items() if modes == (mode,))
-    modes = sorted({m for name in unused for m in OPTION_MODES[name]})
-    raise XecomlaError(f"{flags}: used by {' / '.join(modes)}, not by {mode} (its own options: {own})")
+    users = [m for m in (KD, LOCAL, DPO, ON_POLICY) if any(m in OPTION_MODES[name] for name in unused)]
+    raise XecomlaError(f"{flags}: not used by {mode} (option(s) of {', '.join(users)}); its own: {own or 'none'}")
 
 
 def run_policy_mode(ctx: typer.Context, mode: str, ckpt: str, params: dict):

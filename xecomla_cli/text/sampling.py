@@ -102,7 +102,7 @@ def in_place_cache(model):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from .mla.cache import GrowingLayer
+    from ..mla.cache import GrowingLayer
 
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
