@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DeviceOpt, emit, read_arg
+from .common import AllowPickleOpt, DeviceOpt, emit, read_arg
 
 DATA_HELP = (
     "'demo' (installed public-domain text), 'teacher' (text sampled from the teacher), a .txt/.jsonl/.parquet/.arrow "
@@ -170,6 +170,7 @@ def distill_command(
     local: LocalOpt = False,
     local_epochs: LocalEpochsOpt = 4,
     local_inputs: LocalInputsOpt = "teacher",
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, or layer by layer (--local).
 
@@ -208,6 +209,7 @@ def distill_command(
         log_every=log_every,
         val_tokens=parse_count(val_tokens, "--val-tokens"),
         seed=seed,
+        allow_pickle=allow_pickle,
     )
     if local:
         layer_cfg = LocalConfig(
