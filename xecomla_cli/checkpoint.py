@@ -36,7 +36,7 @@ from .loaded import (
     parse_dtype,
 )
 from .mla.spec import MLASpec
-from .outputs import fault_point, os_error_line
+from .outputs import claim, fault_point, os_error_line
 
 FORMAT_VERSION = 1
 META_FILE = "xecomla.json"
@@ -234,11 +234,15 @@ def recorded_source(ckpt_dir: Path, meta: dict[str, Any]) -> str:
 def update_meta(ckpt_dir: str | Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Atomically rewrite `xecomla.json` after `update(meta)` changed it in place."""
     ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    update(meta)
-    tmp = ckpt_dir / f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, ckpt_dir / META_FILE)
+    read_meta(ckpt_dir)
+    with claim(ckpt_dir, force=True):  # no run is replacing the checkpoint, no other update is lost
+        meta = read_meta(ckpt_dir)
+        update(meta)
+        for stale in ckpt_dir.glob(f".{META_FILE}.tmp-*"):  # left by a killed update
+            stale.unlink(missing_ok=True)
+        tmp = ckpt_dir / f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, ckpt_dir / META_FILE)
     return meta
 
 
