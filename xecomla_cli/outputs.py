@@ -80,9 +80,10 @@ def os_error_line(exc: OSError, doing: str) -> str:
 class Claim:
     """A held claim on an output name; `release()` (or leaving the `with` block) gives it up."""
 
-    def __init__(self, out: Path, fd: int | None):
+    def __init__(self, out: Path, fd: int | None, made: list[Path] | None = None):
         self.out = out
         self.fd = fd
+        self.made = made or []  # parent directories this claim created
 
     def release(self) -> None:
         if self.fd is None:
@@ -93,6 +94,16 @@ class Claim:
             pass
         os.close(self.fd)
         self.fd = None
+        self.remove_made()
+
+    def remove_made(self) -> None:
+        """Remove the parent directories the claim created, if still empty: a run that wrote nothing
+        leaves nothing behind."""
+        for d in self.made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> Claim:
         return self
@@ -116,12 +127,14 @@ def claim(
     check_not_inputs([out, *also], [Path(p) for p in inputs if p is not None])
     if not lock:
         return Claim(out, None)
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(out)
     except OSError as exc:
+        Claim(out, None, made).remove_made()
         raise XecomlaError(os_error_line(exc, f"cannot create the output '{out}'")) from None
-    held = Claim(out, fd)
+    held = Claim(out, fd, made)
     try:
         remove_leftovers(out)
         if out.exists() and not force:
