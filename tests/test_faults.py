@@ -368,6 +368,11 @@ def test_bad_inputs_fail_in_one_line_and_change_nothing(case, needles, tiny, stu
     assert not (tmp_path / "x").exists() and leftovers(tmp_path / "x") == []
 
 
+def test_a_failed_run_leaves_no_directories_it_made(tmp_path):
+    one_line_error(xecomla("init-svd", tmp_path / "nowhere", "--kv-rank", "8", "-o", tmp_path / "a/b/ck"), "no such")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pickle_weights_load_when_allowed(tiny, tmp_path):
     _to_pickle(tiny)
     rc, out, err = xecomla("init-svd", tiny, "--kv-rank", "8", "-o", tmp_path / "x", "--allow-pickle")
