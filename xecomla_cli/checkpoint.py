@@ -17,6 +17,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,18 @@ import torch
 
 from . import __version__
 from .errors import XecomlaError
-from .loaded import LoadedModel, ResolvedSource, check_family, first_line, model_dtype_name, parse_device, parse_dtype
+from .loaded import (
+    LoadedModel,
+    ResolvedSource,
+    check_family,
+    first_line,
+    load_hf_config,
+    model_dtype_name,
+    parse_device,
+    parse_dtype,
+)
 from .mla.spec import MLASpec
+from .outputs import claim, fault_point, os_error_line
 
 FORMAT_VERSION = 1
 META_FILE = "xecomla.json"
@@ -48,20 +59,25 @@ def atomic_directory(out_dir: Path, write: Callable[[Path], None], force: bool =
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise XecomlaError(f"output '{out_dir}' already exists: pass --force to replace it, or choose another -o")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write(tmp)
+        fault_point("written")
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
+            fault_point("swapped")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+        fault_point("renamed")
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # disk full, permissions: one line naming the output
+            raise XecomlaError(os_error_line(exc, f"cannot write '{out_dir}'")) from None
         raise
     return out_dir
 
@@ -151,15 +167,19 @@ def save_checkpoint(
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     """`xecomla.json` of a checkpoint, validated."""
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise XecomlaError(f"'{ckpt_dir}' is a file, not a checkpoint directory: pass the directory a stage printed")
     if not ckpt_dir.is_dir():
         raise XecomlaError(f"checkpoint '{ckpt_dir}' does not exist: pass the directory a stage printed")
     path = ckpt_dir / META_FILE
     if not path.is_file():
         raise XecomlaError(f"'{ckpt_dir}' is not an xecomla checkpoint (no {META_FILE}): pass a stage's output")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise XecomlaError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}): re-run the stage") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise XecomlaError(f"'{path}' is not valid JSON ({json_error(exc)}): re-run the stage") from None
+    if not isinstance(meta, dict):
+        raise XecomlaError(f"'{path}' is not a JSON object: re-run the stage")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise XecomlaError(
@@ -168,17 +188,61 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         )
     if not (ckpt_dir / "config.json").is_file():
         raise XecomlaError(f"checkpoint '{ckpt_dir}' has no config.json: it is incomplete, re-run the stage")
+    if meta.get("mla"):
+        read_spec(meta, path)
     return meta
+
+
+def json_error(exc: ValueError) -> str:
+    """'Expecting ',' delimiter: line 3 column 5' (json's own message says 'starting at' on its own)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg}: line {exc.lineno} column {exc.colno}"
+    return first_line(exc)
+
+
+def read_spec(meta: dict[str, Any], where: Path) -> MLASpec:
+    """The MLA spec of a checkpoint's xecomla.json, with one line naming a missing or bad key."""
+    d = meta.get("mla")
+    if not isinstance(d, dict):
+        raise XecomlaError(f"'{where}' has no valid 'mla' section: re-run the stage")
+    required = [n for n, f in MLASpec.__dataclass_fields__.items() if f.default is f.default_factory is MISSING]
+    missing = [n for n in required if n not in d]
+    if missing:
+        raise XecomlaError(f"'{where}' is missing mla.{missing[0]}: re-run the stage that wrote it")
+    try:
+        spec = MLASpec.from_dict(d)
+        spec.converted_layers  # noqa: B018 (reads kv_ranks: a wrong type fails here)
+    except (TypeError, ValueError) as exc:
+        raise XecomlaError(f"'{where}' has an invalid 'mla' section ({first_line(exc)}): re-run the stage") from None
+    return spec
+
+
+def recorded_source(ckpt_dir: Path, meta: dict[str, Any]) -> str:
+    """The source model a checkpoint records, usable from any working directory: checkpoints record
+    an absolute path (or 'demo', or a Hub id); an older checkpoint's relative path is looked up beside
+    the checkpoint (then inside it), and kept as it is when neither exists."""
+    source = meta.get("source") or str(ckpt_dir)
+    if source == "demo" or os.path.isabs(source):
+        return source
+    for base in (Path(ckpt_dir).resolve().parent, Path(ckpt_dir).resolve()):
+        candidate = base / source
+        if candidate.exists():
+            return os.path.abspath(candidate)
+    return source
 
 
 def update_meta(ckpt_dir: str | Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Atomically rewrite `xecomla.json` after `update(meta)` changed it in place."""
     ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    update(meta)
-    tmp = ckpt_dir / f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, ckpt_dir / META_FILE)
+    read_meta(ckpt_dir)
+    with claim(ckpt_dir, force=True):  # no run is replacing the checkpoint, no other update is lost
+        meta = read_meta(ckpt_dir)
+        update(meta)
+        for stale in ckpt_dir.glob(f".{META_FILE}.tmp-*"):  # left by a killed update
+            stale.unlink(missing_ok=True)
+        tmp = ckpt_dir / f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, ckpt_dir / META_FILE)
     return meta
 
 
@@ -203,13 +267,11 @@ def build_model(config, spec: MLASpec | None, dtype: torch.dtype):
 
 def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
     """Load a stage checkpoint as a `LoadedModel` (MLA layers rebuilt from the spec)."""
-    from transformers import AutoConfig
-
     ckpt_dir = Path(ckpt_dir).resolve()
     meta = read_meta(ckpt_dir)
-    config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
+    config = load_hf_config(ckpt_dir, f"checkpoint '{ckpt_dir}'")
     family = check_family(config)
-    spec = MLASpec.from_dict(meta["mla"]) if meta.get("mla") else None
+    spec = read_spec(meta, ckpt_dir / META_FILE) if meta.get("mla") else None
     torch_dtype = parse_dtype(dtype)
     if torch_dtype == "auto":
         torch_dtype = getattr(torch, meta.get("dtype", "float32"))
@@ -234,4 +296,4 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str
             f"checkpoint '{ckpt_dir}' has no usable tokenizer ({first_line(exc)}): re-run the stage"
         ) from None
     resolved = ResolvedSource(str(ckpt_dir), ckpt_dir, is_checkpoint=True)
-    return LoadedModel(model, tokenizer, meta.get("source", str(ckpt_dir)), family, resolved, spec, meta)
+    return LoadedModel(model, tokenizer, recorded_source(ckpt_dir, meta), family, resolved, spec, meta)

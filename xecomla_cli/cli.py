@@ -15,6 +15,8 @@ import typer
 from . import console
 from .commands import distill, eval, export, init_svd, inspect
 from .errors import XecomlaError
+from .loaded import first_line
+from .outputs import os_error_line
 
 app = typer.Typer(
     name="xecomla",
@@ -39,7 +41,7 @@ def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     console.set_quiet(quiet)
-    _state["debug"] = debug
+    _state["debug"] = debug or _state["debug"]
     _quiet_libraries(quiet)
 
 
@@ -57,35 +59,64 @@ def _quiet_libraries(quiet: bool) -> None:
         disable_progress_bars()
 
 
-def _errors():
-    """Errors are printed even under --quiet (which silences only progress and tables)."""
+def _print_error(line: str) -> None:
+    """One line on stderr, even under --quiet (which silences only progress and tables); the message
+    is plain text (never rich markup) and is not wrapped."""
     from rich.console import Console
+    from rich.text import Text
 
-    return Console(stderr=True, highlight=False)
+    line = " ".join(line.split("\n"))
+    Console(stderr=True, highlight=False).print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True)
+
+
+DEBUG_ENV = "XECOMLA_DEBUG"
+DEBUG_HINT = f"re-run with {DEBUG_ENV}=1 (or --debug) for the traceback"
 
 
 def main() -> None:
-    """Console-script entry: one line per error, non-zero exit, traceback only with --debug."""
+    """Console-script entry: one line per error, non-zero exit, traceback only with --debug or XECOMLA_DEBUG=1."""
     import click
+    from typer.exceptions import TyperException
 
+    _state["debug"] = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except XecomlaError as exc:
-        if _state["debug"]:
-            raise
-        _errors().print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
+        _fail(exc, str(exc))
+    except (click.exceptions.Abort, typer.Abort):
         console.err.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except (click.ClickException, TyperException) as exc:
+        if _state["debug"]:
+            raise
+        _usage_error(exc)
     except KeyboardInterrupt:
         console.err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # permissions, disk full, ... met outside the places that name the output
+        _fail(exc, os_error_line(exc, type(exc).__name__))
     except Exception as exc:  # an unexpected failure: still one line unless --debug
-        if _state["debug"]:
-            raise
-        _errors().print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
-        sys.exit(1)
+        _fail(exc, f"{type(exc).__name__}: {first_line(exc)} ({DEBUG_HINT})")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _fail(exc: BaseException, line: str) -> None:
+    if _state["debug"]:
+        raise exc
+    _print_error(line)
+    sys.exit(1)
+
+
+def _usage_error(exc) -> None:
+    """A parameter error, one line naming the option as Typer does ("Invalid value for '--kv-rank': ...")."""
+    from typer._click.exceptions import NoArgsIsHelpError
+
+    if isinstance(exc, NoArgsIsHelpError) or not hasattr(exc, "format_message"):
+        exc.show()
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    _print_error(message + hint)
+    sys.exit(exc.exit_code)

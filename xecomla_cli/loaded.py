@@ -107,3 +107,43 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (for one-line errors)."""
     text = str(exc).strip().splitlines()
     return text[0][:limit] if text else type(exc).__name__
+
+
+def load_hf_config(directory: Path, label: str, **kwargs):
+    """transformers' AutoConfig of a model directory (or GGUF file), with one line naming the file
+    and the problem (transformers reports any unreadable config as "not a valid JSON file")."""
+    import json
+
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        reason = first_line(exc)
+        path = Path(directory) / "config.json"
+        if kwargs.get("gguf_file"):
+            return bad_gguf(Path(directory) / kwargs["gguf_file"], label, exc)
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as jexc:
+                where = f"line {jexc.lineno} column {jexc.colno}" if isinstance(jexc, json.JSONDecodeError) else ""
+                msg = jexc.msg if isinstance(jexc, json.JSONDecodeError) else "not UTF-8"
+                raise XecomlaError(
+                    f"'{path}' of {label} is not valid JSON ({msg}{': ' + where if where else ''})"
+                ) from None
+        raise XecomlaError(f"cannot read the model config of {label}: {reason}") from None
+
+
+def bad_gguf(path: Path, label: str, exc: BaseException):
+    """Why a .gguf file cannot be read, from the GGUF reader itself."""
+    reason = first_line(exc)
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(path)
+    except Exception as gexc:  # the reader fails with IndexError/ValueError/struct errors on bad bytes
+        reason = f"{type(gexc).__name__}: {first_line(gexc)}"
+    raise XecomlaError(
+        f"'{path}' is not a readable GGUF file ({reason}): it is truncated or corrupt, download it again"
+    ) from None

@@ -10,19 +10,29 @@ A source is one of:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .errors import XecomlaError
-from .loaded import LoadedModel, ResolvedSource, check_family, first_line, parse_device, parse_dtype
+from .loaded import (
+    LoadedModel,
+    ResolvedSource,
+    bad_gguf,
+    check_family,
+    first_line,
+    load_hf_config,
+    parse_device,
+    parse_dtype,
+)
 from .text.bundled import demo_gguf_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 
-def resolve(source: str) -> ResolvedSource:
+def resolve(source: str, allow_pickle: bool = False) -> ResolvedSource:
     """Find the files behind a source string (no model is loaded)."""
     if source == "demo":
         gguf = demo_gguf_path()
@@ -48,10 +58,10 @@ def resolve(source: str) -> ResolvedSource:
         raise XecomlaError(
             f"no such model '{source}': pass 'demo', a local path, a .gguf file or a Hub id (owner/name)"
         )
-    return ResolvedSource(source, _hub_snapshot(source))
+    return ResolvedSource(source, _hub_snapshot(source, allow_pickle))
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def _hub_snapshot(repo_id: str, allow_pickle: bool = False) -> Path:
     """Local directory of a Hub model: the cache first, then the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -60,12 +70,13 @@ def _hub_snapshot(repo_id: str) -> Path:
         RepositoryNotFoundError,
     )
 
+    patterns = HUB_PATTERNS + (["pytorch_model*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         pass
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
         raise XecomlaError(
             f"'{repo_id}' is gated on the Hugging Face Hub: accept its licence, run `hf auth login`, then retry"
@@ -80,13 +91,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def load_config(resolved: ResolvedSource):
-    from transformers import AutoConfig
-
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    try:
-        return AutoConfig.from_pretrained(resolved.directory, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise XecomlaError(f"cannot read the model config of '{resolved.source}': {first_line(exc)}") from None
+    return load_hf_config(resolved.directory, f"'{resolved.source}'", **kwargs)
 
 
 def load_tokenizer(resolved: ResolvedSource):
@@ -99,27 +105,104 @@ def load_tokenizer(resolved: ResolvedSource):
         raise XecomlaError(f"cannot load the tokenizer of '{resolved.source}': {first_line(exc)}") from None
 
 
-def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load any source (or stage checkpoint) as a causal LM on `device` in `dtype`."""
-    resolved = resolve(source)
+def load_model(source: str, *, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> LoadedModel:
+    """Load any source (or stage checkpoint) as a causal LM on `device` in `dtype`.
+
+    A source whose only weights are pickle files (pytorch_model.bin) is refused unless `allow_pickle`."""
+    resolved = resolve(source, allow_pickle=allow_pickle)
     if resolved.is_checkpoint:
         return load_checkpoint(resolved.directory, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM
 
     config = load_config(resolved)
     family = check_family(config)
+    if not resolved.gguf_file:
+        check_weights(resolved, allow_pickle)
     torch_dtype = parse_dtype(dtype)
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.directory, dtype=torch_dtype, trust_remote_code=False, **kwargs
         )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise XecomlaError(f"cannot load the weights of '{source}': {first_line(exc)}") from None
+    except Exception as exc:  # safetensors, pickle, GGUF and transformers errors come in many types
+        raise XecomlaError(weights_error(resolved, exc)) from None
     if resolved.gguf_file:
         _drop_gguf_quantization_config(model)
     model.to(parse_device(device)).eval()
-    return LoadedModel(model, load_tokenizer(resolved), source, family, resolved)
+    return LoadedModel(model, load_tokenizer(resolved), portable_source(source), family, resolved)
+
+
+def portable_source(source: str) -> str:
+    """How a checkpoint records its source: an absolute path for a local one (so that it resolves from
+    any working directory), the name for 'demo' and Hub ids."""
+    if source == "demo":
+        return source
+    path = Path(source).expanduser()
+    return os.path.abspath(path) if path.exists() else source
+
+
+def input_paths(source: str | None) -> list[Path]:
+    """The local files behind a source (for the rule that no stage writes into its inputs); looks up
+    the Hub cache without the network."""
+    if not source:
+        return []
+    if source == "demo":
+        try:
+            return [demo_gguf_path()]
+        except XecomlaError:
+            return []
+    path = Path(source).expanduser()
+    if path.exists():
+        return [path]
+    if HUB_ID.match(source):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return [Path(snapshot_download(source, allow_patterns=HUB_PATTERNS, local_files_only=True))]
+        except Exception:  # not in the cache: nothing local to protect
+            return []
+    return []
+
+
+def pickle_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("pytorch_model*.bin"))
+
+
+def check_weights(resolved: ResolvedSource, allow_pickle: bool) -> None:
+    """Refuse a directory whose only weights are pickle files, unless allowed; check that every
+    safetensors file is readable, naming the first that is not."""
+    directory = resolved.directory
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and pickle_files(directory) and not allow_pickle:
+        raise XecomlaError(
+            f"'{resolved.source}' has only pickle weights ({pickle_files(directory)[0].name}): xecomla loads "
+            "safetensors; pass --allow-pickle to read them with torch.load(weights_only=True) if you trust the file"
+        )
+    from safetensors import safe_open
+
+    for f in safetensors:
+        try:
+            with safe_open(f, "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors' own error type for bad headers and truncated files
+            raise XecomlaError(
+                f"'{f}' of '{resolved.source}' is corrupt or truncated ({first_line(exc)}): download it again"
+            ) from None
+
+
+def weights_error(resolved: ResolvedSource, exc: BaseException) -> str:
+    """One line for a failure to load a source's weights."""
+    if type(exc).__name__ == "UnpicklingError" or "weights_only" in str(exc):
+        return (
+            f"the pickle weights of '{resolved.source}' were refused by torch.load(weights_only=True): the file "
+            "holds more than tensors (possibly code); do not load it, convert trusted weights to safetensors"
+        )
+    if resolved.gguf_file:
+        try:
+            bad_gguf(resolved.directory / resolved.gguf_file, f"'{resolved.source}'", exc)
+        except XecomlaError as bad:
+            return str(bad)
+    return f"cannot load the weights of '{resolved.source}': {type(exc).__name__}: {first_line(exc)}"
 
 
 def _drop_gguf_quantization_config(model) -> None:

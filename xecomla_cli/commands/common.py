@@ -37,6 +37,16 @@ ForceOpt = Annotated[
         "--force", help="Replace an existing output directory (distill: and discard an unfinished run's state)."
     ),
 ]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Also load a source whose only weights are pickle files (pytorch_model.bin), which is refused by "
+        "default. They are read with torch.load(weights_only=True), which unpickles tensors and plain containers "
+        "only and refuses anything else; pickle can still run code through a flaw in that loader, so use this only "
+        "for files you trust.",
+    ),
+]
 RopeDimOpt = Annotated[
     int | None, typer.Option("--rope-dim", help="Decoupled RoPE dims p (default: half the head dim).")
 ]
@@ -62,12 +72,12 @@ def emit(result) -> None:
         print(json.dumps(result, indent=2, default=str), flush=True)
 
 
-def load(source: str, dtype: str = "float32", device: str = "cpu"):
+def load(source: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
     """Load a source with a spinner on stderr."""
     from ..sources import load_model
 
     with console.status(f"loading {source}"):
-        return load_model(source, dtype=dtype, device=device)
+        return load_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
 
 def parse_ints(text: str, name: str) -> list[int]:

@@ -20,12 +20,12 @@ from ..distill.config import DistillConfig
 from ..distill.local import LocalConfig
 from ..distill.policy_config import PolicyConfig
 from ..errors import XecomlaError
-from .common import DeviceOpt, ForceOpt, JsonOpt, emit, read_arg
+from .common import AllowPickleOpt, DeviceOpt, ForceOpt, JsonOpt, emit, read_arg
 
 KD, LOCAL, DPO, ON_POLICY = "global KD", "--local", "--dpo", "--on-policy"
 OPTIMIZER = (KD, DPO, ON_POLICY)  # a full-model AdamW run
 OPTION_MODES = {  # the options a mode uses; the others (teacher, steps, batch size, seed, ...) are everyone's
-    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens"), (KD, LOCAL)),
+    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens", "allow_pickle"), (KD, LOCAL)),
     **dict.fromkeys(("micro_batch", "lr", "warmup", "weight_decay", "clip", "save_every", "resume"), OPTIMIZER),
     **dict.fromkeys(
         (
@@ -188,6 +188,7 @@ def distill_command(
         float, mode_option("--student-fraction", "GKD's λ: the share of steps whose answers the student samples.")
     ] = P.student_fraction,
     new_tokens: Annotated[int, mode_option("--new-tokens", "most tokens of a sampled answer.")] = P.new_tokens,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, layer by layer (--local), or with DPO (--dpo) or on-policy distillation (--on-policy) after KD.
 
@@ -231,6 +232,7 @@ def distill_command(
         log_every=log_every,
         val_tokens=parse_count(val_tokens, "--val-tokens"),
         seed=seed,
+        allow_pickle=allow_pickle,
     )
     if local:
         layer_cfg = LocalConfig(epochs=local_epochs, lr=local_lr, batch=local_batch, inputs=local_inputs.value)

@@ -9,7 +9,7 @@ import typer
 
 from .. import console
 from ..evaluate.options import DEFAULT_PPL_TOKENS
-from .common import DeviceOpt, DtypeOpt, JsonOpt, emit, load, progress_bars, read_arg
+from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, emit, load, progress_bars, read_arg
 
 TASKS_HELP = (
     "Comma-separated zero-shot tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, boolq, "
@@ -67,6 +67,7 @@ def eval_command(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Evaluate a model offline: perplexity, zero-shot accuracy (lm-evaluation-harness scoring), KV memory, speed.
 
@@ -100,7 +101,7 @@ def eval_command(
             teacher=teacher,
             dtype=dtype,
             device=device,
-            load=lambda src: load(src, dtype=dtype, device=device),
+            load=lambda src: load(src, dtype=dtype, device=device, allow_pickle=allow_pickle),
             progress_factory=bar,
             log=console.log,
         )

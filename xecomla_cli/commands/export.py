@@ -100,8 +100,12 @@ def export_command(
         console.err.print(tables.engines_table(result.engines, f"Where the saving holds ({where})"))
     console.log(f"[green]wrote[/] {result.path}")
     if push_to_hub:
-        with console.status(f"uploading to {push_to_hub}"):
-            result.hub_url = push(result.path, push_to_hub, private=private, revision=revision)
+        try:
+            with console.status(f"uploading to {push_to_hub}"):
+                result.hub_url = push(result.path, push_to_hub, private=private, revision=revision)
+        except XecomlaError:
+            emit(result.path)  # the export is written: the pipe gets its path, the exit status says the push failed
+            raise
         console.log(f"[green]pushed[/] {result.path} -> {result.hub_url}")
     emit(result.to_dict() if as_json else result.path)
 

@@ -10,7 +10,7 @@ import typer
 from .. import console
 from ..choices import KvSvdRows
 from ..errors import XecomlaError
-from .common import DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
+from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
     "'paper' (default; its factorisation is data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, "
@@ -91,6 +91,7 @@ def init_svd_command(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Convert a model's attention to MLA with the X-EcoMLA SVD initialisation."""
     from .. import tables
@@ -114,6 +115,7 @@ def init_svd_command(
         dtype=dtype,
         device=device,
         force=force,
+        allow_pickle=allow_pickle,
     )
     source = read_arg(source)
     with progress_bars() as bar:

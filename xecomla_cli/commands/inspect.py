@@ -9,7 +9,7 @@ import typer
 from .. import console, tables
 from ..errors import XecomlaError
 from ..inspect_model import inspect as inspect_model
-from .common import JsonOpt, RopeDimOpt, SourceArg, emit, load, parse_ints, read_arg
+from .common import AllowPickleOpt, JsonOpt, RopeDimOpt, SourceArg, emit, load, parse_ints, read_arg
 
 
 def inspect_command(
@@ -20,12 +20,13 @@ def inspect_command(
     batch: Annotated[int, typer.Option("--batch", help="Batch size for the GB column.")] = 1,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Show the SVD energy of every layer.")] = False,
     as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Architecture, KV cache size and the latent-rank budget table of a model."""
     rank_list = parse_ints(ranks, "--ranks") if ranks else None
     if context < 1 or batch < 1:
         raise XecomlaError("--context and --batch must be at least 1")
-    loaded = load(read_arg(source))
+    loaded = load(read_arg(source), allow_pickle=allow_pickle)
     with console.status("SVD of every layer's stacked K/V"):
         report = inspect_model(loaded, ranks=rank_list, rope_dim=rope_dim, context=context, batch=batch)
     console.err.print(tables.architecture_table(report))

@@ -64,6 +64,7 @@ class DistillConfig:
     val_tokens: int | None = None  # default: 4k on CPU, 64k on GPU
     sample_temperature: float = 1.0  # --data teacher
     seed: int = 0
+    allow_pickle: bool = False  # a teacher whose only weights are pytorch_model.bin (torch.load weights_only)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -28,11 +28,11 @@ from ..errors import XecomlaError
 from ..mla.rebuild import mla_layers
 from .config import DistillConfig
 from .data import prepare_data
-from .dist import setup_distributed
+from .dist import Dist, setup_distributed
 from .local import LayerResult, LocalConfig, local_distill
 from .models import load_models
 from .output import run_record, save_distilled
-from .plan import plan_run
+from .plan import RunPlan, plan_run
 from .validation import validate
 
 Log = Callable[[str], None]
@@ -61,6 +61,12 @@ def run_local_distill(
     if resume:
         raise XecomlaError("distill --local has no saved state to resume: run it again (with --force)")
     plan = plan_run(ckpt, options, dist, output=output, force=force, log=log)
+    with plan.claim:  # one writer of OUT and OUT.run until the end
+        return _local_distill(plan, local, dist, log)
+
+
+def _local_distill(plan: RunPlan, local: LocalConfig, dist: Dist, log: Log) -> tuple[Path, dict[str, Any]]:
+    """The recipe's steps, with OUT claimed."""
     cfg = plan.cfg
     local = dataclasses.replace(local, bf16=cfg.precision == "bf16")
     student, teacher = load_models(plan.ckpt, cfg, dist.device, teacher_dtype="float32")  # exact targets

@@ -22,7 +22,7 @@ def load_models(
         student = load_model(str(ckpt), dtype="float32", device=str(device))
     teacher_dtype = teacher_dtype or ("bfloat16" if cfg.precision == "bf16" else "float32")
     with console.status(f"loading teacher {cfg.teacher}"):
-        teacher = load_model(cfg.teacher, dtype=teacher_dtype, device=str(device))
+        teacher = load_model(cfg.teacher, dtype=teacher_dtype, device=str(device), allow_pickle=cfg.allow_pickle)
     check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.teacher)
     return student, teacher
 

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import build_model, save_checkpoint
 from ..loaded import LoadedModel
+from ..outputs import fault_point
 from ..text.packing import PackedData
 from .config import ResolvedConfig
 from .dist import Dist
@@ -59,6 +60,7 @@ def save_distilled(
         extra={section: record},
         write_extra=copy_metrics,
     )
+    fault_point("distilled")
     shutil.rmtree(paths.run_dir, ignore_errors=True)
     return paths.out
 

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 
 from .. import console
+from ..checkpoint import read_meta
 from ..counts import human_count
 from ..errors import XecomlaError
 from ..loaded import LoadedModel
+from ..outputs import fault_point
 from ..text.packing import BlockSampler, PackedData
 from .config import DistillConfig
 from .data import prepare_data
-from .dist import setup_distributed
+from .dist import Dist, setup_distributed
 from .metrics import Clock, MetricsLog, TrainHistory, final_metrics, pool_stats, round_floats
 from .models import load_models
 from .output import cpu_model, run_record, save_distilled
@@ -55,6 +57,15 @@ def run_distill(
     dist = setup_distributed(options.device)
     log: Log = console.log if dist.main else _silent
     plan = plan_run(ckpt, options, dist, output=output, resume=resume, force=force, log=log)
+    with plan.claim:  # one writer of OUT and OUT.run until the end
+        if plan.finished:
+            log(f"the run had already finished: {plan.paths.out}")
+            return plan.paths.out, read_meta(plan.paths.out).get("metrics", {})
+        return _distill(plan, dist, log, on_step)
+
+
+def _distill(plan: RunPlan, dist: Dist, log: Log, on_step: OnStep | None) -> tuple[Path, dict[str, Any]]:
+    """The recipe's steps, with OUT claimed."""
     cfg = plan.cfg
     student, teacher = load_models(plan.ckpt, cfg, dist.device)
     data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
@@ -156,6 +167,8 @@ def train(
                 history.seconds = clock.seconds()
                 info = {"fingerprint": fingerprint(cfg, plan.ckpt), "history": history.to_dict()}
                 save_state(trainer, plan.paths.state_dir, {**info, "tokens_seen": step * cfg.tokens_per_step})
+                fault_point("state-saved")
+            fault_point("step")
     final_val = validate(trainer, data, metrics_log)
     return final_val, clock.seconds()
 

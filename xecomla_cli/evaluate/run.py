@@ -14,6 +14,7 @@ from ..errors import XecomlaError
 from ..loaded import LoadedModel
 from ..mla.rebuild import spec_shape_matches
 from ..sources import load_model, resolve
+from ..text.validate import text_documents_only
 from .common import ProgressFactory, device_of, noop
 from .kv_memory import kv_cache_metrics
 from .multiple_choice import average, score_examples
@@ -37,6 +38,8 @@ def evaluate_model(
     bar = progress_factory or (lambda desc, total: noop)
     metrics: dict[str, Any] = {}
     if opts.ppl:
+        if opts.ppl_name != "lambada":  # --ppl-data: drop documents that are mostly byte/unknown tokens
+            opts.ppl_documents = text_documents_only(opts.ppl_documents, tok, f"--ppl-data {opts.ppl_name}")
         total = count_tokens(tok, opts.ppl_documents, opts.ppl_tokens)
         res = perplexity(
             model,

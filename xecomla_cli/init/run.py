@@ -14,7 +14,8 @@ from ..engines import rank_for_width
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
 from ..mla.spec import attention_shape
-from ..sources import load_model
+from ..outputs import claim, fault_point
+from ..sources import input_paths, load_model
 from ..text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
 from .common import layer_singular_values
 from .convert import calibration_steps, convert_model
@@ -44,6 +45,7 @@ class InitOptions:
     dtype: str = "float32"
     device: str = "cpu"
     force: bool = False
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_svd_rows not in KV_SVD_ROWS:
@@ -100,9 +102,17 @@ def run_init(
 
     ``progress(description, total)`` makes a progress bar, ``status(message)`` shows a spinner."""
     start = time.perf_counter()
+    out = opts.output or opts.default_output(source)
+    inputs = [*input_paths(source), opts.calib_data]
+    with claim(out, inputs=inputs, force=opts.force):  # before loading: one writer, inputs untouched
+        return _convert_and_save(source, opts, out, start, progress, status)
+
+
+def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, progress, status) -> Path:
     cfg = opts.method_config
     with status(f"loading {source}"):
-        loaded = load_model(source, dtype="float32", device=opts.device)
+        loaded = load_model(source, dtype="float32", device=opts.device, allow_pickle=opts.allow_pickle)
+    fault_point("loaded")
     model = loaded.model
     if loaded.is_mla:
         raise XecomlaError(f"'{source}' is already an MLA checkpoint: init-svd takes an original model")
@@ -138,7 +148,6 @@ def run_init(
         calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)
         data = str(opts.calib_data) if opts.calib_data else "shakespeare"
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
-    out = opts.output or opts.default_output(source)
     steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
     advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
     spec = convert_model(model, spec, cfg, calib_ids, progress=None if advance is None else lambda i: advance(1))

@@ -16,6 +16,7 @@ import torch
 from ..errors import XecomlaError
 from .bundled import DEMO_TEXT_INSTALL, demo_plays
 from .documents import iter_documents
+from .validate import TextCheck
 
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
@@ -51,12 +52,18 @@ def calibration_ids(
     T = min(seq_len, tokens)
     need = -(-tokens // T)
     docs = []
+    check = TextCheck(tokenizer if path is not None else None, f"--calib-data '{path}'")
     for text in calibration_documents(path):
+        if not check.text(text):
+            continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not check.tokens(ids):
+            continue
         if len(ids) >= T:
             docs.append(ids)
         if len(docs) >= need:
             break
+    check.finish()
     blocks = [d[:T] for d in docs]
     k = 1
     while len(blocks) < need and any(len(d) >= (k + 1) * T for d in docs):  # few long documents

@@ -71,7 +71,7 @@ def _iter_file(path: Path, tokenizer) -> Iterator[str]:
         yield from _iter_table(path, tokenizer)
     else:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
             raise XecomlaError(f"cannot read data file '{path}': {exc.strerror}") from None
         if text.strip():
@@ -79,7 +79,7 @@ def _iter_file(path: Path, tokenizer) -> Iterator[str]:
 
 
 def _iter_json(path: Path, tokenizer) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:

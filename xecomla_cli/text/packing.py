@@ -18,6 +18,7 @@ import torch
 from ..counts import human_count
 from ..errors import XecomlaError
 from .documents import iter_documents
+from .validate import TextCheck
 
 
 @dataclass
@@ -77,12 +78,13 @@ def prepare_text_data(
     train: list[list[int]] = []
     val: list[list[int]] = []
     n_train = n_val = total = docs = 0
-    long_doc = 4 * seq_len
+    check = TextCheck(tokenizer, f"data '{source}'")  # what is not text is dropped (text/validate.py)
     for i, text in enumerate(iter_documents(source, tokenizer)):
-        ids = tokenize_document(text, tokenizer)
+        if not check.text(text) or not check.tokens(ids := tokenize_document(text, tokenizer)):
+            continue
         docs += 1
         total += len(ids)
-        if len(ids) >= long_doc:  # hold out the tail of every long document
+        if len(ids) >= 4 * seq_len:  # hold out the tail of every long document
             cut = len(ids) - max(seq_len, int(len(ids) * val_fraction))
             train.append(ids[:cut])
             val.append(ids[cut:])
@@ -98,6 +100,7 @@ def prepare_text_data(
             progress(total)
         if max_tokens is not None and n_train >= max_tokens and n_val >= min(val_tokens, seq_len * 4):
             break
+    check.finish()  # refuses a source with nothing left, says how many documents were dropped
     if docs == 0:
         raise XecomlaError(f"data '{source}' holds no text")
     train_stream = torch.tensor([t for d in train for t in d], dtype=torch.int64)
