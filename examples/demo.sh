@@ -7,31 +7,39 @@ LOCAL_TOKENS=${LOCAL_TOKENS:-16k}  # local (layer-wise) distillation
 TOKENS=${TOKENS:-32k}              # global distillation
 DATA=${DATA:-teacher}              # chat turns sampled from the teacher (cached); 'demo' for Shakespeare
 METHOD=${METHOD:-deepseek}         # 'paper' for the X-EcoMLA paper's data-free init (see docs/methods.md)
+INIT_FLAGS=${INIT_FLAGS:-}         # more init-svd options, e.g. --no-latent-norm (the export then needs biases)
+LLAMA_CPP_BIN=${LLAMA_CPP_BIN:-$(dirname "$(command -v xecomla)")/../llama.cpp/bin}  # built by make setup
 mkdir -p "$DEMO_DIR"
 step() { printf '\n\033[1m== %s\033[0m  (%d:%02d elapsed)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)) >&2; }
 quality() { xecomla eval "$1" --no-kv >/dev/null; }   # LAMBADA perplexity, table on stderr
 
-step "1/6 inspect: architecture, KV cache, latent-rank budget"
+step "1/7 inspect: architecture, KV cache, latent-rank budget"
 xecomla inspect demo --ranks 32,64,128,256
 
-step "2/6 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
-INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" -o "$DEMO_DIR/init-r64" --force)
+step "2/7 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
+# shellcheck disable=SC2086 (INIT_FLAGS: several words)
+INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" $INIT_FLAGS -o "$DEMO_DIR/init-r64" --force)
 quality "$INIT"
 
-step "3/6 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens of $DATA text)"
+step "3/7 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens of $DATA text)"
 LOCAL=$(xecomla distill "$INIT" --local --data "$DATA" --tokens "$LOCAL_TOKENS" --local-inputs student \
   -o "$DEMO_DIR/local-r64" --force)
 quality "$LOCAL"
 
-step "4/6 distill: KL distillation from the original model ($TOKENS tokens of $DATA text)"
+step "4/7 distill: KL distillation from the original model ($TOKENS tokens of $DATA text)"
 DISTILLED=$(xecomla distill "$LOCAL" --data "$DATA" --tokens "$TOKENS" -o "$DEMO_DIR/distill-r64" --force)
 
-step "5/6 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
+step "5/7 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
 xecomla eval "$DISTILLED" --teacher demo --limit 100 --tasks arc_easy,piqa >/dev/null
 
-step "6/6 export: DeepSeek-V3 layout that stock transformers loads, with a model card"
+step "6/7 export: DeepSeek-V3 layout that stock transformers loads, with a model card"
 EXPORTED=$(xecomla export "$DISTILLED" -o "$DEMO_DIR/export-r64" --force)
 python examples/generate.py "$EXPORTED" "What is the capital of France?" "Name three primary colors." \
   "Why do we have seasons?"
+
+step "7/7 export --format gguf: one llama.cpp file (deepseek2), checked in llama.cpp before it is written; llama.cpp runs it"
+GGUF=$(xecomla export "$DISTILLED" --format gguf --outtype f16 -o "$DEMO_DIR/mla-r64.gguf" --force)
+"$LLAMA_CPP_BIN/llama-completion" -m "$GGUF" -p "The capital of France is" -n 24 --temp 0 -no-cnv >&2 2>/dev/null
+echo >&2
 printf '\ndone in %d:%02d\n' $((SECONDS / 60)) $((SECONDS % 60)) >&2
 echo "$EXPORTED"

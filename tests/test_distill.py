@@ -334,7 +334,7 @@ def test_local_cli_pipe_records_per_layer_errors(student_ckpt, text_file, tmp_pa
 
     # restart semantics and bad input: one line each, nothing written
     bad = subprocess.run(cmd + ["--resume"], input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "--resume: global KD's option" in bad.stderr
+    assert bad.returncode == 1 and "--resume: not used by --local" in bad.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cmd_empty = [c if c != str(text_file) else str(empty) for c in cmd] + ["--force"]
