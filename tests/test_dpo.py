@@ -138,6 +138,10 @@ def test_preference_records_in_both_forms(tmp_path, tokenizer):
         ([], "no pairs"),
         ([{"prompt": "a", "chosen": "b", "rejected": "b"}] * 3, "chosen equals rejected in every pair"),
         ([{"chosen": "b", "rejected": "c"}], "'prompt'"),
+        (
+            [{"prompt": "a", "chosen": "b", "rejected": "\udcff\udcfe\udc80"}],
+            "record 1's 'rejected' is not valid UTF-8",
+        ),
     ],
 )
 def test_bad_preference_data_is_one_line_and_writes_nothing(student_ckpt, tmp_path, records, message):
@@ -149,6 +153,22 @@ def test_bad_preference_data_is_one_line_and_writes_nothing(student_ckpt, tmp_pa
         run_policy(student_ckpt, PolicyConfig(prefs=str(prefs)), output=tmp_path / "out")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_is_never_an_input(student_ckpt, tmp_path):
+    """--dpo / --on-policy claim OUT as every stage does (outputs.claim): inside the student, or the
+    preference file itself, is refused with one line and nothing is written."""
+    from xecomla_cli.distill.policy_config import PolicyConfig
+    from xecomla_cli.distill.policy_run import run_policy
+
+    prefs = _write(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    before = {p: p.read_bytes() for p in [prefs, *student_ckpt.iterdir()] if p.is_file()}
+    for out in (student_ckpt / "inside", prefs):
+        with pytest.raises(XecomlaError, match="the input") as err:
+            run_policy(student_ckpt, PolicyConfig(prefs=str(prefs)), output=out, force=True)
+        assert "\n" not in str(err.value)
+    assert not (student_ckpt / "inside").exists()
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_teacher_built_pairs_keep_prompt_and_answers_aligned(tokenizer):

@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import console
-from ..checkpoint import read_meta
+from ..checkpoint import read_meta, recorded_source
 from ..errors import XecomlaError
+from ..outputs import claim
+from ..sources import input_paths
 from ..text.packing import BlockSampler
 from .dist import Dist, setup_distributed
 from .dpo import answer_logps, dpo_loss, pair_batch, reference_logps
@@ -31,7 +33,7 @@ from .metrics import MetricsLog, round_floats
 from .models import check_same_tokenizer
 from .on_policy import on_policy_loss, sample_answers, uses_student
 from .output import save_distilled
-from .plan import RunPaths, RunPlan, claim_output
+from .plan import RunPaths, RunPlan, claim_output, data_paths
 from .policy_config import RESUME_KEYS, PolicyConfig, ResolvedPolicyConfig, resolve_policy_config
 from .preferences import Pairs, load_pairs, teacher_prompts
 from .progress import TrainProgress
@@ -127,9 +129,16 @@ def run_policy(
         raise XecomlaError("--dpo and --on-policy run on one process: start them without torchrun")
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    cfg = resolve_policy_config(options, student_source=meta.get("source") or str(ckpt.resolve()))
+    cfg = resolve_policy_config(options, student_source=recorded_source(ckpt, meta))
     paths = RunPaths(Path(output) if output else default_output(ckpt, cfg.mode))
-    resume = claim_output(paths, dist, resume=resume, force=force, log=console.log)
+    prefs = data_paths(cfg.prefs) if cfg.mode == "dpo" else []
+    inputs = [ckpt, *input_paths(cfg.teacher), *prefs]
+    with claim(paths.out, inputs=inputs, force=True, also=[paths.run_dir]):  # one writer, inputs never written
+        resume = claim_output(paths, dist, resume=resume, force=force, log=console.log)
+        return _train(ckpt, cfg, paths, dist, resume, force, on_step)
+
+
+def _train(ckpt: Path, cfg: ResolvedPolicyConfig, paths: RunPaths, dist, resume: bool, force: bool, on_step):
     student, teacher = load(ckpt, cfg, dist.device)
     items = prepare(cfg, student, teacher, paths.run_dir / "items.safetensors", dist.device)
     cfg = cfg.with_steps(len(items["pairs"]) if cfg.mode == "dpo" else len(items["prompts"]))

@@ -26,6 +26,7 @@ import torch
 from ..errors import XecomlaError
 from ..text.chat import has_chat_template, left_pad, stop_ids, trim_at_stop, user_header
 from ..text.sampling import sample
+from ..text.validate import check_text
 
 ANSWER_TOKENS = 256  # most tokens of a sampled answer in a teacher-built pair
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
@@ -106,7 +107,7 @@ def read_records(source: str) -> list[dict]:
     if not path.is_file():
         raise XecomlaError(f"preference data '{source}' is not a file: give a .jsonl file, hf:NAME or 'teacher'")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -122,6 +123,9 @@ def encode_records(records: list[dict], tokenizer, source: str) -> Pairs:
     pairs = Pairs([], [], [])
     for n, rec in enumerate(records, 1):
         prompt, chosen, rejected = record_texts(rec, f"{source}: record {n}")
+        prompt_texts = [m.get("content", "") for m in prompt] if isinstance(prompt, list) else [prompt]
+        for field, text in (("prompt", "\n".join(map(str, prompt_texts))), ("chosen", chosen), ("rejected", rejected)):
+            check_text(text, tokenizer, f"{source}: record {n}'s '{field}'")  # text/validate.py: one line if not
         pairs.prompt.append(render_prompt(tokenizer, prompt))
         for field, text in (("chosen", chosen), ("rejected", rejected)):
             getattr(pairs, field).append(tokenizer(text, add_special_tokens=False)["input_ids"] + [end])
