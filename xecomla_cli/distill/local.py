@@ -19,7 +19,8 @@ init) is left unchanged.
 Memory: the hidden states of the calibration tokens are kept for one layer at a time, in the
 model's dtype: h^t, the layer's inputs x and targets y (3·N·d values for N tokens of hidden size
 d), and with student inputs h^s too (4·N·d). In fp32: demo (d = 576), N = 16k: 113 MB (151 MB);
-Llama-3.2-1B (d = 2048), N = 2k x 8: 403 MB (537 MB). ``LayerResult.held_bytes`` records it.
+Llama-3.2-1B (d = 2048), N = 2k x 8: 403 MB (537 MB). Held-out blocks add their own share (a
+quarter in ``distill --local``). ``LayerResult.held_bytes`` records it.
 """
 
 from __future__ import annotations
