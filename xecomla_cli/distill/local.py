@@ -19,7 +19,8 @@ init) is left unchanged.
 Memory: the hidden states of the calibration tokens are kept for one layer at a time, in the
 model's dtype: h^t, the layer's inputs x and targets y (3·N·d values for N tokens of hidden size
 d), and with student inputs h^s too (4·N·d). In fp32: demo (d = 576), N = 16k: 113 MB (151 MB);
-Llama-3.2-1B (d = 2048), N = 2k x 8: 403 MB (537 MB). ``LayerResult.held_bytes`` records it.
+Llama-3.2-1B (d = 2048), N = 2k x 8: 403 MB (537 MB). Held-out blocks add their own share (a
+quarter in ``distill --local``). ``LayerResult.held_bytes`` records it.
 """
 
 from __future__ import annotations
@@ -68,22 +69,58 @@ class LocalConfig:
 
 @dataclass
 class LayerResult:
+    """One layer's errors. ``*_after`` are the trained weights' (the best epoch's on the held-out
+    blocks), also when the guard restored the layer (``kept`` False): ``final_*`` is what stays."""
+
     layer: int
     error_before: float
     error_after: float
     seconds: float
     trained: bool
     held_bytes: int = 0  # hidden states, inputs and targets held while training this layer
+    held_before: float | None = None  # the error on held-out blocks (None: no held-out blocks)
+    held_after: float | None = None
+    kept: bool = False  # the trained weights stay (False: the layer is as it was before training)
+    epoch: int = 0  # the epoch whose weights stay (0: none)
+
+    @property
+    def final_error(self) -> float:
+        return self.error_after if self.kept else self.error_before
+
+    @property
+    def final_held(self) -> float | None:
+        return self.held_after if self.kept else self.held_before
 
     def to_dict(self) -> dict:
+        r6 = lambda x: None if x is None else round(x, 6)  # noqa: E731
         return {
             "layer": self.layer,
-            "error_before": round(self.error_before, 6),
-            "error_after": round(self.error_after, 6),
+            "error_before": r6(self.error_before),
+            "error_after": r6(self.error_after),
+            "held_error_before": r6(self.held_before),
+            "held_error_after": r6(self.held_after),
+            "kept": self.kept,
+            "epoch": self.epoch,
             "seconds": round(self.seconds, 2),
             "trained": self.trained,
             "held_bytes": self.held_bytes,
         }
+
+
+@dataclass
+class LayerData:
+    """One layer's attention inputs x, targets y and chunks (positions, mask, RoPE)."""
+
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    chunks: list[Chunk]
+
+    def error(self, attn) -> float:
+        return relative_error(attn, self.inputs, self.targets, self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.inputs + self.targets)
 
 
 @torch.no_grad()
@@ -104,22 +141,30 @@ def train_layer(
     chunks: list[Chunk],
     cfg: LocalConfig,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Adam on the relative squared output error of one attention module; returns (before, after).
+    held: LayerData | None = None,
+) -> LayerResult:
+    """Adam on the relative squared output error of one attention module (``layer`` and
+    ``seconds`` of the result are left 0 for the caller).
 
-    The module keeps its initial weights when training did not lower the error."""
-    before = relative_error(attn, inputs, targets, chunks)
+    With ``held``, the weights of the epoch with the lowest held-out error stay when that error is
+    below the one before training; otherwise (and without ``held``, when the training error did not
+    drop) the module's initial weights are restored exactly."""
+    train = LayerData(inputs, targets, chunks)
+    before = train.error(attn)
+    held_before = held.error(attn) if held is not None else None
     if before < cfg.skip_below:
-        return before, before
+        return LayerResult(0, before, before, 0.0, False, held_before=held_before, held_after=held_before)
     initial = {k: v.detach().clone() for k, v in attn.state_dict().items()}
+    best, best_held, best_epoch = initial, held_before, 0
     ref = sum(float(y.double().pow(2).sum()) for y in targets)
     params = [p for p in attn.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     g = torch.Generator().manual_seed(seed)
     was_training = attn.training
-    attn.train()
     device = inputs[0].device.type
-    for _ in range(cfg.epochs):
+    epoch_held = None
+    for epoch in range(1, cfg.epochs + 1):
+        attn.train()
         for k in torch.randperm(len(chunks), generator=g).tolist():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = attention_on(attn, inputs[k], chunks[k])
@@ -127,12 +172,34 @@ def train_layer(
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    attn.train(was_training)
-    after = relative_error(attn, inputs, targets, chunks)
-    if after >= before:
+        attn.eval()
+        if held is not None:
+            epoch_held = held.error(attn)
+            if not math.isfinite(epoch_held):
+                break
+            if epoch_held < best_held:
+                best, best_held, best_epoch = (
+                    {k: v.detach().clone() for k, v in attn.state_dict().items()},
+                    epoch_held,
+                    epoch,
+                )
+    if held is None:
+        after = train.error(attn)
+        kept = after < before
+        epoch, held_after = (cfg.epochs if kept else 0), None
+    else:
+        if best_epoch == 0:  # no epoch beat the start: report the last epoch's, restore the start
+            after, held_after = train.error(attn), epoch_held
+        else:
+            attn.load_state_dict(best)
+            after, held_after = train.error(attn), best_held
+        kept, epoch = best_epoch > 0, best_epoch
+    if not kept:
         attn.load_state_dict(initial)
-        return before, before
-    return before, after
+    attn.train(was_training)
+    return LayerResult(
+        0, before, after, 0.0, True, held_before=held_before, held_after=held_after, kept=kept, epoch=epoch
+    )
 
 
 def local_distill(
@@ -141,36 +208,47 @@ def local_distill(
     input_ids: torch.Tensor,
     cfg: LocalConfig,
     progress: Callable[[LayerResult], None] | None = None,
+    held_ids: torch.Tensor | None = None,
 ) -> list[LayerResult]:
     """Train every converted layer of ``student`` (in place) on ``input_ids`` (B, T); layers in order.
 
-    Only the MLA attention modules change; every other parameter is left as it is."""
+    ``held_ids`` (B', T'): held-out blocks that decide, per layer, whether its training stays (the
+    module docstring). Only the MLA attention modules change; every other parameter is left as it is."""
     layers = mla_layers(student)
     if not layers:
         raise XecomlaError("the student has no MLA layers to distil locally: pass an init-svd checkpoint")
     if len(decoder_layers(student)) != len(decoder_layers(teacher)):
         raise XecomlaError("the teacher has a different number of layers from the student: pick the student's source")
-    t_run = LayerRunner(teacher, input_ids, micro_batch=cfg.batch)
-    s_run = LayerRunner(student, input_ids, micro_batch=cfg.batch) if cfg.inputs == "student" else None
+    own = cfg.inputs == "student"
+    pairs = [
+        (LayerRunner(teacher, ids, cfg.batch), LayerRunner(student, ids, cfg.batch) if own else None)
+        for ids in ([input_ids] if held_ids is None else [input_ids, held_ids])
+    ]
+    runners = [r for pair in pairs for r in pair if r is not None]
     results = []
-    for i in walk([t_run] if s_run is None else [t_run, s_run], layers):
+    for i in walk(runners, layers):
         start = time.perf_counter()
         t_layer, s_layer = decoder_layers(teacher)[i], decoder_layers(student)[i]
-        with torch.no_grad():
-            targets = []
-            inputs = []
-            for k, c in enumerate(t_run.chunks):
-                y = attention_on(t_layer.self_attn, t_layer.input_layernorm(c.h), c)
-                h = c.h if s_run is None else s_run.chunks[k].h
-                targets.append(y if s_run is None else y + (c.h - h))
-                inputs.append(s_layer.input_layernorm(h))
-        before, after = train_layer(s_layer.self_attn, inputs, targets, t_run.chunks, cfg, seed=i)
-        held = [c.h for c in t_run.chunks] + inputs + targets
-        held += [c.h for c in s_run.chunks] if s_run is not None else []
-        nbytes = sum(t.numel() * t.element_size() for t in held)
-        result = LayerResult(i, before, after, time.perf_counter() - start, before >= cfg.skip_below, nbytes)
+        data = [layer_data(t_layer, s_layer, t_run, s_run) for t_run, s_run in pairs]
+        held = data[1] if len(data) > 1 else None
+        result = train_layer(s_layer.self_attn, data[0].inputs, data[0].targets, data[0].chunks, cfg, seed=i, held=held)
+        states = sum(c.h.numel() * c.h.element_size() for r in runners for c in r.chunks)
+        result.layer, result.seconds = i, time.perf_counter() - start
+        result.held_bytes = states + sum(d.nbytes for d in data)
         results.append(result)
         if progress is not None:
             progress(result)
-        del inputs, targets
+        del data, held
     return results
+
+
+@torch.no_grad()
+def layer_data(t_layer, s_layer, t_run: LayerRunner, s_run: LayerRunner | None) -> LayerData:
+    """Layer i's attention inputs x_i and targets y_i on one runner's chunks (module docstring)."""
+    inputs, targets = [], []
+    for k, c in enumerate(t_run.chunks):
+        y = attention_on(t_layer.self_attn, t_layer.input_layernorm(c.h), c)
+        h = c.h if s_run is None else s_run.chunks[k].h
+        targets.append(y if s_run is None else y + (c.h - h))
+        inputs.append(s_layer.input_layernorm(h))
+    return LayerData(inputs, targets, t_run.chunks)

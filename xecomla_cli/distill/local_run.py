@@ -4,6 +4,7 @@
     load_models     the student (fp32) and the teacher                              models.py
     prepare_data    the packed blocks (the same --data as global distillation)      data.py
     validate        validation KL and perplexities before and after                 validation.py
+    held_out_blocks the guard's blocks: training-stream blocks no layer trains on     (here)
     local_distill   each converted layer's attention trained to match the teacher   local.py
     save_distilled  the stage checkpoint OUT ("distill-local")                      output.py
 
@@ -12,11 +13,16 @@ layers before it as trained). With teacher inputs the layers are independent, so
 spread over torchrun ranks; this is not built: under torchrun the run refuses with one line.
 A killed run restarts from the start (``--resume`` is refused): each layer takes seconds to
 minutes and nothing is saved between layers.
+
+The guard (local.py) decides per layer on held-out blocks of the training stream, never on the
+validation blocks, so that the validation perplexity reported before and after stays an unseen
+measure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +42,7 @@ from .plan import RunPlan, plan_run
 from .validation import validate
 
 Log = Callable[[str], None]
+HELD_SHARE = 4  # the guard holds out one block per 4 training blocks
 # DistillConfig fields that only global KD reads: xecomla.json's "local" section leaves them out
 GLOBAL_ONLY = frozenset(
     {"micro_batch", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip", "temperature", "ce_weight"}
@@ -71,21 +78,22 @@ def _local_distill(plan: RunPlan, local: LocalConfig, dist: Dist, log: Log) -> t
     local = dataclasses.replace(local, bf16=cfg.precision == "bf16")
     student, teacher = load_models(plan.ckpt, cfg, dist.device, teacher_dtype="float32")  # exact targets
     data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
-    n = min(cfg.budget_blocks, data.train.shape[0])
-    ids = data.train[:n]
+    ids, held = held_out_blocks(data.train, cfg.budget_blocks)
     log(
-        f"local distillation of {plan.ckpt} from {cfg.teacher}: {human_count(ids.numel())} tokens of {cfg.data}, "
-        f"{local.epochs} epochs per layer, lr {local.lr:g}, {local.inputs} inputs, {cfg.precision}"
+        f"local distillation of {plan.ckpt} from {cfg.teacher}: {human_count(ids.numel())} tokens of {cfg.data} "
+        f"(+ {human_count(held.numel())} held out per layer), {local.epochs} epochs per layer, lr {local.lr:g}, "
+        f"{local.inputs} inputs, {cfg.precision}"
     )
     with console.status("validation"):
         before = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
     log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")
     start = time.perf_counter()
-    results = train_layers(student.model, teacher.model, ids, local, log)
+    results = train_layers(student.model, teacher.model, ids, held, local)
     seconds = time.perf_counter() - start
     with console.status("validation"):
         after = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
     metrics = local_metrics(results, before, after, ids.numel(), seconds, cfg.teacher, cfg.data)
+    metrics["local_held_tokens"] = held.numel()
     record = {k: v for k, v in run_record(cfg, dist, data).items() if k not in GLOBAL_ONLY} | local.to_dict()
     save_distilled(
         plan,
@@ -97,38 +105,65 @@ def _local_distill(plan: RunPlan, local: LocalConfig, dist: Dist, log: Log) -> t
         section="local",
     )
     log(
-        f"mean layer error {metrics['local_error_before']:.3f} -> {metrics['local_error_after']:.3f}; val ppl "
+        f"kept {metrics['local_layers_kept']} of {len(results)} layers; mean layer error "
+        f"{metrics['local_error_before']:.3f} -> {metrics['local_error_after']:.3f} (held out "
+        f"{metrics['local_held_error_before']:.3f} -> {metrics['local_held_error_after']:.3f}); val ppl "
         f"{before['val_ppl']:.2f} -> {after['val_ppl']:.2f} (teacher {after['val_ppl_teacher']:.2f}) in {seconds:.0f} s"
     )
     log(f"[green]wrote[/] {plan.paths.out}")
     return plan.paths.out, metrics
 
 
-def train_layers(student, teacher, ids, local: LocalConfig, log: Log) -> list[LayerResult]:
+def held_out_blocks(train, budget: int, share: int = HELD_SHARE) -> tuple:
+    """(training blocks, the guard's held-out blocks): up to ``budget`` blocks train and the
+    ceil(budget / share) blocks after them are held out; where the stream is too short for both,
+    training gives up the blocks the guard needs."""
+    n = min(budget, train.shape[0] - 1)
+    if n < 1:
+        raise XecomlaError("distill --local needs at least 2 training blocks: pass more --data or a shorter --seq-len")
+    g = math.ceil(n / share)
+    n = min(n, train.shape[0] - g)
+    return train[:n], train[n : n + g]
+
+
+def train_layers(student, teacher, ids, held, local: LocalConfig) -> list[LayerResult]:
     """local_distill with a progress bar over the converted layers and a line per layer."""
     layers = mla_layers(student)
     with console.make_progress() as progress:
         task = progress.add_task("local distillation", total=len(layers))
 
         def report(r: LayerResult) -> None:
-            note = "" if r.trained else " (exact already: unchanged)"
+            if not r.trained:
+                note = " (exact already: unchanged)"
+            elif r.kept:
+                note = f"; held out {r.held_before:.4f} -> {r.held_after:.4f}: kept (epoch {r.epoch})"
+            else:
+                note = f"; held out {r.held_before:.4f} -> {r.held_after:.4f}: restored"
             progress.console.print(
                 f"layer {r.layer:>3}: error {r.error_before:.4f} -> {r.error_after:.4f} in {r.seconds:.1f} s{note}"
             )
             progress.advance(task)
 
-        return local_distill(student, teacher, ids, local, progress=report)
+        return local_distill(student, teacher, ids, local, progress=report, held_ids=held)
 
 
 def local_metrics(results: list[LayerResult], before, after, tokens: int, seconds: float, teacher, data):
-    """What xecomla.json records: per-layer errors, their means, validation before and after."""
+    """What xecomla.json records: per-layer errors (before, after training, held out, kept), the
+    means of what stays, validation before and after."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {
+    held = [r for r in results if r.held_before is not None]
+    out = {
         "local_layers": [r.to_dict() for r in results],
         "local_error_before": round(mean([r.error_before for r in results]), 6),
-        "local_error_after": round(mean([r.error_after for r in results]), 6),
+        "local_error_after": round(mean([r.final_error for r in results]), 6),
+        "local_layers_kept": sum(r.kept for r in results),
         "local_tokens": tokens,
         "local_seconds": round(seconds, 1),
+    }
+    if held:
+        out["local_held_error_before"] = round(mean([r.held_before for r in held]), 6)
+        out["local_held_error_after"] = round(mean([r.final_held for r in held]), 6)
+    return out | {
         "val_kl_initial": round(before["val_kl"], 5),
         "val_ppl_initial": round(before["val_ppl"], 3),
         "val_kl": round(after["val_kl"], 5),
