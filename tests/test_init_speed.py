@@ -38,3 +38,13 @@ def test_the_paper_init_with_a_latent_norm_collects_no_statistics(monkeypatch):
     assert calls == [] and all(layer.self_attn.kv_rank == 16 for layer in model.model.layers)
     convert_model(make_model("llama"), spec, "whiten", ids)
     assert calls == [0, 1, 2]
+
+
+def test_the_norm_channel_fit_reuses_the_latent_energy_bit_for_bit():
+    from xecomla_cli.init.latent_norm import scale_error
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    down, row = torch.randn(7, 24, generator=g), torch.randn(24, generator=g)
+    energy = (x @ down.double().T).pow(2).sum(-1)
+    assert torch.equal(scale_error(x, down, row, 0.9, 8, energy=energy), scale_error(x, down, row, 0.9, 8))
