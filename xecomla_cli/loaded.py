@@ -1,8 +1,10 @@
 """Small shared types below `sources` and `checkpoint`: a resolved source, a loaded model, and
-the parsing of dtype and device names (one place for each)."""
+the parsing of dtype and device names (one place for each); ``gguf_read_once`` for GGUF loads."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,40 @@ def bad_gguf(path: Path, label: str, exc: BaseException):
     raise XecomlaError(
         f"'{path}' is not a readable GGUF file ({reason}): it is truncated or corrupt, download it again"
     ) from None
+
+
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within: each GGUF file's header is parsed once, and gguf's tensor name map built once.
+
+    transformers parses a GGUF file's whole header (every vocabulary string and merge: 0.7M fields
+    for the demo's 49k tokens) anew for the config (twice), the tokenizer (twice) and the weights,
+    and builds gguf's tensor name map again for every module of the model (~400 times). Both are
+    pure functions of their arguments (a read-only memory map; the map is only read), so reusing
+    the first result changes nothing but the time: the demo's load went from 5 header parses to 1.
+    transformers looks both names up in ``gguf`` when it calls them, so swapping them there is enough."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+    maps: dict[tuple, Any] = {}
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return reader_class(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map

@@ -10,6 +10,7 @@ A source is one of:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from .loaded import (
     bad_gguf,
     check_family,
     first_line,
+    gguf_read_once,
     load_hf_config,
     parse_device,
     parse_dtype,
@@ -112,6 +114,11 @@ def load_model(source: str, *, dtype: str = "float32", device: str = "cpu", allo
     resolved = resolve(source, allow_pickle=allow_pickle)
     if resolved.is_checkpoint:
         return load_checkpoint(resolved.directory, dtype=dtype, device=device)
+    with gguf_read_once() if resolved.gguf_file else contextlib.nullcontext():
+        return _load_source(source, resolved, dtype, device, allow_pickle)
+
+
+def _load_source(source: str, resolved: ResolvedSource, dtype: str, device: str, allow_pickle: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     config = load_config(resolved)

@@ -85,16 +85,6 @@ def write_cache(cache: Path, key: dict, data: PackedData) -> None:
     os.replace(tmp, cache)
 
 
-def sampler_model(teacher, precision: str):
-    """The teacher to sample from: a bf16 copy of an fp32 teacher in a bf16 run (local distillation
-    keeps its teacher in fp32 for exact targets; sampling is the slow part and bf16 halves it)."""
-    if precision != "bf16" or next(teacher.parameters()).dtype != torch.float32:
-        return teacher
-    import copy
-
-    return copy.deepcopy(teacher).to(torch.bfloat16)
-
-
 def sample_teacher_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> PackedData:
     """Blocks of text sampled from the teacher on rank 0 (a progress bar), broadcast to the others."""
     n_val = max(1, cfg.val_tokens // cfg.seq_len)
@@ -111,7 +101,7 @@ def sample_teacher_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> 
                 last[0] = done
 
             out = teacher_samples(
-                sampler_model(teacher, cfg.precision),
+                teacher,  # sampled from its weights rounded to bf16 (text.teacher.sampling_model)
                 tokenizer,
                 total,
                 cfg.seq_len,

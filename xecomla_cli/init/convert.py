@@ -119,7 +119,8 @@ def convert_model(
             raise XecomlaError("this --method or the latent norm needs calibration data: pass calibration token ids")
         runner = LayerRunner(model, calib_ids)
         for i in walk([runner], layers):
-            stats[i] = layer_stats(runner, i)
+            if not cfg.is_paper:  # the paper's factors are data-free: only the latent norm reads data
+                stats[i] = layer_stats(runner, i)
             if cfg.refit or spec.latent_norm:
                 inputs[i] = runner.attention_inputs(i)
             tick(i)

@@ -97,11 +97,21 @@ def token_weights(blocks: list[torch.Tensor], sink_share: float = SINK_SHARE) ->
 
 
 def scale_error(
-    x: torch.Tensor, down: torch.Tensor, row: torch.Tensor, gain: float, rank: int, eps: float = EPS
+    x: torch.Tensor,
+    down: torch.Tensor,
+    row: torch.Tensor,
+    gain: float,
+    rank: int,
+    eps: float = EPS,
+    energy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per token, s − 1 (N,): how far the normed data latent γ₀·c/rms([c; vᵀx]) is from c = D x."""
+    """Per token, s − 1 (N,): how far the normed data latent γ₀·c/rms([c; vᵀx]) is from c = D x.
+
+    ``energy``: ‖D x‖² (N,) when the caller has it (``fit_norm_channel``: the same product)."""
     x = x.double()
-    rho = (x @ row.double()).pow(2) + (x @ down.double().T).pow(2).sum(-1)
+    if energy is None:
+        energy = (x @ down.double().T).pow(2).sum(-1)
+    rho = (x @ row.double()).pow(2) + energy
     return gain * torch.rsqrt(rho / rank + eps) - 1
 
 
@@ -126,7 +136,7 @@ def fit_norm_channel(
         A = x.T @ (w[:, None] * x)
         lam = ridge * torch.trace(A) / d
         v = torch.linalg.solve(A + lam * torch.eye(d, dtype=A.dtype), x.T @ (w * y))
-    f = scale_error(x, down, v, 1.0, rank, eps) + 1
+    f = scale_error(x, down, v, 1.0, rank, eps, energy) + 1
     gain = float((w * f).sum() / (w * f * f).sum())
     s = gain * f
     err = math.sqrt(float((w * (s - 1) ** 2).sum() / w.sum()))

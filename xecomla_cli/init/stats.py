@@ -56,9 +56,13 @@ class LayerStats:
 
 
 def pair_norms(y: torch.Tensor, heads: int) -> torch.Tensor:
-    """(N, heads·h) -> (heads, h/2): Σ over tokens of the norm of each rotate-half pair (j, j+h/2)."""
+    """(N, heads·h) -> (heads, h/2): Σ over tokens of the norm of each rotate-half pair (j, j+h/2).
+
+    ``hypot`` of the two halves: the reference ``y.norm(dim=2)`` gives the same to the last bit or
+    so, but a norm over a strided dim of size 2 took 0.14 s per call (60x hypot's time; 8 % of the
+    demo's whole init)."""
     y = y.view(y.shape[0], heads, 2, -1)  # (N, heads, 2, h/2): halves of rotate-half
-    return y.norm(dim=2).sum(0).double()
+    return torch.hypot(y[:, :, 0], y[:, :, 1]).sum(0).double()
 
 
 def attention_stats(attn, x: torch.Tensor, stats: LayerStats | None = None) -> LayerStats:

@@ -25,7 +25,11 @@ What makes it fast, measured in ``bench/sampling.py`` against the first sampler:
   dot product whichever thread computes it, and attention runs eager while sampling (CPU SDPA
   splits a decode step's keys by thread); the tests check: same tokens either way.
 
-Reproducible: the draws come from the global torch RNG (seed it), one uniform per row per step.
+Reproducible: the draws come from ``generator`` (teacher text passes a seeded CPU generator, so
+a GPU run draws the same uniforms as a CPU run) or else the global torch RNG (seed it), one
+uniform per row per step. What stays machine-dependent is the logits themselves: a GPU's
+kernels, or another CPU's SIMD width, sum in another order, and a token drawn near a CDF
+boundary can then differ; on one machine the thread count does not change them (above).
 """
 
 from __future__ import annotations
@@ -38,15 +42,21 @@ import torch
 RECHECK = 64  # decode steps between two looks at which thread count is faster
 
 
-def sample_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from softmax(logits / temperature), by inverse CDF: (B, V) -> (B,).
 
     One cumulative sum and a binary search per row; torch.multinomial draws an exponential per
-    vocabulary entry, which costs more than the model step itself on a CPU. Temperature 0: argmax."""
+    vocabulary entry, which costs more than the model step itself on a CPU. Temperature 0: argmax.
+    The uniforms come from `generator` (a CPU one: the same draws on any device) or, without one,
+    from the global RNG of the logits' device."""
     if temperature <= 0:
         return logits.argmax(-1)
     cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    if generator is None:
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device)
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device).to(cdf.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
@@ -118,14 +128,16 @@ def sample(
     stop: list[int],
     temperature: float,
     threads: ThreadChoice | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Up to ``new_tokens`` tokens after left-padded prompts ids/mask (B, T), with a KV cache.
 
     A row that draws a stop token leaves the batch; its remaining places are padded with that
-    stop token (the largest stop id when several). Returns the new tokens (B, <= new_tokens)."""
+    stop token (the largest stop id when several). Returns the new tokens (B, <= new_tokens).
+    `generator`: where the draws come from (default: the global RNG)."""
     threads = threads or ThreadChoice(ids.device)
     with eager_attention(model):
-        return _sample(model, ids, mask, new_tokens, stop, temperature, threads)
+        return _sample(model, ids, mask, new_tokens, stop, temperature, threads, generator)
 
 
 @contextlib.contextmanager
@@ -142,7 +154,7 @@ def eager_attention(model):
             model.set_attn_implementation(before)
 
 
-def _sample(model, ids, mask, new_tokens, stop, temperature, threads) -> torch.Tensor:
+def _sample(model, ids, mask, new_tokens, stop, temperature, threads, generator) -> torch.Tensor:
     cache = in_place_cache(model)
     vocab = model.config.vocab_size
     stops = torch.tensor(stop or [-1], device=ids.device)
@@ -164,7 +176,7 @@ def _sample(model, ids, mask, new_tokens, stop, temperature, threads) -> torch.T
 
     for t in range(new_tokens):
         logits = forward() if t == 0 else threads.run(forward)  # (B, V); the prefill at full threads
-        nxt = sample_next(logits, temperature)
+        nxt = sample_next(logits, temperature, generator)
         out[rows, t] = nxt
         steps = t + 1
         live = ~torch.isin(nxt, stops)

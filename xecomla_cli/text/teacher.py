@@ -10,17 +10,26 @@ Two kinds, both batched:
 * **plain text**, for any other teacher: ancestral sampling from BOS (or EOS) for ``seq_len``
   tokens; after an EOS the model simply goes on (a new document).
 
+Reproducible across machines: the text is sampled from the teacher's weights **rounded to bf16**
+(``sampling_model``), whatever dtype or file they were loaded from (bf16 rounding is exact and
+the same everywhere), computed in fp32 on a CPU (bf16 on a GPU), with the draws from a CPU
+generator seeded by ``seed``. A teacher loaded in fp32 or bf16, from a GGUF file, a Hugging Face
+directory or a stage checkpoint of the same weights therefore samples the same text on any CPU
+whose kernels sum in the same order (see ``text/sampling.py`` for what stays machine-dependent).
+
 Sampling is the slow part on a CPU, so samples are cached across runs (``cache_dir``, default
-``$XECOMLA_CACHE/teacher-text``, else ``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed by a hash
-of the teacher's weights (``cache_key``), the kind, ``seq_len``, temperature and seed: a later run
-asking for as many blocks or fewer reads them back, and one asking for more samples only the
-blocks it lacks.
+``$XECOMLA_CACHE/teacher-text``, else ``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed
+(``cache_key``) by exactly what they are sampled from, those bf16 weights, and the kind,
+``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them
+back, and one asking for more samples only the blocks it lacks.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +42,8 @@ from .sampling import sample
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
-CACHE_VERSION = 3  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention)
+CACHE_VERSION = 4  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention); 4: bf16 weights
+KEY_ELEMENTS = 1 << 20  # most elements of one tensor that the cache key hashes (evenly spaced)
 
 
 CACHE_ENV = "XECOMLA_CACHE"  # the cache root, when set (the tests point it at a temporary directory)
@@ -47,7 +57,7 @@ def default_cache_dir() -> Path:
     return Path(root) / "xecomla" / "teacher-text"
 
 
-def chat_conversations(model, tokenizer, batch: int, temperature: float) -> list[list[int]]:
+def chat_conversations(model, tokenizer, batch: int, temperature: float, generator=None) -> list[list[int]]:
     """``batch`` conversations (token ids, in the chat template) written by the teacher: a user
     message sampled after the user header, then the assistant's answer to it."""
     device = next(model.parameters()).device
@@ -55,7 +65,7 @@ def chat_conversations(model, tokenizer, batch: int, temperature: float) -> list
     header = tokenizer(user_header(tokenizer), add_special_tokens=False)["input_ids"]
     ids, mask = left_pad([header] * batch, stop[0], device)
     prompts = []
-    for row in sample(model, ids, mask, PROMPT_TOKENS, stop, temperature).cpu():
+    for row in sample(model, ids, mask, PROMPT_TOKENS, stop, temperature, generator=generator).cpu():
         text = tokenizer.decode([t for t in trim_at_stop(row, stop) if t not in stop], skip_special_tokens=True).strip()
         prompts.append(text or "Hello!")
     rendered = [
@@ -64,30 +74,57 @@ def chat_conversations(model, tokenizer, batch: int, temperature: float) -> list
     ]
     starts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
     ids, mask = left_pad(starts, stop[0], device)
-    answers = sample(model, ids, mask, ANSWER_TOKENS, stop, temperature).cpu()
+    answers = sample(model, ids, mask, ANSWER_TOKENS, stop, temperature, generator=generator).cpu()
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     return [s + trim_at_stop(a, stop) + newline for s, a in zip(starts, answers, strict=True)]
 
 
-def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float) -> list[list[int]]:
+def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float, generator=None) -> list[list[int]]:
     """``batch`` rows of ``seq_len`` tokens sampled from BOS (or EOS); after an EOS the model simply
     goes on (a new document)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise XecomlaError("the tokenizer has neither a BOS nor an EOS token to start teacher samples from")
     ids, mask = left_pad([[start]] * batch, start, next(model.parameters()).device)
-    rows = torch.cat([ids, sample(model, ids, mask, seq_len - 1, [], temperature)], dim=1)
+    rows = torch.cat([ids, sample(model, ids, mask, seq_len - 1, [], temperature, generator=generator)], dim=1)
     return rows.cpu().tolist()
 
 
 def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int) -> str:
-    """A key for the cache: the teacher's weights (a sample of them) and the sampling settings."""
+    """A key for the cache: the teacher's weights as text is sampled from them (rounded to bf16, so
+    the same for any load dtype, file format or path), and the sampling settings.
+
+    Per tensor, in name order: its name, shape and up to KEY_ELEMENTS evenly spaced elements as
+    bf16 bits (every element of a tensor that small; ~0.1 s for the 135M demo model)."""
     h = hashlib.sha256()
-    for name, p in list(model.state_dict().items())[:8]:
-        h.update(name.encode())
-        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
-    h.update(json.dumps([CACHE_VERSION, kind, seq_len, temperature, seed, model.config.vocab_size]).encode())
+    for name, p in sorted(model.state_dict().items()):
+        if not p.is_floating_point():
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, math.ceil(flat.numel() / KEY_ELEMENTS))
+        h.update(json.dumps([name, list(p.shape), step]).encode())
+        h.update(flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    h.update(json.dumps([CACHE_VERSION, kind, seq_len, float(temperature), seed, model.config.vocab_size]).encode())
     return h.hexdigest()[:20]
+
+
+def sampling_model(model):
+    """The teacher that text is sampled from: its weights rounded to bf16, held in fp32 on a CPU
+    (fp32 products are exact-order on every CPU; bf16 ones need AMX to be fast and round
+    activations) and in bf16 on a GPU. `model` itself when it already is that, else a copy.
+
+    Rounding to bf16 is the one canonical form an fp32 and a bf16 load of the same weights share
+    (a float16 load rounds twice and may differ in the last bit of a few weights)."""
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if all(p.dtype == dtype == torch.bfloat16 for p in model.parameters() if p.is_floating_point()):
+        return model
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16).to(dtype)
+    return out
 
 
 def teacher_samples(
@@ -120,15 +157,14 @@ def teacher_samples(
         if progress is not None:
             progress(n_blocks)
         return have[:n_blocks].clone()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    sampler = sampling_model(model)
+    was_training = sampler.training
+    sampler.eval()
     done = have.shape[0]
     tick = None if progress is None else lambda k: progress(done + k)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + done)  # a continuation of the cached blocks draws new samples
-        rows = _sample_rows(model, tokenizer, n_blocks - done, seq_len, batch_size, temperature, chat, tick)
-    model.train(was_training)
+    generator = torch.Generator().manual_seed(seed + done)  # a continuation of the cached blocks draws new samples
+    rows = _sample_rows(sampler, tokenizer, n_blocks - done, seq_len, batch_size, temperature, chat, tick, generator)
+    sampler.train(was_training)
     blocks = torch.cat([have, torch.tensor(rows[: n_blocks - done], dtype=torch.int64)])
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
@@ -137,18 +173,22 @@ def teacher_samples(
     return blocks
 
 
-def _sample_rows(model, tokenizer, n_blocks, seq_len, batch_size, temperature, chat, progress) -> list[list[int]]:
+def _sample_rows(
+    model, tokenizer, n_blocks, seq_len, batch_size, temperature, chat, progress, generator
+) -> list[list[int]]:
     stream: list[int] = []
     rows: list[list[int]] = []
     while len(rows) < n_blocks:
         if chat:
-            for conv in chat_conversations(model, tokenizer, batch_size, temperature):
+            for conv in chat_conversations(model, tokenizer, batch_size, temperature, generator):
                 stream += conv
             while len(stream) >= seq_len and len(rows) < n_blocks:
                 rows.append(stream[:seq_len])
                 stream = stream[seq_len:]
         else:
-            rows += plain_samples(model, tokenizer, min(batch_size, n_blocks - len(rows)), seq_len, temperature)
+            rows += plain_samples(
+                model, tokenizer, min(batch_size, n_blocks - len(rows)), seq_len, temperature, generator
+            )
         if progress is not None:
             progress(min(len(rows), n_blocks))
     return rows
