@@ -24,22 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def xecomla(*args: str) -> str:
-    """Run the CLI (same interpreter), return stdout; stderr passes through."""
-    exe = Path(sys.executable).with_name("xecomla")
-    cmd = [str(exe) if exe.exists() else "xecomla", *args]
-    print("$ xecomla " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"command failed ({done.returncode}): xecomla {' '.join(args)}")
-    return done.stdout
+from init_methods import xecomla  # bench/: run the CLI, stdout back, a failed command stops the run
 
 
 def load() -> str:

@@ -50,6 +50,11 @@ def pair_batch(pairs: Pairs, idx: list[int], max_prompt: int = 512, max_length: 
         for i in idx:
             p, a = truncate(pairs.prompt[i], getattr(pairs, field)[i], max_prompt, max_length)
             rows.append((p, a))
+    return packed(rows)
+
+
+def packed(rows: list[tuple[list[int], list[int]]]) -> PairBatch:
+    """(prompt, answer) token rows as one right-padded batch (pad 0) with the answer positions marked."""
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     attention = torch.zeros_like(ids)

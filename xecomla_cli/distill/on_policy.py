@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..choices import Divergence, values
 from ..text.chat import left_pad, stop_ids, trim_at_stop
 from ..text.sampling import sample
-from .dpo import PairBatch
+from .dpo import PairBatch, packed
 
 DIVERGENCES = values(Divergence)
 
@@ -59,15 +59,7 @@ def sample_answers(model, prompts: list[list[int]], tokenizer, new_tokens: int, 
     model.eval()
     rows = sample(model, ids, mask, new_tokens, stop, temperature).cpu()
     model.train(was_training)
-    seqs = [(p, trim_at_stop(r, stop)) for p, r in zip(prompts, rows, strict=True)]
-    width = max(len(p) + len(a) for p, a in seqs)
-    out = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention, answer = torch.zeros_like(out), torch.zeros_like(out)
-    for b, (p, a) in enumerate(seqs):
-        out[b, : len(p) + len(a)] = torch.tensor(p + a)
-        attention[b, : len(p) + len(a)] = 1
-        answer[b, len(p) : len(p) + len(a)] = 1
-    return PairBatch(out, attention, answer)
+    return packed([(p, trim_at_stop(r, stop)) for p, r in zip(prompts, rows, strict=True)])
 
 
 def answer_logits(model, batch: PairBatch, autocast: torch.dtype | None = None) -> torch.Tensor:
