@@ -5,7 +5,7 @@
 # Idempotent: a stamp naming the version skips everything on the next run.
 # Cost: about 5-8 minutes on 2 cores (compiling llama.cpp); cmake/ninja come from PyPI when missing.
 set -euo pipefail
-VENV="${1:?usage: setup_llama_cpp.sh VENV [CONSTRAINTS]}"
+VENV="$(cd "${1:?usage: setup_llama_cpp.sh VENV [CONSTRAINTS]}" && pwd)"  # absolute: the bindings link to DEST
 CONSTRAINTS="${2:-constraints.txt}"
 PY="$VENV/bin/python"
 VERSION="$(sed -n 's/^llama-cpp-python==//p' "$CONSTRAINTS")"
