@@ -99,6 +99,17 @@ def make_model(family: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+# Llama 3.1/3.2 RoPE scaling at a tiny original context (exports must carry or refuse its factors)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
 def calib_ids(batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
     """(batch, seq) random token ids: calibration text for a tiny model (the latent norm's channel
     and the data-aware methods are fitted on it)."""

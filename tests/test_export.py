@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calib_ids, make_model, make_tokenizer
+from conftest import LLAMA3_ROPE, calib_ids, make_model, make_tokenizer
 
 from xecomla_cli.checkpoint import load_checkpoint, record_metrics, save_checkpoint
 from xecomla_cli.errors import XecomlaError
@@ -242,16 +242,6 @@ def test_refuses_rope_frequencies_the_config_cannot_express(tmp_path):
     save_file(weights, ckpt / "model.safetensors")
     with pytest.raises(XecomlaError, match="layer 1's RoPE frequencies differ"):
         export_checkpoint(ckpt, tmp_path / "out")
-
-
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
 
 
 @pytest.mark.parametrize("rope", ["default", "llama3"])

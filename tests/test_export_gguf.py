@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import calib_ids, make_model, make_tokenizer, save_model
+from conftest import LLAMA3_ROPE, calib_ids, make_model, make_tokenizer, save_model
 
 from xecomla_cli.checkpoint import load_checkpoint, save_checkpoint
 from xecomla_cli.errors import XecomlaError
@@ -26,14 +26,6 @@ needs_llama_cpp = pytest.mark.skipif(
     not llama_cpp_available(), reason="llama.cpp's bindings are not built: run `make setup`"
 )
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 3, 64, 11, 200, 31]
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
 
 
 def mla_ckpt(tmp_path: Path, family="llama", *, latent_norm=True, layers=None, ranks=None, **overrides) -> Path:
