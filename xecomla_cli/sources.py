@@ -15,6 +15,9 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
+from . import dequantized
 from .checkpoint import load_checkpoint
 from .errors import XecomlaError
 from .loaded import (
@@ -121,22 +124,30 @@ def load_model(source: str, *, dtype: str = "float32", device: str = "cpu", allo
 def _load_source(source: str, resolved: ResolvedSource, dtype: str, device: str, allow_pickle: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    config = load_config(resolved)
-    family = check_family(config)
+    entry = dequantized.cached(resolved.directory / resolved.gguf_file) if resolved.gguf_file else None
+    # a GGUF file loaded before: its de-quantized weights and tokenizer
+    resolved_files = resolved if entry is None else ResolvedSource(resolved.source, entry)
+    family = check_family(load_config(resolved_files))
     if not resolved.gguf_file:
         check_weights(resolved, allow_pickle)
     torch_dtype = parse_dtype(dtype)
-    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved_files.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.directory, dtype=torch_dtype, trust_remote_code=False, **kwargs
+            resolved_files.directory,
+            dtype=torch.float32 if kwargs else torch_dtype,
+            trust_remote_code=False,
+            **kwargs,
         )
     except Exception as exc:  # safetensors, pickle, GGUF and transformers errors come in many types
         raise XecomlaError(weights_error(resolved, exc)) from None
-    if resolved.gguf_file:
+    tokenizer = load_tokenizer(resolved_files)
+    if kwargs:  # de-quantized from the GGUF file just now: kept for the next load (fp32)
         _drop_gguf_quantization_config(model)
+        dequantized.store(resolved.directory / resolved.gguf_file, model, tokenizer)
+        model.to(torch_dtype)
     model.to(parse_device(device)).eval()
-    return LoadedModel(model, load_tokenizer(resolved), portable_source(source), family, resolved)
+    return LoadedModel(model, tokenizer, portable_source(source), family, resolved)
 
 
 def portable_source(source: str) -> str:

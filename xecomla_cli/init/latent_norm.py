@@ -126,16 +126,19 @@ def fit_norm_channel(
 ) -> NormChannel:
     """The norm channel of a data latent c = D x (``down`` (r − 1, d)) in a latent of ``rank`` channels,
     fitted on attention inputs ``blocks`` [(B, T, d), …] (see the module docstring)."""
-    x = torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks]).double()  # (N, d)
-    d = x.shape[1]
+    x32 = torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks]).float()  # (N, d)
+    x, d = x32.double(), x32.shape[1]
     w = token_weights(blocks, sink_share)
-    energy = (x @ down.double().T).pow(2).sum(-1)  # ‖D x‖² (N,)
+    energy = (x32 @ down.float().T).double().pow(2).sum(-1)  # ‖D x‖² (N,)
     K = (1 + dominance**2) * float((w * energy).sum() / w.sum())
     y = torch.sqrt(torch.clamp(K - energy, min=K / 100))
+    # The two products over the N tokens in fp32 on every thread (fp64 on one thread took 0.25 s a
+    # layer, 11% of the demo's init); the d x d solve in fp64.
+    A = (x32.T @ (w.float()[:, None] * x32)).double()  # Xᵀ W X (d, d)
+    b = (x32.T @ (w * y).float()).double()  # Xᵀ W y (d,)
     with single_thread():
-        A = x.T @ (w[:, None] * x)
         lam = ridge * torch.trace(A) / d
-        v = torch.linalg.solve(A + lam * torch.eye(d, dtype=A.dtype), x.T @ (w * y))
+        v = torch.linalg.solve(A + lam * torch.eye(d, dtype=A.dtype), b)
     f = scale_error(x, down, v, 1.0, rank, eps, energy) + 1
     gain = float((w * f).sum() / (w * f * f).sum())
     s = gain * f

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..errors import XecomlaError
 from .chat import has_chat_template, left_pad, stop_ids, trim_at_stop, user_header
 from .sampling import sample
@@ -46,15 +47,9 @@ CACHE_VERSION = 4  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eag
 KEY_ELEMENTS = 1 << 20  # most elements of one tensor that the cache key hashes (evenly spaced)
 
 
-CACHE_ENV = "XECOMLA_CACHE"  # the cache root, when set (the tests point it at a temporary directory)
-
-
 def default_cache_dir() -> Path:
-    """$XECOMLA_CACHE/teacher-text, else $XDG_CACHE_HOME/xecomla/teacher-text (~/.cache by default)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / "teacher-text"
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "xecomla" / "teacher-text"
+    """``cache_root()``/teacher-text."""
+    return cache_root() / "teacher-text"
 
 
 def chat_conversations(model, tokenizer, batch: int, temperature: float, generator=None) -> list[list[int]]:
