@@ -3,7 +3,7 @@
 Exports the original (llama arch) and the conversion (deepseek2) with `xecomla export --format gguf`
 (verified in llama.cpp; cached under --work), then runs the project's `llama-bench` (built by `make setup`)
 on both in one run: token generation (tg, --tg tokens) after --depths tokens of context, for each
-combination of --threads, --fa (flash attention 0/1) and --ctk (KV cache type). The KV cache size is
+combination of --threads, --fa (flash attention 0/1) and --ctk (KV cache type, K and V alike). The KV cache size is
 what llama.cpp reports when it allocates a context of depth + tg cells (`llama_kv_cache: size = ... MiB`).
 Prints one JSON object (also saved under bench/results/ with date, machine and load) and a Markdown table.
 
@@ -72,52 +72,40 @@ def kv_mib(model: Path, cells: int, ctk: str, fa: int) -> float:
     return float(run_llama_cpp(model, request)["kv_mib"][0])
 
 
-def llama_bench(models: list[Path], depths: list[int], args) -> list[dict]:
-    cmd = [str(llama_cpp_tool("llama-bench"))]
-    for m in models:
-        cmd += ["-m", str(m)]
-    cmd += [
-        "-p",
-        "0",
-        "-n",
-        str(args.tg),
-        "-d",
-        ",".join(map(str, depths)),
-        "-t",
-        args.threads,
-        "-fa",
-        args.fa,
-        "-ctk",
-        args.ctk,
-        "-r",
-        str(args.reps),
-        "-o",
-        "json",
-        "--progress",
+def llama_bench(paths: dict[str, Path], depths: list[int], args) -> tuple[list[dict], list[dict]]:
+    """One llama-bench run per model and cache type (K and V of the same type: deepseek2's absorbed MLA
+    reads V as a view of the K cache, and llama.cpp refuses a context whose -ctk and -ctv differ for it).
+    Results stream as JSON lines, so a setting that fails leaves the others measured; it is recorded."""
+    measured, failed = [], []
+    for kind, path in paths.items():
+        for ctk in args.ctk.split(","):
+            cmd = [str(llama_cpp_tool("llama-bench")), "-m", str(path), "-p", "0", "-n", str(args.tg)]
+            cmd += ["-d", ",".join(map(str, depths)), "-t", args.threads, "-fa", args.fa, "-ctk", ctk, "-ctv", ctk]
+            cmd += ["-r", str(args.reps), "-o", "jsonl", "--progress"]
+            print(" ".join(cmd), file=sys.stderr)
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # progress: stderr
+            got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            measured += rows(got, kind)
+            if done.returncode != 0:
+                failed.append({"model": kind, "ctk": ctk, "returncode": done.returncode, "measured_before": len(got)})
+                print(f"llama-bench failed ({done.returncode}) for {kind} with cache type {ctk}", file=sys.stderr)
+    return measured, failed
+
+
+def rows(results: list[dict], kind: str) -> list[dict]:
+    return [
+        {
+            "model": kind,
+            "depth": r["n_depth"],
+            "threads": r["n_threads"],
+            "fa": int(bool(r["flash_attn"])),
+            "ctk": r["type_k"],
+            "ctv": r["type_v"],
+            "tok_s": r["avg_ts"],
+            "tok_s_stddev": r["stddev_ts"],
+        }
+        for r in results
     ]
-    print(" ".join(cmd), file=sys.stderr)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)  # progress on stderr
-    if done.returncode != 0:
-        raise SystemExit(f"llama-bench failed ({done.returncode})")
-    return json.loads(done.stdout)
-
-
-def rows(results: list[dict], paths: dict[str, Path]) -> list[dict]:
-    kind = {str(p): k for k, p in paths.items()}
-    out = []
-    for r in results:
-        out.append(
-            {
-                "model": kind.get(r["model_filename"], r["model_filename"]),
-                "depth": r["n_depth"],
-                "threads": r["n_threads"],
-                "fa": int(bool(r["flash_attn"])),
-                "ctk": r["type_k"],
-                "tok_s": r["avg_ts"],
-                "tok_s_stddev": r["stddev_ts"],
-            }
-        )
-    return out
 
 
 def table(measured: list[dict], kv: dict) -> list[dict]:
@@ -175,7 +163,7 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=32, help="generated tokens per measurement")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--fa", default="1", help="flash attention: 0, 1 or 0,1")
-    ap.add_argument("--ctk", default="f16", help="K cache type(s): f16, q8_0 or f16,q8_0")
+    ap.add_argument("--ctk", default="f16", help="KV cache type(s), K and V alike: f16, q8_0 or f16,q8_0")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--kv-depths", default="", help="depths whose KV size only is reported (no timing)")
     ap.add_argument("--profile-depth", type=int, default=None, help="only this depth (a settings sweep)")
@@ -187,7 +175,7 @@ def main() -> None:
     depths = [args.profile_depth] if args.profile_depth is not None else ints(args.depths)
     paths = gguf_pair(args)
     load_before = load()
-    measured = rows(llama_bench([paths["original"], paths["mla"]], depths, args), paths)
+    measured, failed = llama_bench(paths, depths, args)
     load_after = load()
     kv = {}
     for kind, path in paths.items():
@@ -210,6 +198,7 @@ def main() -> None:
         "kv_cache_type_for_mib": args.ctk.split(",")[0],
         "gguf": {k: str(p) for k, p in paths.items()},
         "measured": measured,
+        "failed": failed,
         "kv_mib": kv,
         "table": lines,
     }

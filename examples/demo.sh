@@ -39,7 +39,7 @@ python examples/generate.py "$EXPORTED" "What is the capital of France?" "Name t
 
 step "7/7 export --format gguf: one llama.cpp file (deepseek2), checked in llama.cpp before it is written; llama.cpp runs it"
 GGUF=$(xecomla export "$DISTILLED" --format gguf --outtype f16 -o "$DEMO_DIR/mla-r64.gguf" --force)
-"$LLAMA_CPP_BIN/llama-completion" -m "$GGUF" -p "The capital of France is" -n 24 --temp 0 -no-cnv >&2 2>/dev/null
+"$LLAMA_CPP_BIN/llama-completion" -m "$GGUF" -p "The capital of France is" -n 24 --temp 0 -no-cnv -fa on -ctk q8_0 -ctv q8_0 >&2 2>/dev/null
 echo >&2
 printf '\ndone in %d:%02d\n' $((SECONDS / 60)) $((SECONDS % 60)) >&2
 echo "$EXPORTED"
