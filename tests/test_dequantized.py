@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEXT, make_model, save_model
+
 from xecomla_cli import dequantized
 from xecomla_cli.export.gguf_export import export_gguf
 from xecomla_cli.sources import load_model
@@ -45,7 +45,8 @@ def test_the_first_load_caches_and_later_loads_read_the_cache(tiny_gguf, tmp_pat
     assert not hasattr(second.model.config, "quantization_config")
     same_model(first, second)
     bf16 = load_model(str(tiny_gguf), dtype="bfloat16")
-    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(bf16.model.parameters(), first.model.parameters()))
+    pairs = zip(bf16.model.parameters(), first.model.parameters(), strict=True)
+    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in pairs)
 
 
 def test_a_changed_file_gets_a_new_entry(tiny_gguf, tmp_path, monkeypatch):
