@@ -10,6 +10,7 @@ import torch
 from conftest import TEXT, make_model, save_model
 
 from xecomla_cli import dequantized
+from xecomla_cli.errors import XecomlaError
 from xecomla_cli.export.gguf_export import export_gguf
 from xecomla_cli.sources import load_model
 
@@ -66,3 +67,13 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tiny_gguf, tmp_path, mon
     assert dequantized.cached(tiny_gguf) is None
     monkeypatch.setenv("XECOMLA_CACHE", str(tmp_path / "cache"))
     same_model(plain, load_model(str(tiny_gguf)))
+
+
+def test_a_damaged_entry_is_named_in_one_line(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("XECOMLA_CACHE", str(tmp_path / "cache"))
+    load_model(str(tiny_gguf))
+    entry = dequantized.cached(tiny_gguf)
+    (entry / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(XecomlaError, match="de-quantized cache .* delete that directory") as err:
+        load_model(str(tiny_gguf))
+    assert str(entry) in str(err.value) and "\n" not in str(err.value)

@@ -140,6 +140,11 @@ def _load_source(source: str, resolved: ResolvedSource, dtype: str, device: str,
             **kwargs,
         )
     except Exception as exc:  # safetensors, pickle, GGUF and transformers errors come in many types
+        if entry is not None:
+            raise XecomlaError(
+                f"the de-quantized cache of '{resolved.source}' ({entry}) is unreadable ({first_line(exc)}): "
+                "delete that directory and run again"
+            ) from None
         raise XecomlaError(weights_error(resolved, exc)) from None
     tokenizer = load_tokenizer(resolved_files)
     if kwargs:  # de-quantized from the GGUF file just now: kept for the next load (fp32)
