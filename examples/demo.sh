@@ -6,7 +6,7 @@ DEMO_DIR=${DEMO_DIR:-runs/demo}
 LOCAL_TOKENS=${LOCAL_TOKENS:-16k}  # local (layer-wise) distillation
 TOKENS=${TOKENS:-32k}              # global distillation
 DATA=${DATA:-teacher}              # chat turns sampled from the teacher (cached); 'demo' for Shakespeare
-METHOD=${METHOD:-deepseek}         # 'paper' for the X-EcoMLA paper's data-free init (see docs/methods.md)
+METHOD=${METHOD:-}                 # empty: init-svd's default; 'paper': the X-EcoMLA paper's data-free init
 INIT_FLAGS=${INIT_FLAGS:-}         # more init-svd options, e.g. --no-latent-norm (the export then needs biases)
 LLAMA_CPP_BIN=${LLAMA_CPP_BIN:-$(dirname "$(command -v xecomla)")/../llama.cpp/bin}  # built by make setup
 mkdir -p "$DEMO_DIR"
@@ -16,9 +16,9 @@ quality() { xecomla eval "$1" --no-kv >/dev/null; }   # LAMBADA perplexity, tabl
 step "1/7 inspect: architecture, KV cache, latent-rank budget"
 xecomla inspect demo --ranks 32,64,128,256
 
-step "2/7 init-svd: SVD initialisation ($METHOD), 4x smaller KV cache (r=64, p=32)"
+step "2/7 init-svd: SVD initialisation (${METHOD:-the default method}, calibrated on text the model writes), 4x smaller KV cache (r=64, p=32)"
 # shellcheck disable=SC2086 (INIT_FLAGS: several words)
-INIT=$(xecomla init-svd demo --kv-rank 64 --method "$METHOD" $INIT_FLAGS -o "$DEMO_DIR/init-r64" --force)
+INIT=$(xecomla init-svd demo --kv-rank 64 ${METHOD:+--method "$METHOD"} $INIT_FLAGS -o "$DEMO_DIR/init-r64" --force)
 quality "$INIT"
 
 step "3/7 distill --local: each converted layer trained to match the teacher's attention ($LOCAL_TOKENS tokens of $DATA text)"

@@ -77,7 +77,8 @@ def test_errors_are_printed_even_under_quiet(tiny_model_dir, tmp_path):
     [
         (["--kv-rank", "9999"], "outside 1..64"),
         (["--kv-rank", "8", "--rope-dim", "7"], "--rope-dim 7 is invalid"),
-        (["--kv-rank", "8", "--rope-dim", "16"], "--rope-dim 16 is invalid"),
+        (["--kv-rank", "8", "--rope-dim", "32"], "--rope-dim 32 is invalid"),
+        (["--kv-rank", "8", "--rope-dim", "16", "--method", "deepseek"], "--rope-dim 16 is invalid"),
         (["--energy", "1.5"], "outside (0, 1]"),
         (["--kv-rank", "8", "--energy", "0.9"], "exactly one of"),
         (["--kv-rank", "8", "--layers", "0,7"], "out of range"),

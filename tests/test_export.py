@@ -489,7 +489,7 @@ def test_transmla_exports_with_its_query_scale_and_group_rope_is_refused(tmp_pat
     """TransMLA keeps n = h no-RoPE dims (n + p != h): the export folds sqrt((n+p)/h) into the
     queries so that DeepSeek-V3's (n+p)^-0.5 scale gives ours. Per-group RoPE slices are refused."""
     calib = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(1))
-    for method, exports in (("transmla", True), ("mha2mla", False)):
+    for method, exports in (("transmla", True), ("deepseek+wide", True), ("mha2mla", False)):
         model = make_model("llama")
         spec = build_spec(model.config, kv_rank=24, q_rank=q_rank, method=method)
         spec = convert_model(model, spec, method=method, calib_ids=calib)

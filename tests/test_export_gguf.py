@@ -28,13 +28,16 @@ needs_llama_cpp = pytest.mark.skipif(
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 3, 64, 11, 200, 31]
 
 
-def mla_ckpt(tmp_path: Path, family="llama", *, latent_norm=True, layers=None, ranks=None, **overrides) -> Path:
+def mla_ckpt(
+    tmp_path: Path, family="llama", *, latent_norm=True, layers=None, ranks=None, method="paper", **overrides
+) -> Path:
     """A tiny MLA checkpoint (r=16, p=8) whose latent norm is not all ones (as after training)."""
     model = make_model(family, **overrides)
-    spec = build_spec(model.config, kv_rank=16, latent_norm=latent_norm, layers=layers)
+    spec = build_spec(model.config, kv_rank=16, latent_norm=latent_norm, layers=layers, method=method)
     if ranks is not None:
         spec.kv_ranks = list(ranks)
-    spec = convert_model(model, spec, calib_ids=calib_ids() if latent_norm else None)
+    calib = calib_ids() if latent_norm or method != "paper" else None
+    spec = convert_model(model, spec, method=method, calib_ids=calib)
     if latent_norm:
         with torch.no_grad():
             for layer in model.model.layers:
@@ -74,6 +77,16 @@ def test_mla_round_trip_f32_matches_in_llama_cpp(tmp_path, family):
     np.testing.assert_allclose(llama_cpp_logits(out, PROMPT), ours, rtol=0, atol=1e-4 * np.abs(ours).max())
     # llama.cpp caches the latent and the RoPE key only: 3 layers x (16 + 8) values per cell (f32 in the check)
     assert v["kv_mib"] == pytest.approx(3 * 24 * v["kv_cells"] * 4 / 2**20, abs=0.005)  # MiB to 2 decimals
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("method", ["deepseek+wide", "freqfold-4+bkv+drop"])
+def test_wide_no_rope_dims_round_trip_in_llama_cpp(tmp_path, method):
+    """n = h no-RoPE dims (n + p != h): the query scale is folded, llama.cpp computes our logits."""
+    ckpt = mla_ckpt(tmp_path, method=method)
+    result = export_gguf(str(ckpt), tmp_path / "w.gguf", outtype="f32")
+    v = result.verify
+    assert v["greedy_tokens_equal"] and v["max_abs_logit_diff"] < 1e-4 * v["max_abs_logit"]
 
 
 @needs_llama_cpp

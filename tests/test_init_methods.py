@@ -20,7 +20,8 @@ from xecomla_cli.init.shared_key import head_rotation, shared_key_fit
 from xecomla_cli.init.stats import LayerStats, attention_stats, layer_stats
 from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
-from xecomla_cli.text.calibration import calibration_documents, calibration_ids
+from xecomla_cli.text.calibration import calibration_documents, calibration_ids, teacher_calibration_ids
+from xecomla_cli.text.teacher import teacher_samples
 
 
 def kl(out, ref):
@@ -302,6 +303,16 @@ def test_calibration_texts_and_ids(tmp_path):
         list(calibration_documents(tmp_path / "missing.txt"))
     with pytest.raises(XecomlaError):
         calibration_ids(tok, tmp_path / "a.txt", tokens=5000, seq_len=5000)
+    assert torch.equal(calibration_ids(tok, "shakespeare", tokens=256, seq_len=128), default)
+
+
+def test_teacher_calibration_is_the_models_own_text_apart_from_distills():
+    model, tok = make_model("llama"), make_tokenizer()
+    ids = teacher_calibration_ids(model, tok, tokens=96, seq_len=32)
+    assert ids.shape == (3, 32) and ids.dtype == torch.long
+    assert torch.equal(teacher_calibration_ids(make_model("llama"), tok, tokens=96, seq_len=32), ids)  # cached
+    distill = teacher_samples(model, tok, 3, 32, batch_size=32, seed=0)  # distill --data teacher's blocks
+    assert not torch.equal(distill, ids)
 
 
 def test_layer_runner_stats_match_hidden_states():
@@ -439,3 +450,49 @@ def test_drop_zeroes_the_dropped_score_terms():
     up = attn.kv_b_proj.weight.view(spec.num_heads, n + h, -1)[:, :n]
     assert up[:, zero_rows].abs().max() < 1e-6 * up.abs().max()
     assert model(ids).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_wide_keeps_the_scores_and_adds_trainable_no_rope_dims(family):
+    ids = calib()
+    logits, specs, models = {}, {}, {}
+    for method in ("deepseek", "deepseek+wide0"):
+        model = make_model(family)
+        spec = build_spec(model.config, kv_rank=16, rope_dim=8, method=method)
+        specs[method] = convert_model(model, spec, method=method, calib_ids=ids)
+        models[method] = model
+        with torch.no_grad():
+            logits[method] = model(ids).logits
+    h = models["deepseek"].config.head_dim
+    assert specs["deepseek"].nope_dim == h - 8 and specs["deepseek+wide0"].nope_dim == h
+    # At init the extra dims' keys are zero: the model computes the same function.
+    assert torch.allclose(logits["deepseek+wide0"], logits["deepseek"], atol=1e-4, rtol=1e-4)
+    attn = models["deepseek+wide0"].model.layers[0].self_attn
+    n = h
+    up_k = attn.kv_b_proj.weight.view(specs["deepseek+wide0"].num_heads, n + h, -1)[:, :n]  # (H, n, r)
+    zero = (up_k.abs().amax(-1) < 1e-6 * up_k.abs().max()).all(0)  # (n,): the RoPE dims' key rows
+    assert zero.sum() == 8
+    q = attn.q_proj.weight.view(specs["deepseek+wide0"].num_heads, n + 8, -1)[:, :n]
+    assert (q[:, zero].abs().sum(-1) > 0).all()  # their queries are kept ...
+    models["deepseek+wide0"](ids).logits.logsumexp(-1).mean().backward()
+    grad = attn.kv_b_proj.weight.grad.view(specs["deepseek+wide0"].num_heads, n + h, -1)[:, :n]
+    assert grad[:, zero].abs().sum() > 0  # ... so the zero key rows train
+
+
+def test_wide_parse():
+    assert parse_method("deepseek+wide") == MethodConfig("fast", "complex", True, wide="resid")
+    assert parse_method("deepseek+wide0").wide == "zero"
+    assert parse_method("wide").pairs == "rot"
+    assert not parse_method("transmla+wide").wide  # TransMLA keeps n = h already
+    with pytest.raises(XecomlaError):
+        parse_method("mha2mla+wide")
+
+
+def test_cli_calib_data_teacher(tiny_model_dir, tmp_path):
+    from xecomla_cli.checkpoint import load_checkpoint
+
+    out = tmp_path / "t"
+    args = ["--quiet", "init-svd", str(tiny_model_dir("llama")), "--kv-rank", "16", "--rope-dim", "8"]
+    res = run_cli([*args, "--method", "deepseek", "--calib-data", "teacher", "--calib-tokens", "128", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out).spec.calibration == {"data": "teacher", "tokens": 128}

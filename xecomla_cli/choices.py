@@ -46,3 +46,7 @@ class KvSvdRows(str, Enum):
 
 def values(choice: type[Enum]) -> tuple[str, ...]:
     return tuple(c.value for c in choice)
+
+
+DEFAULT_METHOD = "transmla"  # init-svd --method when not given: the best after training (docs/methods.md)
+DEFAULT_CALIB_DATA = "teacher"  # init-svd --calib-data when not given ('teacher', 'shakespeare' or a path)

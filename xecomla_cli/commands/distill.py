@@ -25,7 +25,7 @@ from .common import AllowPickleOpt, DeviceOpt, ForceOpt, JsonOpt, emit, read_arg
 KD, LOCAL, DPO, ON_POLICY = "global KD", "--local", "--dpo", "--on-policy"
 OPTIMIZER = (KD, DPO, ON_POLICY)  # a full-model AdamW run
 OPTION_MODES = {  # the options a mode uses; the others (teacher, steps, batch size, seed, ...) are everyone's
-    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens", "allow_pickle"), (KD, LOCAL)),
+    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens", "allow_pickle", "sample_temperature"), (KD, LOCAL)),
     **dict.fromkeys(("micro_batch", "lr", "warmup", "weight_decay", "clip", "save_every", "resume"), OPTIMIZER),
     **dict.fromkeys(
         (
@@ -98,6 +98,9 @@ def distill_command(
         ),
     ] = D.data,
     seq_len: Annotated[int, mode_option("--seq-len", "tokens per packed training block.")] = D.seq_len,
+    sample_temperature: Annotated[
+        float, mode_option("--sample-temperature", "temperature of the teacher's sampling with --data teacher.")
+    ] = D.sample_temperature,
     batch_size: Annotated[
         int,
         typer.Option(
@@ -212,6 +215,7 @@ def distill_command(
         tokens=parse_count(tokens, "--tokens"),
         steps=steps,
         seq_len=seq_len,
+        sample_temperature=sample_temperature,
         batch_size=batch_size,
         micro_batch=micro_batch,
         lr=lr,

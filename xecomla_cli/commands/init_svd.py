@@ -8,15 +8,16 @@ from typing import Annotated
 import typer
 
 from .. import console
-from ..choices import KvSvdRows
+from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD, KvSvdRows
 from ..errors import XecomlaError
 from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
-    "'paper' (default; its factorisation is data-free), a preset (mha2mla, transmla, rorope, complex, whiten, best, "
-    "deepseek) or components joined by '+' (qk-pairs, rot-pairs, fast-pairs, uniform-pairs, rorope, complex, "
-    "group-rope, freqfold[-N], drop, whiten, bkv, budget, refit). group-rope: one RoPE key slice per KV group "
-    "(--rope-dim is then the slices' total). See docs/methods.md."
+    f"a preset ({DEFAULT_METHOD}, the default and the best after training; mha2mla, rorope, complex, whiten, best, "
+    "deepseek), 'paper' (the X-EcoMLA paper's data-free SVD) or components joined by '+' (qk-pairs, rot-pairs, "
+    "fast-pairs, uniform-pairs, rorope, complex, group-rope, freqfold[-N], drop, whiten, bkv, budget, wide, "
+    "wide0, refit). group-rope: one RoPE key slice per KV group (--rope-dim is then the slices' total). "
+    "See docs/methods.md."
 )
 
 
@@ -72,13 +73,14 @@ def init_svd_command(
             help="'all' (paper: SVD of all K and V rows) or 'nope-v' (only the rows that are kept).",
         ),
     ] = KvSvdRows.ALL,
-    method: Annotated[str, typer.Option("--method", help=METHOD_HELP, callback=check_method)] = "paper",
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP, callback=check_method)] = DEFAULT_METHOD,
     calib_data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--calib-data",
-            help="Calibration text for data-aware methods and the latent norm: .txt, .jsonl or a directory "
-            "(default: a slice of the bundled public-domain Shakespeare).",
+            help="Calibration text for data-aware methods and the latent norm: 'teacher' (text the model "
+            "samples itself, cached), 'shakespeare' (a slice of the bundled public-domain plays), or a .txt, "
+            f".jsonl file or a directory (default: {DEFAULT_CALIB_DATA}).",
         ),
     ] = None,
     calib_tokens: Annotated[

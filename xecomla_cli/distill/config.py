@@ -164,6 +164,8 @@ def check_options(options: DistillConfig, world: int) -> None:
         raise XecomlaError("--micro-batch must be at least 1")
     if options.lr <= 0 or options.temperature <= 0 or options.ce_weight < 0:
         raise XecomlaError("--lr and --temperature must be positive and --ce-weight not negative")
+    if options.sample_temperature <= 0:
+        raise XecomlaError(f"--sample-temperature {options.sample_temperature} must be positive, e.g. 0.7 or 1.0")
     if options.kd_kernel not in ("torch", "liger") or (options.kd_kernel == "liger" and options.ce_weight):
         raise XecomlaError("DistillConfig.kd_kernel must be torch or liger (liger: KL only, ce_weight 0)")
     if options.fsdp and world <= 1:

@@ -30,7 +30,7 @@ from .rope_pairs import layer_plans, merged_plan
 from .stats import LayerStats, calibration_loss, layer_stats
 from .transmla import search_freqfold, transmla_energy, transmla_state_dict
 
-FREQFOLD_SEARCH_TOKENS = 2048  # calibration tokens scored per fold tried (a full model forward each)
+FREQFOLD_SEARCH_TOKENS = 1024  # calibration tokens scored per fold tried (a full model forward each)
 
 
 @dataclass
@@ -180,7 +180,7 @@ def budgeted_spec(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, Laye
     for i in layers:
         w = AttentionWeights.of(decoder_layers(model)[i].self_attn)
         if cfg.freqfold is not None:
-            energies[i] = transmla_energy(w, spec, cfg, stats[i])
+            energies[i] = transmla_energy(model, w, spec, cfg, stats[i])
         else:
             energies[i] = layer_energy(w, spec, layer_plans(model, spec, cfg, stats[i], ROPE_CONTEXT), cfg, stats[i])
     if spec.rank_budget is not None:  # budgeted already: keep its total

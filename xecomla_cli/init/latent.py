@@ -28,6 +28,23 @@ def kv_rows_kept(w, plan, G: int, h: int) -> torch.Tensor:
     return torch.cat([wk, wv], dim=1).reshape(-1, wk.shape[-1])
 
 
+def wide_kv_rows(w, plan, resid: torch.Tensor, G: int, h: int):
+    """``wide``'s latent rows [K; V] per KV head (G·2h, d) and their biases (or None): K holds all
+    h dims in their original order, the no-RoPE ones as they are (dropped ones zero) and, on the
+    RoPE dims, what the shared key leaves of the head's key (``resid`` (G, p, d[+1]))."""
+    d = w.wk.shape[1]
+    wk = torch.zeros(G, h, d)
+    wk[:, plan.nope_idx] = nope_rows(w.wk.view(G, h, d), plan)
+    wk[:, plan.rope_idx] = resid[..., :d]
+    W = torch.cat([wk, w.wv.view(G, h, d)], dim=1).reshape(-1, d)
+    if w.bk is None:
+        return W, None
+    bk = torch.zeros(G, h)
+    bk[:, plan.nope_idx] = nope_rows(w.bk.view(G, h), plan)
+    bk[:, plan.rope_idx] = resid[..., -1]
+    return W, torch.cat([bk, w.bv.view(G, h)], dim=1).reshape(-1)
+
+
 def sliced_kv_rows(w, plans, G: int, h: int) -> torch.Tensor:
     """``kv_rows_kept`` of every RoPE slice (each with its own no-RoPE dims), in KV head order."""
     S = len(plans)

@@ -13,7 +13,15 @@ import torch
 
 from ..mla.spec import MLASpec
 from .common import AttentionWeights, RopePlan, output_weights, query_weights
-from .latent import balanced_factors, kv_balance, nope_rows, sliced_kv_biases, sliced_kv_rows, whitened_factors
+from .latent import (
+    balanced_factors,
+    kv_balance,
+    nope_rows,
+    sliced_kv_biases,
+    sliced_kv_rows,
+    whitened_factors,
+    wide_kv_rows,
+)
 from .methods import MethodConfig
 from .rope_pairs import merged_plan
 from .shared_key import rope_weights
@@ -41,20 +49,20 @@ def method_state_dict(
     for s, plan in enumerate(plans):
         ws = w if S == 1 else w.heads(s, S)
         ss = None if stats is None else stats.heads(s, S)
-        k_s, q_s = rope_weights(ws, plan, ss, H // S, G // S, h, cfg.key, bias)
+        k_s, q_s, _ = rope_weights(ws, plan, ss, H // S, G // S, h, cfg.key, bias)
         k_rope.append(k_s)  # (p_g, d[+1])
         q_rope.append(q_s)  # (H/S, p_g, d[+1])
-        q_nope.append(nope_rows(ws.wq.view(H // S, h, -1), plan))  # dropped dims: no query, no latent
+        # dropped dims: no query, no latent; wide: all h query rows (their keys start at zero)
+        q_nope.append(ws.wq.view(H // S, h, -1) if cfg.wide else nope_rows(ws.wq.view(H // S, h, -1), plan))
         if bias:
-            bq.append(nope_rows(ws.bq.view(H // S, h), plan))
+            bq.append(ws.bq.view(H // S, h) if cfg.wide else nope_rows(ws.bq.view(H // S, h), plan))
     k_rope, q_rope = slice_layout(k_rope, q_rope)  # (p, d[+1]), (H, p, d[+1])
     wq = torch.cat([torch.cat(q_nope), q_rope[..., :d]], dim=1).reshape(-1, d)  # (H·(n + p), d)
     bq = torch.cat([torch.cat(bq), q_rope[..., -1]], dim=1).reshape(-1) if bias else None
     query_weights(sd, wq, bq, spec.q_rank)
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
-    W = sliced_kv_rows(w, plans, G, h)  # (G·(n + h), d)
-    b = sliced_kv_biases(w, plans, G, h)  # (G·(n + h),) or None
+    W, b = latent_rows(w, spec, plans, cfg, stats)  # (G·(n + h), d), (G·(n + h),) or None
     up, down, _ = kv_latent(W, b, n, h, cfg, stats, r)
     up = up.view(G, n + h, r).repeat_interleave(H // G, dim=0)  # (H, n + h, r)
     sd["kv_b_proj.weight"] = up.reshape(H * (n + h), r)
@@ -64,6 +72,18 @@ def method_state_dict(
         sd["kv_b_proj.bias"] = b.view(G, n + h).repeat_interleave(H // G, dim=0).reshape(-1)
     output_weights(sd, w, spec.latent_norm, r, merged_plan(plans))
     return sd
+
+
+def latent_rows(w: AttentionWeights, spec: MLASpec, plans, cfg: MethodConfig, stats: LayerStats | None):
+    """The rows the latent covers, [K_nope; V] per KV head (G·(n + h), d), and their biases (or None).
+
+    ``wide`` (n = h, one RoPE slice): K's RoPE dims hold what the shared key leaves of each head's
+    key, unrotated (TransMLA's residual keys), or zero with ``wide0``."""
+    G, h = spec.num_kv_heads, spec.head_dim
+    if not cfg.wide:
+        return sliced_kv_rows(w, plans, G, h), sliced_kv_biases(w, plans, G, h)
+    _, _, resid = rope_weights(w, plans[0], stats, spec.num_heads, G, h, cfg.key, w.bk is not None)
+    return wide_kv_rows(w, plans[0], torch.zeros_like(resid) if cfg.wide == "zero" else resid, G, h)
 
 
 def kv_latent(W: torch.Tensor, b: torch.Tensor | None, n: int, h: int, cfg: MethodConfig, stats, rank: int):
@@ -98,6 +118,5 @@ def slice_layout(k_rope: list[torch.Tensor], q_rope: list[torch.Tensor]):
 
 def layer_energy(w: AttentionWeights, spec: MLASpec, plans, cfg: MethodConfig, stats: LayerStats | None):
     """Output-energy eigenvalues of a layer's kept K/V rows (what ``budget`` allocates by)."""
-    G, h = spec.num_kv_heads, spec.head_dim
-    W, b = sliced_kv_rows(w, plans, G, h), sliced_kv_biases(w, plans, G, h)
-    return kv_latent(W, b, spec.nope_dim, h, cfg, stats, 0)[2]
+    W, b = latent_rows(w, spec, plans, cfg, stats)
+    return kv_latent(W, b, spec.nope_dim, spec.head_dim, cfg, stats, 0)[2]

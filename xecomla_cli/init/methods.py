@@ -62,7 +62,14 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
 * ``drop``: with RoPE on chosen pairs, the pairs left without a RoPE slot keep their score term
   unrotated, Re(conj(q)·k) instead of Re(conj(q)·k·e^{iθΔ}). For a term of random phase that costs
   E|q·k|²(1 − E cos θΔ) in mean square, while dropping it (zero query and key rows, and no
-  latent spent on them) costs E|q·k|²/2: drop the pairs with E_{Δ~U[0,T)} cos θΔ < 1/2.
+  latent spent on them) costs E|q·k|²/2: drop the pairs with E_{Δ~U[0,T)} cos θΔ < 1/2. With
+  ``freqfold`` the same rule zeroes those pairs' residual keys r (what the RoPE channels leave),
+  and their queries stay, so training can grow the keys back.
+* ``wide``: every head keeps all h of its query dims without RoPE (n = h, as TransMLA does), and
+  the no-RoPE keys of the dims that went to RoPE (or were dropped) start at zero in the latent's up
+  projection. At init the scores are exactly those without ``wide``; the extra n − (h − p) query
+  rows and key rows are trainable capacity that costs no cache (the latent and the RoPE key are
+  unchanged): a zero key row receives the gradient of its non-zero query row.
 * ``refit``: after the layer is converted, refit its output projection by ridge regression so
   that it reproduces the original attention output on the calibration tokens (see
   ``refit_output``).
@@ -83,7 +90,20 @@ from dataclasses import dataclass
 from ..errors import XecomlaError
 
 PAIRS = ("qk-pairs", "rot-pairs", "fast-pairs", "uniform-pairs")
-COMPONENTS = (*PAIRS, "rorope", "complex", "group-rope", "freqfold", "drop", "whiten", "bkv", "budget", "refit")
+COMPONENTS = (
+    *PAIRS,
+    "rorope",
+    "complex",
+    "group-rope",
+    "freqfold",
+    "drop",
+    "whiten",
+    "bkv",
+    "budget",
+    "wide",
+    "wide0",
+    "refit",
+)
 
 
 PRESETS = {
@@ -116,6 +136,7 @@ class MethodConfig:
     group_rope: bool = False  # one RoPE key slice per KV group
     freqfold: int | None = None  # TransMLA's RoRoPE + FreqFold over all pairs: the fold N (0: search)
     balance: bool = False  # BKV-PCA: K and V balanced before the latent's PCA
+    wide: str | None = None  # n = h: "resid" (RoPE dims' keys = the shared key's residual) or "zero"
 
     @property
     def is_paper(self) -> bool:
@@ -149,13 +170,17 @@ def parse_method(text: str) -> MethodConfig:
         raise XecomlaError(f"--method: choose one of {', '.join(PAIRS)}")
     if "rorope" in parts and "complex" in parts:
         raise XecomlaError("--method: choose one of rorope and complex")
-    if fold is not None and any(c in parts for c in (*PAIRS, "rorope", "complex", "group-rope", "drop")):
+    if fold is not None and any(c in parts for c in (*PAIRS, "rorope", "complex", "group-rope")):
         raise XecomlaError(
-            "--method freqfold rotates every frequency pair (TransMLA): combine it only with whiten, bkv, budget, refit"
+            "--method freqfold rotates every frequency pair (TransMLA): "
+            "combine it only with whiten, bkv, budget, drop, refit"
         )
+    if ("wide" in parts or "wide0" in parts) and "group-rope" in parts:
+        raise XecomlaError("--method: wide keeps one shared RoPE key; it cannot be combined with group-rope")
     key = "rorope" if "rorope" in parts else "complex" if "complex" in parts else "mean"
     pairs = next((c[: -len("-pairs")] for c in PAIRS if c in parts), None)
-    if pairs is None and fold is None and (key != "mean" or "drop" in parts or "group-rope" in parts):
+    wide = None if fold is not None else "zero" if "wide0" in parts else "resid" if "wide" in parts else None
+    if pairs is None and fold is None and (key != "mean" or "drop" in parts or "group-rope" in parts or wide):
         pairs = "rot"  # a per-frequency key, dropped pairs or per-group slices need the original pairs
     return MethodConfig(
         pairs,
@@ -167,4 +192,5 @@ def parse_method(text: str) -> MethodConfig:
         group_rope="group-rope" in parts,
         freqfold=fold,
         balance="bkv" in parts,
+        wide=wide,
     )

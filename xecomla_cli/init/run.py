@@ -10,13 +10,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
+from ..choices import DEFAULT_METHOD
 from ..engines import rank_for_width
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
 from ..mla.spec import attention_shape
 from ..outputs import claim, fault_point
 from ..sources import input_paths, load_model
-from ..text.calibration import DEFAULT_CALIB_TOKENS, calibration_ids
+from ..text.calibration import (
+    DEFAULT_CALIB_DATA,
+    DEFAULT_CALIB_TOKENS,
+    SHAKESPEARE,
+    TEACHER,
+    calibration_ids,
+    teacher_calibration_ids,
+)
 from .common import layer_singular_values
 from .convert import calibration_steps, convert_model
 from .methods import MethodConfig, parse_method
@@ -38,8 +46,8 @@ class InitOptions:
     layers: str | None = None  # '0-11,20'; None: all
     latent_norm: bool = True  # DeepSeek-V3's kv_a_layernorm with its norm channel (``init.latent_norm``)
     kv_svd_rows: str = "all"
-    method: str = "paper"
-    calib_data: Path | None = None
+    method: str = DEFAULT_METHOD
+    calib_data: str | None = None  # 'teacher', 'shakespeare' or a path; None: DEFAULT_CALIB_DATA
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     output: Path | None = None
     dtype: str = "float32"
@@ -83,11 +91,11 @@ class InitOptions:
         return self.kv_svd_rows if self.method_config.is_paper else "nope-v"
 
     def default_output(self, source: str) -> Path:
-        """runs/<source>-mla-r64[-method]."""
+        """runs/<source>-mla-r64[-method] (no method suffix for the default method)."""
         name = Path(source.rstrip("/")).name or source
         name = name.removesuffix(".gguf").replace("/", "-")
         budget = f"r{self.kv_rank}" if self.kv_rank else f"e{self.energy:g}" if self.energy else f"w{self.latent_width}"
-        method = "" if self.method_config.is_paper else "-" + self.method.replace("+", "-")
+        method = "" if self.method == DEFAULT_METHOD else "-" + self.method_name.replace("+", "-")
         return Path("runs") / f"{name}-mla-{budget}{method}"
 
 
@@ -103,7 +111,7 @@ def run_init(
     ``progress(description, total)`` makes a progress bar, ``status(message)`` shows a spinner."""
     start = time.perf_counter()
     out = opts.output or opts.default_output(source)
-    inputs = [*input_paths(source), opts.calib_data]
+    inputs = [*input_paths(source), *([] if opts.calib_data in (None, TEACHER, SHAKESPEARE) else [opts.calib_data])]
     with claim(out, inputs=inputs, force=opts.force):  # before loading: one writer, inputs untouched
         return _convert_and_save(source, opts, out, start, progress, status)
 
@@ -145,8 +153,11 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
         spec = replace(spec, latent_width=opts.latent_width)
     calib_ids = None
     if opts.calibrates:
-        calib_ids = calibration_ids(loaded.tokenizer, opts.calib_data, opts.calib_tokens)
-        data = str(opts.calib_data) if opts.calib_data else "shakespeare"
+        data = opts.calib_data or DEFAULT_CALIB_DATA
+        if data == TEACHER:
+            calib_ids = sampled_calibration(loaded, opts.calib_tokens, progress)
+        else:
+            calib_ids = calibration_ids(loaded.tokenizer, data, opts.calib_tokens)
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
     steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
     advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
@@ -166,3 +177,17 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
         force=opts.force,
     )
     return path
+
+
+def sampled_calibration(loaded, tokens: int, progress: ProgressFactory | None):
+    """``--calib-data teacher``: calibration blocks the model writes itself (cached after the first run)."""
+    blocks = -(-tokens // min(tokens, 512))
+    advance = progress("sampling calibration text from the model", blocks) if progress else None
+    done = [0]
+
+    def tick(n: int) -> None:
+        if advance is not None:
+            advance(n - done[0])
+            done[0] = n
+
+    return teacher_calibration_ids(loaded.model, loaded.tokenizer, tokens, progress=tick)

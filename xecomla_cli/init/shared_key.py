@@ -47,7 +47,8 @@ def shared_key_fit(K: torch.Tensor, C: torch.Tensor, omega: torch.Tensor | None 
 
 
 def rope_weights(w, plan, stats: LayerStats | None, H: int, G: int, h: int, key: str, bias: bool):
-    """Shared key rows (p, d[+1]) and query RoPE rows (H, p, d[+1]) for the kept pairs.
+    """Shared key rows (p, d[+1]) and query RoPE rows (H, p, d[+1]) for the kept pairs, and what
+    the shared key leaves of each KV head's key on them (G, p, d[+1]): k_g − z_g·s (``wide``).
 
     Rows carry the bias as an extra last column when ``bias``. ``key``: mean | rorope | complex.
     """
@@ -57,9 +58,10 @@ def rope_weights(w, plan, stats: LayerStats | None, H: int, G: int, h: int, key:
     if bias:
         wk, wq = torch.cat([wk, w.bk[:, None]], 1), torch.cat([wq, w.bq[:, None]], 1)
     if key == "mean":
-        k_rows = wk.view(G, h, -1)[:, plan.rope_idx].mean(0)
+        k_heads = wk.view(G, h, -1)[:, plan.rope_idx]  # (G, p, c)
+        k_rows = k_heads.mean(0)
         q_rows = wq.view(H, h, -1)[:, plan.rope_idx]
-        return k_rows.float(), q_rows.float()
+        return k_rows.float(), q_rows.float(), (k_heads - k_rows).float()
     K = complex_rows(wk, G, pairs)  # (G, p/2, c)
     Q = complex_rows(wq, H, pairs)  # (H, p/2, c)
     C = stats.cov_aug if bias else stats.cov
@@ -77,4 +79,5 @@ def rope_weights(w, plan, stats: LayerStats | None, H: int, G: int, h: int, key:
     Qf = zq.conj()[..., None] * Q  # q' = conj(z)·q
     k_rows = torch.cat([s.real, s.imag])  # (p, c): rotate-half halves
     q_rows = torch.cat([Qf.real, Qf.imag], dim=1)  # (H, p, c)
-    return k_rows.float(), q_rows.float()
+    resid = K - z[..., None] * s  # (G, p/2, c): k_g − z_g·s per pair
+    return k_rows.float(), q_rows.float(), torch.cat([resid.real, resid.imag], dim=1).float()

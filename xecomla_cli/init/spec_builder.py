@@ -21,7 +21,8 @@ def validate_spec(spec: MLASpec) -> None:
     h, p, S, G = spec.head_dim, spec.rope_dim, spec.rope_groups, spec.num_kv_heads
     if S < 1 or G % S:
         raise XecomlaError(f"{S} RoPE key slices do not divide the {G} KV heads: use one per KV group, or one key")
-    if spec.qk_nope_dim is not None:  # TransMLA: n = h, RoPE on p = h/c rotated channels
+    if spec.qk_nope_dim is not None and parse_method(spec.method).freqfold is not None:
+        # TransMLA: n = h, RoPE on p = h/c rotated channels
         if p <= 0 or p % 2 or h % p or (h // 2) % (h // p):
             raise XecomlaError(
                 f"--rope-dim {p} is invalid for --method transmla: it must divide the head dim {h} "
@@ -106,7 +107,7 @@ def build_spec(
         kv_svd_rows=kv_rows,
         energy=energy,
         rope_groups=slices,
-        qk_nope_dim=shape["head_dim"] if cfg.freqfold is not None else None,
+        qk_nope_dim=shape["head_dim"] if cfg.freqfold is not None or cfg.wide else None,
     )
     validate_spec(spec)
     if cfg.freqfold:

