@@ -408,7 +408,18 @@ def test_cli_method(tiny_model_dir, tmp_path):
     ids = calib()
     assert torch.isfinite(lm.model(ids).logits).all()
     # The paper's data-free init is unchanged: the CLI's weights equal a direct paper conversion.
-    args = ["--quiet", "init-svd", str(src), "--kv-rank", "16", "--rope-dim", "8", "--no-latent-norm"]
+    args = [
+        "--quiet",
+        "init-svd",
+        str(src),
+        "--kv-rank",
+        "16",
+        "--rope-dim",
+        "8",
+        "--method",
+        "paper",
+        "--no-latent-norm",
+    ]
     res = run_cli([*args, "-o", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     from xecomla_cli.sources import load_model
@@ -422,7 +433,7 @@ def test_cli_method(tiny_model_dir, tmp_path):
     # One-line errors.
     res = run_cli(["init-svd", str(src), "--kv-rank", "16", "--method", "magic", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "unknown --method 'magic'" in res.output  # refused while parsing
-    args = ["init-svd", str(src), "--kv-rank", "16", "--no-latent-norm", "--calib-data", str(text)]
+    args = ["init-svd", str(src), "--kv-rank", "16", "--method", "paper", "--no-latent-norm", "--calib-data", str(text)]
     res = run_cli([*args, "-o", str(tmp_path / "y")])
     assert res.exit_code != 0 and "--method" in str(res.exception)
 

@@ -177,7 +177,8 @@ def test_no_latent_norm_is_the_paper_latent_exported_with_the_emulation(tiny_mod
 
     src = tiny_model_dir("llama")
     out = tmp_path / "p"
-    res = run_cli(["--quiet", "init-svd", str(src), "--kv-rank", "16", "--no-latent-norm", "-o", str(out)])
+    paper = ["--method", "paper", "--no-latent-norm"]
+    res = run_cli(["--quiet", "init-svd", str(src), "--kv-rank", "16", *paper, "-o", str(out)])
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
     assert not lm.spec.latent_norm and lm.spec.calibration is None  # data-free, as the paper
@@ -189,5 +190,5 @@ def test_no_latent_norm_is_the_paper_latent_exported_with_the_emulation(tiny_mod
                        model.state_dict()["model.layers.0.self_attn.kv_b_proj.weight"])  # fmt: skip
     text = tmp_path / "calib.txt"
     text.write_text("Shall I compare thee to a summer's day? " * 50)
-    res = run_cli(["init-svd", str(src), "--kv-rank", "16", "--no-latent-norm", "--calib-data", str(text)])
+    res = run_cli(["init-svd", str(src), "--kv-rank", "16", *paper, "--calib-data", str(text)])
     assert res.exit_code != 0 and "data-free" in str(res.exception)
