@@ -382,25 +382,8 @@ def test_cli_method(tiny_model_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 60)
     out = tmp_path / "best"
-    res = run_cli(
-        [
-            "--quiet",
-            "init-svd",
-            str(src),
-            "--kv-rank",
-            "16",
-            "--rope-dim",
-            "8",
-            "--method",
-            "best",
-            "--calib-data",
-            str(text),
-            "--calib-tokens",
-            "256",
-            "-o",
-            str(out),
-        ]
-    )
+    base = ["--quiet", "init-svd", str(src), "--kv-rank", "16", "--rope-dim", "8"]
+    res = run_cli([*base, "--method", "best", "--calib-data", str(text), "--calib-tokens", "256", "-o", str(out)])
     assert res.exit_code == 0, res.output
     lm = load_checkpoint(out)
     assert lm.spec.method == "best" and sum(lm.spec.kv_ranks) == 48
@@ -408,18 +391,7 @@ def test_cli_method(tiny_model_dir, tmp_path):
     ids = calib()
     assert torch.isfinite(lm.model(ids).logits).all()
     # The paper's data-free init is unchanged: the CLI's weights equal a direct paper conversion.
-    args = [
-        "--quiet",
-        "init-svd",
-        str(src),
-        "--kv-rank",
-        "16",
-        "--rope-dim",
-        "8",
-        "--method",
-        "paper",
-        "--no-latent-norm",
-    ]
+    args = [*base, "--method", "paper", "--no-latent-norm"]
     res = run_cli([*args, "-o", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     from xecomla_cli.sources import load_model
