@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every stage on the embedded demo model (SmolLM2-135M-Instruct), on CPU: about 32 minutes on 2 cores (measured 2026-12-04).
+# Every stage on the embedded demo model (SmolLM2-135M-Instruct), on CPU: 38:36 on 2 cores shared with other jobs (clean clone, empty cache, 2026-12-04).
 # Run it with `make demo` (which sets up the environment first). Outputs go to $DEMO_DIR.
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-runs/demo}
