@@ -45,11 +45,11 @@ def method_state_dict(
     sd: dict[str, torch.Tensor] = {}
 
     # Per slice: queries [nope | rope] and the slice's RoPE key (rows carry the bias as a last column).
-    q_nope, q_rope, k_rope, bq = [], [], [], []
+    q_nope, q_rope, k_rope, bq, resid = [], [], [], [], None
     for s, plan in enumerate(plans):
         ws = w if S == 1 else w.heads(s, S)
         ss = None if stats is None else stats.heads(s, S)
-        k_s, q_s, _ = rope_weights(ws, plan, ss, H // S, G // S, h, cfg.key, bias)
+        k_s, q_s, resid = rope_weights(ws, plan, ss, H // S, G // S, h, cfg.key, bias)
         k_rope.append(k_s)  # (p_g, d[+1])
         q_rope.append(q_s)  # (H/S, p_g, d[+1])
         # dropped dims: no query, no latent; wide: all h query rows (their keys start at zero)
@@ -62,7 +62,7 @@ def method_state_dict(
     query_weights(sd, wq, bq, spec.q_rank)
 
     # Latent over the kept rows [K_nope; V] of the G KV heads, repeated to the H query heads.
-    W, b = latent_rows(w, spec, plans, cfg, stats)  # (G·(n + h), d), (G·(n + h),) or None
+    W, b = latent_rows(w, spec, plans, cfg, stats, resid)  # (G·(n + h), d), (G·(n + h),) or None
     up, down, _ = kv_latent(W, b, n, h, cfg, stats, r)
     up = up.view(G, n + h, r).repeat_interleave(H // G, dim=0)  # (H, n + h, r)
     sd["kv_b_proj.weight"] = up.reshape(H * (n + h), r)
@@ -74,15 +74,17 @@ def method_state_dict(
     return sd
 
 
-def latent_rows(w: AttentionWeights, spec: MLASpec, plans, cfg: MethodConfig, stats: LayerStats | None):
+def latent_rows(w: AttentionWeights, spec: MLASpec, plans, cfg: MethodConfig, stats: LayerStats | None, resid=None):
     """The rows the latent covers, [K_nope; V] per KV head (G·(n + h), d), and their biases (or None).
 
     ``wide`` (n = h, one RoPE slice): K's RoPE dims hold what the shared key leaves of each head's
-    key, unrotated (TransMLA's residual keys), or zero with ``wide0``."""
+    key (``resid`` from ``rope_weights``, computed when not given), unrotated (TransMLA's residual
+    keys), or zero with ``wide0``."""
     G, h = spec.num_kv_heads, spec.head_dim
     if not cfg.wide:
         return sliced_kv_rows(w, plans, G, h), sliced_kv_biases(w, plans, G, h)
-    _, _, resid = rope_weights(w, plans[0], stats, spec.num_heads, G, h, cfg.key, w.bk is not None)
+    if resid is None:
+        _, _, resid = rope_weights(w, plans[0], stats, spec.num_heads, G, h, cfg.key, w.bk is not None)
     return wide_kv_rows(w, plans[0], torch.zeros_like(resid) if cfg.wide == "zero" else resid, G, h)
 
 

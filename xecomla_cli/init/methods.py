@@ -65,11 +65,12 @@ Components (joined with '+', e.g. ``rot-pairs+complex+whiten+budget``):
   latent spent on them) costs E|q·k|²/2: drop the pairs with E_{Δ~U[0,T)} cos θΔ < 1/2. With
   ``freqfold`` the same rule zeroes those pairs' residual keys r (what the RoPE channels leave),
   and their queries stay, so training can grow the keys back.
-* ``wide``: every head keeps all h of its query dims without RoPE (n = h, as TransMLA does), and
-  the no-RoPE keys of the dims that went to RoPE (or were dropped) start at zero in the latent's up
-  projection. At init the scores are exactly those without ``wide``; the extra n − (h − p) query
-  rows and key rows are trainable capacity that costs no cache (the latent and the RoPE key are
-  unchanged): a zero key row receives the gradient of its non-zero query row.
+* ``wide``: every head keeps all h of its query dims without RoPE (n = h, as TransMLA does); on the
+  dims that went to the shared RoPE key, the no-RoPE key is what that key leaves of the head's
+  key, k_g − z_g·s, unrotated (TransMLA's residual keys), and the latent covers it with the rest.
+  ``wide0``: those keys start at zero instead, so the scores are exactly those without it and the
+  extra query and key rows are trainable capacity at no cache cost (a zero key row receives the
+  gradient of its non-zero query row).
 * ``refit``: after the layer is converted, refit its output projection by ridge regression so
   that it reproduces the original attention output on the calibration tokens (see
   ``refit_output``).

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
-from ..choices import DEFAULT_METHOD
+from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD
 from ..engines import rank_for_width
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
@@ -18,8 +18,8 @@ from ..mla.spec import attention_shape
 from ..outputs import claim, fault_point
 from ..sources import input_paths, load_model
 from ..text.calibration import (
-    DEFAULT_CALIB_DATA,
     DEFAULT_CALIB_TOKENS,
+    DEFAULT_SEQ_LEN,
     SHAKESPEARE,
     TEACHER,
     calibration_ids,
@@ -181,7 +181,7 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
 
 def sampled_calibration(loaded, tokens: int, progress: ProgressFactory | None):
     """``--calib-data teacher``: calibration blocks the model writes itself (cached after the first run)."""
-    blocks = -(-tokens // min(tokens, 512))
+    blocks = -(-tokens // min(tokens, DEFAULT_SEQ_LEN))
     advance = progress("sampling calibration text from the model", blocks) if progress else None
     done = [0]
 

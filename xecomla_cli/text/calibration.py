@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from ..choices import DEFAULT_CALIB_DATA  # noqa: F401 (re-exported: init.run reads it here)
 from ..errors import XecomlaError
 from .bundled import DEMO_TEXT_INSTALL, demo_plays
 from .documents import iter_documents
