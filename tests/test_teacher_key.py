@@ -45,6 +45,7 @@ def test_the_teacher_text_cache_key_is_identical_for_the_same_settings_across_dt
     # any other setting, or other weights, gives another key
     for other in [("chat", 12, 1.0, 5), ("plain", 16, 1.0, 5), ("plain", 12, 0.8, 5), ("plain", 12, 1.0, 6)]:
         assert cache_key(model, *other) != key, other
+    assert cache_key(model, *SETTINGS, batch_size=8) != key
     from conftest import make_model
 
     assert cache_key(make_model("llama", seed=1), *SETTINGS) != key
@@ -77,3 +78,54 @@ def test_the_sampling_model_is_the_weights_rounded_to_bf16_in_fp32_on_a_cpu(load
     for (name, pa), pb, p in zip(a.named_parameters(), b.parameters(), fp32.parameters(), strict=True):
         assert pa.dtype == pb.dtype == torch.float32, name
         assert torch.equal(pa, pb) and torch.equal(pa, p.to(torch.bfloat16).float()), name
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_same_settings_sample_the_same_blocks_whatever_was_asked_before(tokenizer, tmp_path, chat):
+    """Round i of a sample has its own seeded draws: asking for 3 blocks then 7 caches the same
+    bytes as asking for 7 at once, and a run stopped after a round resumes to the same bytes."""
+    from conftest import make_model
+
+    from xecomla_cli.text import teacher as teacher_text
+
+    model = make_model("llama")
+    seq_len = 160 if chat else 12  # a chat round of two conversations: a few blocks of 160
+
+    def ask(n, where, batch_size=2):
+        return teacher_samples(
+            model, tokenizer, n, seq_len, batch_size=batch_size, seed=5, chat=chat, cache_dir=tmp_path / where
+        )
+
+    at_once = ask(7, "at-once")
+    (cached,) = (tmp_path / "at-once").glob("*.safetensors")
+    assert teacher_text._read_cache(cached, seq_len)[1] >= 3  # several rounds
+    ask(3, "in-steps")
+    assert torch.equal(ask(7, "in-steps"), at_once)
+    ask(1, "three-steps")
+    ask(4, "three-steps")
+    assert torch.equal(ask(7, "three-steps"), at_once)
+    # interrupted after its first round: the next run samples only what is missing, the same bytes
+    real, calls = teacher_text._sample_round, []
+
+    def dies_after_one(*args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    teacher_text._sample_round = dies_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ask(7, "interrupted")
+    finally:
+        teacher_text._sample_round = real
+    assert list((tmp_path / "interrupted").glob("*.safetensors"))  # the first round was kept
+    assert torch.equal(ask(7, "interrupted"), at_once)
+    assert not torch.equal(ask(7, "b3", batch_size=3), at_once)  # another batch size is another sample
+
+
+def test_rounds_have_their_own_seeds():
+    from xecomla_cli.text.teacher import round_seed
+
+    seeds = {round_seed(s, i) for s in (0, 1, 1009) for i in range(2000)}
+    assert len(seeds) == 6000 and all(0 <= x < 2**63 for x in seeds)

@@ -17,11 +17,20 @@ generator seeded by ``seed``. A teacher loaded in fp32 or bf16, from a GGUF file
 directory or a stage checkpoint of the same weights therefore samples the same text on any CPU
 whose kernels sum in the same order (see ``text/sampling.py`` for what stays machine-dependent).
 
+The text is sampled in **rounds**, each with its own draws (``round_seed(seed, index)``): round
+``i`` is a batch of ``batch_size`` samples (chat: batches of conversations until they fill at
+least one block; the tokens left after the last whole block are dropped), so the blocks of round
+``i`` depend only on the settings and ``i``, never on how many blocks earlier runs asked for. The
+first N blocks are therefore the same bytes whether one run asked for N, or one asked for fewer and
+a later one for more.
+
 Sampling is the slow part on a CPU, so samples are cached across runs (``cache_dir``, default
 ``$XECOMLA_CACHE/teacher-text``, else ``$XDG_CACHE_HOME/xecomla/teacher-text``), keyed
 (``cache_key``) by exactly what they are sampled from, those bf16 weights, and the kind,
-``seq_len``, temperature and seed: a later run asking for as many blocks or fewer reads them
-back, and one asking for more samples only the blocks it lacks.
+``seq_len``, temperature, seed and batch size: a later run asking for as many blocks or fewer
+reads them back, and one asking for more samples only the rounds it lacks. The cache is written
+(atomically) after every round, so an interrupted run loses at most one round; two runs sampling
+the same key at once write the same bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from .sampling import sample
 
 PROMPT_TOKENS = 64  # most tokens of a sampled user message
 ANSWER_TOKENS = 320  # most tokens of a sampled answer
-CACHE_VERSION = 4  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention); 4: bf16 weights
+CACHE_VERSION = 5  # 2: inverse-CDF sampler; 3: sampling.py (in-place cache, eager attention); 4: bf16 weights;
+# 5: rounds seeded by their index (the same blocks whatever the request history)
 KEY_ELEMENTS = 1 << 20  # most elements of one tensor that the cache key hashes (evenly spaced)
 
 
@@ -85,9 +95,10 @@ def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float
     return rows.cpu().tolist()
 
 
-def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int) -> str:
+def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int, batch_size: int = 16) -> str:
     """A key for the cache: the teacher's weights as text is sampled from them (rounded to bf16, so
-    the same for any load dtype, file format or path), and the sampling settings.
+    the same for any load dtype, file format or path), and the sampling settings (the batch size
+    too: the rows of a batch share one stream of draws).
 
     Per tensor, in name order: its name, shape and up to KEY_ELEMENTS evenly spaced elements as
     bf16 bits (every element of a tensor that small; ~0.1 s for the 135M demo model)."""
@@ -99,8 +110,15 @@ def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int) -> 
         step = max(1, math.ceil(flat.numel() / KEY_ELEMENTS))
         h.update(json.dumps([name, list(p.shape), step]).encode())
         h.update(flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    h.update(json.dumps([CACHE_VERSION, kind, seq_len, float(temperature), seed, model.config.vocab_size]).encode())
+    settings = [CACHE_VERSION, kind, seq_len, float(temperature), seed, batch_size, model.config.vocab_size]
+    h.update(json.dumps(settings).encode())
     return h.hexdigest()[:20]
+
+
+def round_seed(seed: int, index: int) -> int:
+    """The seed of round ``index`` of the sample seeded ``seed``: its own draws, whatever was
+    sampled before it (a hash, so no two (seed, index) pairs share draws)."""
+    return int.from_bytes(hashlib.sha256(json.dumps([seed, index]).encode()).digest()[:7], "big")
 
 
 def sampling_model(model):
@@ -136,54 +154,61 @@ def teacher_samples(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """(n_blocks, seq_len) token ids sampled from ``model``: chat turns when the tokenizer has a
-    chat template (``chat=None``), else plain text. Deterministic for a seed on a device; cached."""
-    from safetensors.torch import load_file, save_file
-
+    chat template (``chat=None``), else plain text. Deterministic for the settings on a device,
+    whatever was asked before (rounds, above); cached."""
     chat = has_chat_template(tokenizer) if chat is None else chat
     kind = "chat" if chat else "plain"
-    cache = Path(cache_dir or default_cache_dir()) / f"{kind}-{cache_key(model, kind, seq_len, temperature, seed)}"
-    cached = cache.with_suffix(".safetensors")
-    have = torch.empty(0, seq_len, dtype=torch.int64)
-    if cached.is_file():
-        blocks = load_file(cached)["blocks"]
-        if blocks.shape[1] == seq_len:
-            have = blocks
-    if have.shape[0] >= n_blocks:
-        if progress is not None:
-            progress(n_blocks)
-        return have[:n_blocks].clone()
-    sampler = sampling_model(model)
-    was_training = sampler.training
-    sampler.eval()
-    done = have.shape[0]
-    tick = None if progress is None else lambda k: progress(done + k)
-    generator = torch.Generator().manual_seed(seed + done)  # a continuation of the cached blocks draws new samples
-    rows = _sample_rows(sampler, tokenizer, n_blocks - done, seq_len, batch_size, temperature, chat, tick, generator)
-    sampler.train(was_training)
-    blocks = torch.cat([have, torch.tensor(rows[: n_blocks - done], dtype=torch.int64)])
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
-    save_file({"blocks": blocks.contiguous()}, tmp)
-    os.replace(tmp, cached)
-    return blocks
+    key = cache_key(model, kind, seq_len, temperature, seed, batch_size)
+    cached = (Path(cache_dir or default_cache_dir()) / f"{kind}-{key}").with_suffix(".safetensors")
+    blocks, rounds = _read_cache(cached, seq_len)
+    if blocks.shape[0] < n_blocks:
+        sampler = sampling_model(model)
+        was_training = sampler.training
+        sampler.eval()
+        while blocks.shape[0] < n_blocks:
+            generator = torch.Generator().manual_seed(round_seed(seed, rounds))
+            rows = _sample_round(sampler, tokenizer, seq_len, batch_size, temperature, chat, generator)
+            blocks, rounds = torch.cat([blocks, torch.tensor(rows, dtype=torch.int64)]), rounds + 1
+            _write_cache(cached, blocks, rounds)
+            if progress is not None:
+                progress(min(blocks.shape[0], n_blocks))
+        sampler.train(was_training)
+    elif progress is not None:
+        progress(n_blocks)
+    return blocks[:n_blocks].clone()
 
 
-def _sample_rows(
-    model, tokenizer, n_blocks, seq_len, batch_size, temperature, chat, progress, generator
-) -> list[list[int]]:
+def _read_cache(path: Path, seq_len: int) -> tuple[torch.Tensor, int]:
+    """The cached blocks (N, seq_len) and how many rounds made them; none when absent or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            blocks, rounds = f.get_tensor("blocks"), int((f.metadata() or {})["rounds"])
+    except (OSError, KeyError, ValueError, SafetensorError):  # absent, without rounds, or damaged
+        return torch.empty(0, seq_len, dtype=torch.int64), 0
+    if blocks.ndim != 2 or blocks.shape[1] != seq_len:
+        return torch.empty(0, seq_len, dtype=torch.int64), 0
+    return blocks, rounds
+
+
+def _write_cache(path: Path, blocks: torch.Tensor, rounds: int) -> None:
+    """Written to a temp file, then renamed: readers never see half a cache."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"blocks": blocks.contiguous()}, tmp, metadata={"rounds": str(rounds)})
+    os.replace(tmp, path)
+
+
+def _sample_round(model, tokenizer, seq_len, batch_size, temperature, chat, generator) -> list[list[int]]:
+    """One round's blocks: ``batch_size`` plain rows, or whole conversations (in batches) until they
+    fill at least one block of ``seq_len``; the tail after the last whole block is dropped."""
+    if not chat:
+        return plain_samples(model, tokenizer, batch_size, seq_len, temperature, generator)
     stream: list[int] = []
-    rows: list[list[int]] = []
-    while len(rows) < n_blocks:
-        if chat:
-            for conv in chat_conversations(model, tokenizer, batch_size, temperature, generator):
-                stream += conv
-            while len(stream) >= seq_len and len(rows) < n_blocks:
-                rows.append(stream[:seq_len])
-                stream = stream[seq_len:]
-        else:
-            rows += plain_samples(
-                model, tokenizer, min(batch_size, n_blocks - len(rows)), seq_len, temperature, generator
-            )
-        if progress is not None:
-            progress(min(len(rows), n_blocks))
-    return rows
+    while len(stream) < seq_len:
+        for conv in chat_conversations(model, tokenizer, batch_size, temperature, generator):
+            stream += conv
+    return [stream[k : k + seq_len] for k in range(0, len(stream) - seq_len + 1, seq_len)]
