@@ -64,16 +64,21 @@ def run_eval(ckpt: str, limit: int) -> dict:
     the average's standard error from the tasks' (independent questions): sqrt(Σ se²) / tasks."""
     cmd = ["xecomla", "-q", "eval", ckpt, "--json", "--no-kv", "--tasks", "default", "--limit", str(limit)]
     res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    ppl = res["results"]["model"]["perplexity"]["ppl"]
+    return {"lambada_ppl": ppl, **six_task(res), "eval_seconds": res["seconds"]}
+
+
+def six_task(res: dict) -> dict:
+    """The six-task average of an `xecomla eval --json` result, its standard error from the tasks'
+    (independent questions: sqrt(Σ se²) / tasks) and the tasks' own values."""
     m = res["results"]["model"]
     tasks = {k: {"value": v[v["primary"]], "stderr": v.get(f"{v['primary']}_stderr"), "n": v.get("n")}
              for k, v in m["tasks"].items()}  # fmt: skip
     ses = [t["stderr"] or 0.0 for t in tasks.values()]
     return {
-        "lambada_ppl": m["perplexity"]["ppl"],
         "six_task_average": m["average"]["value"],
         "six_task_stderr": round(sum(x * x for x in ses) ** 0.5 / len(ses), 4),
         "tasks": tasks,
-        "eval_seconds": res["seconds"],
     }
 
 

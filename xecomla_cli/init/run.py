@@ -19,10 +19,10 @@ from ..outputs import claim, fault_point
 from ..sources import input_paths, load_model
 from ..text.calibration import (
     DEFAULT_CALIB_TOKENS,
-    DEFAULT_SEQ_LEN,
     SHAKESPEARE,
     TEACHER,
     calibration_ids,
+    teacher_blocks,
     teacher_calibration_ids,
 )
 from .common import layer_singular_values
@@ -181,8 +181,7 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
 
 def sampled_calibration(loaded, tokens: int, progress: ProgressFactory | None):
     """``--calib-data teacher``: calibration blocks the model writes itself (cached after the first run)."""
-    blocks = -(-tokens // min(tokens, DEFAULT_SEQ_LEN))
-    advance = progress("sampling calibration text from the model", blocks) if progress else None
+    advance = progress("sampling calibration text from the model", teacher_blocks(tokens)) if progress else None
     done = [0]
 
     def tick(n: int) -> None:

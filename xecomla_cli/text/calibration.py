@@ -83,6 +83,11 @@ def check_tokens(tokens: int) -> None:
         )
 
 
+def teacher_blocks(tokens: int, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+    """How many blocks ``teacher_calibration_ids`` samples for ``tokens`` (of min(seq_len, tokens))."""
+    return -(-tokens // min(seq_len, tokens))
+
+
 def teacher_calibration_ids(
     model, tokenizer, tokens: int = DEFAULT_CALIB_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, progress=None
 ) -> torch.Tensor:
@@ -90,5 +95,5 @@ def teacher_calibration_ids(
     from .teacher import teacher_samples
 
     check_tokens(tokens)
-    T = min(seq_len, tokens)
-    return teacher_samples(model, tokenizer, -(-tokens // T), T, batch_size=32, seed=CALIB_SEED, progress=progress)
+    n, T = teacher_blocks(tokens, seq_len), min(seq_len, tokens)
+    return teacher_samples(model, tokenizer, n, T, batch_size=32, seed=CALIB_SEED, progress=progress)
