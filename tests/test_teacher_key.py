@@ -122,6 +122,24 @@ def test_the_same_settings_sample_the_same_blocks_whatever_was_asked_before(toke
     assert list((tmp_path / "interrupted").glob("*.safetensors"))  # the first round was kept
     assert torch.equal(ask(7, "interrupted"), at_once)
     assert not torch.equal(ask(7, "b3", batch_size=3), at_once)  # another batch size is another sample
+    # two runs at once: one that finds rounds written by the other takes them up instead of sampling them
+    outer, inner = [], []
+
+    def other_run_meanwhile(*args):
+        if inner:  # the other run's rounds
+            return real(*args)
+        outer.append(1)
+        if len(outer) == 1:
+            inner.append(1)
+            ask(7, "together")  # the other run, start to end, while this one samples its first round
+            inner.clear()
+        return real(*args)
+
+    teacher_text._sample_round = other_run_meanwhile
+    try:
+        assert torch.equal(ask(7, "together"), at_once) and len(outer) == 1
+    finally:
+        teacher_text._sample_round = real
 
 
 def test_rounds_have_their_own_seeds():

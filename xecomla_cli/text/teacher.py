@@ -30,7 +30,7 @@ Sampling is the slow part on a CPU, so samples are cached across runs (``cache_d
 ``seq_len``, temperature, seed and batch size: a later run asking for as many blocks or fewer
 reads them back, and one asking for more samples only the rounds it lacks. The cache is written
 (atomically) after every round, so an interrupted run loses at most one round; two runs sampling
-the same key at once write the same bytes.
+the same key at once write the same bytes, and each takes up the rounds the other wrote.
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ def teacher_samples(
         was_training = sampler.training
         sampler.eval()
         while blocks.shape[0] < n_blocks:
+            on_disk = _read_cache(cached, seq_len)
+            if on_disk[1] > rounds:  # another run sampling the same text got further: take its rounds
+                blocks, rounds = on_disk
+                continue
             generator = torch.Generator().manual_seed(round_seed(seed, rounds))
             rows = _sample_round(sampler, tokenizer, seq_len, batch_size, temperature, chat, generator)
             blocks, rounds = torch.cat([blocks, torch.tensor(rows, dtype=torch.int64)]), rounds + 1
@@ -193,9 +197,12 @@ def _read_cache(path: Path, seq_len: int) -> tuple[torch.Tensor, int]:
 
 
 def _write_cache(path: Path, blocks: torch.Tensor, rounds: int) -> None:
-    """Written to a temp file, then renamed: readers never see half a cache."""
+    """Written to a temp file, then renamed: readers never see half a cache. Not written when the
+    file already holds as many rounds (another run sampling the same text got as far)."""
     from safetensors.torch import save_file
 
+    if _read_cache(path, blocks.shape[1])[1] >= rounds:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"blocks": blocks.contiguous()}, tmp, metadata={"rounds": str(rounds)})
