@@ -65,20 +65,22 @@ def row(out: Path, name: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     fmt = lambda v: "—" if v is None else f"{v:,.1f}"  # noqa: E731
     budget = lambda r: f"{r['compression']:.0f}x (r={r['kv_rank']}, p={r['rope_dim']})"  # noqa: E731
-    lines = [
-        "| budget | method | calibration | init s (busy) | ppl | ppl after 8k local |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {budget(r)} | {r['method']} | {r['calibration']} | {fmt(r['init_seconds'])} | {fmt(r['ppl'])} "
-        f"| {fmt(r['ppl_after_local'])} |"
-        for r in rows
-        if r["ppl_after_local"] is not None or r["ppl_after_demo_local"] is None
-    ]
+    lines = []
+    local = [r for r in rows if r["ppl_after_local"] is not None or r["ppl_after_demo_local"] is None]
+    if local:
+        lines += [
+            "| budget | method | calibration | init s (busy) | ppl | ppl after 8k local |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {budget(r)} | {r['method']} | {r['calibration']} | {fmt(r['init_seconds'])} | {fmt(r['ppl'])} "
+            f"| {fmt(r['ppl_after_local'])} |"
+            for r in local
+        ]
     demo = [r for r in rows if r["ppl_after_demo_local"] is not None]
     if demo:
         lines += [
-            "",
+            "" if lines else None,
             "| budget | method | calibration | ppl at init | after make demo's local step | after its KD step "
             "| six-task after KD |",
             "|---|---|---|---:|---:|---:|---:|",
@@ -90,7 +92,7 @@ def markdown(rows: list[dict]) -> str:
                 f"| {budget(r)} | {r['method']} | {r['calibration']} | {fmt(r['ppl'])} "
                 f"| {fmt(r['ppl_after_demo_local'])} | {fmt(r['ppl_after_demo_kd'])} | {tasks} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(x for x in lines if x is not None) + "\n"
 
 
 def main() -> None:
