@@ -147,3 +147,20 @@ def test_rounds_have_their_own_seeds():
 
     seeds = {round_seed(s, i) for s in (0, 1, 1009) for i in range(2000)}
     assert len(seeds) == 6000 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tokenizer, tmp_path, monkeypatch):
+    """Disk full or read-only: the text is sampled and returned all the same, and nothing half-written stays."""
+    import safetensors.torch
+    from conftest import make_model
+
+    model = make_model("llama")
+    want = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "ok")
+
+    def disk_full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    got = teacher_samples(model, tokenizer, 3, 12, batch_size=2, seed=5, chat=False, cache_dir=tmp_path / "full")
+    assert torch.equal(got, want) and not list((tmp_path / "full").iterdir())

@@ -198,15 +198,20 @@ def _read_cache(path: Path, seq_len: int) -> tuple[torch.Tensor, int]:
 
 def _write_cache(path: Path, blocks: torch.Tensor, rounds: int) -> None:
     """Written to a temp file, then renamed: readers never see half a cache. Not written when the
-    file already holds as many rounds (another run sampling the same text got as far)."""
+    file already holds as many rounds (another run sampling the same text got as far). A cache
+    that cannot be written (read-only, disk full) only costs the next run the sampling time."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if _read_cache(path, blocks.shape[1])[1] >= rounds:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"blocks": blocks.contiguous()}, tmp, metadata={"rounds": str(rounds)})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"blocks": blocks.contiguous()}, tmp, metadata={"rounds": str(rounds)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError):
+        tmp.unlink(missing_ok=True)
 
 
 def _sample_round(model, tokenizer, seq_len, batch_size, temperature, chat, generator) -> list[list[int]]:
