@@ -7,12 +7,14 @@
 #   bash bench/init_recipe.sh transmla 64 32 teacher runs/recipes       # the default at 4x
 #   bash bench/init_recipe.sh transmla 32 16 shakespeare runs/recipes   # TransMLA's preset on Shakespeare, 8x
 #
-# RECIPE=init: the init and its LAMBADA only. RECIPE=demo: make demo's steps 3-4 instead of the 8k local step (examples/demo.sh: the 16k local
-# step, then KD on 32k tokens at --lr 5e-5), LAMBADA after each; with TASKS=N also the six-task
-# average after KD at N questions per task (NAME-demo-kd.tasks.json).
+# RECIPE=init: the init and its LAMBADA only. RECIPE=demo: make demo's steps 3-4 instead of the 8k
+# local step (examples/demo.sh: the 16k local step, then KD on 32k tokens at --lr 5e-5), LAMBADA
+# after each; with TASKS=N also the six-task average after KD at N questions per task
+# (NAME-demo-kd.tasks.json).
 #
-# Prints nothing; writes OUT_DIR/NAME{,-local} (RECIPE=demo: NAME{,-demo-local,-demo-kd}) checkpoints
-# and their .eval.json (NAME = METHOD-rKV_RANK-CALIB). Summarise with: python bench/init_recipe_table.py OUT_DIR
+# Prints nothing; writes OUT_DIR/NAME{,-local} (RECIPE=demo: NAME{,-demo-local,-demo-kd})
+# checkpoints and their .eval.json (NAME = METHOD-rKV_RANK-CALIB). Summarise with:
+# python bench/init_recipe_table.py OUT_DIR
 set -euo pipefail
 M=$1 R=$2 P=$3 CALIB=$4 OUT=$5
 N="$OUT/$(echo "$M" | tr '+' '-')-r$R-$CALIB"
