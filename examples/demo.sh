@@ -28,7 +28,7 @@ quality "$LOCAL"
 
 step "4/7 distill: KL distillation from the original model ($TOKENS tokens of $DATA text)"
 # --lr 5e-5, not the default 3e-4: after --local the student is close to the teacher, and at 3e-4
-# the latent-norm model diverged (LAMBADA 123 -> 182; 5e-5: 123 -> 109; docs/distill.md)
+# the latent-norm model diverged (LAMBADA 123 -> 182; 5e-5: 123 -> 109; docs/results/2026-12-04-kd-lr-after-local.md)
 DISTILLED=$(xecomla distill "$LOCAL" --data "$DATA" --tokens "$TOKENS" --lr 5e-5 -o "$DEMO_DIR/distill-r64" --force)
 
 step "5/7 eval: held-out perplexity, zero-shot accuracy and measured KV memory, student vs teacher"
