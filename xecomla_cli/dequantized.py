@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cache import cache_root
 
-VERSION = 1  # of the entry's layout
+VERSION = 2  # of the entry's layout (2: the tokenizer's special tokens from the GGUF metadata)
 
 
 def cache_entry(gguf: Path) -> Path:

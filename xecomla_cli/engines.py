@@ -11,8 +11,9 @@ MLA on the latent. Each rule below is read from that engine's source (cited besi
   (transient, one layer at a time). Honours attention biases, so the identity emulation is exact.
 - llama.cpp (``deepseek2`` GGUF, ``export --format gguf``): caches kv_lora_rank + n_rot per layer at
   any width; needs a real latent norm (it loads no attention biases), MLA in every layer, one
-  kv_lora_rank (per-layer ranks are padded) and unscaled RoPE: the refusals of
-  ``export/gguf_export.py: check_gguf_mla``.
+  kv_lora_rank (per-layer ranks are padded) and unscaled RoPE: ``src/models/deepseek2.cpp`` calls
+  ``ggml_rope_ext`` with no frequency factors (it loads no ``rope_freqs``; YaRN only). The refusals
+  of ``export/gguf_export.py: check_gguf_mla``.
 - vLLM 0.32: ``MLACommonMetadata.__post_init__`` rejects any ``kv_lora_rank + qk_rope_head_dim``
   outside ``MLACommonBackend.get_supported_head_sizes()`` = (320, 512, 576)
   (``vllm/model_executor/layers/attention/mla_attention.py``); on CPU the backends ``CPU_MLA`` and
@@ -21,11 +22,18 @@ MLA on the latent. Each rule below is read from that engine's source (cited besi
   (any other split of 576 raises 'Unsupported block size: 16'; measured, docs/vllm.md).
   ``VLLM_MLA_DISABLE=1`` serves other widths as plain attention over expanded K/V:
   2·H·(n + p) values per token per layer (``transformers_utils/model_arch_config_convertor.py``).
-  Its DeepSeek attention is built with ``bias=False`` (``model_executor/models/deepseek_v2.py``).
+  Its DeepSeek attention is built with ``bias=False`` (``model_executor/models/deepseek_v2.py``),
+  and ``DeepseekV2MLAAttention`` rewrites every ``rope_type`` but ``default`` to ``deepseek_yarn``
+  (``deepseek_llama_scaling`` when ``apply_yarn_scaling`` is false) and multiplies the softmax scale
+  by YaRN's mscale²: a ``llama3`` export would run with other frequencies and another scale.
 - SGLang, Triton backend: ``MLATokenToKVPool`` caches kv_lora_rank + qk_rope_head_dim per layer
   and the Triton decode kernel takes any width (576 and 288 get tuned tiles, others a power-of-two
   block: ``python/sglang/srt/layers/attention/triton_ops/decode_attention.py``); its DeepSeek
-  attention is bias-free too.
+  attention is bias-free too, and ``python/sglang/srt/models/deepseek_v2.py`` rewrites any
+  ``rope_scaling`` to ``deepseek_yarn`` (``if rope_scaling: rope_scaling["rope_type"] = "deepseek_yarn"``).
+
+So the only RoPE every engine reads alike is ``rope_type: default``; init-svd builds a scaled
+source's RoPE part that way (``init.engine_ready``), and folds q/k/v biases into the weights.
 """
 
 from __future__ import annotations
@@ -78,8 +86,9 @@ def engine_support(
 
     ``kv_lora_rank`` and ``attention_bias`` describe the DeepSeek-V3 export (default: what
     ``export`` makes of the spec: the largest rank, plus the constant channel and biases of the
-    identity emulation when the spec has no latent norm). ``rope_type`` is the base model's RoPE
-    scaling; ``blocker`` is why no DeepSeek-V3 export exists (e.g. Qwen2's query biases)."""
+    identity emulation when the spec has no latent norm). ``rope_type`` is the RoPE type the export
+    carries (default: ``default``); ``blocker`` is why no DeepSeek-V3 export exists (e.g. Qwen2's
+    biases kept by ``--attention-bias keep``)."""
     L, original = spec.num_layers, spec.original_values_per_token_total
     ranks = [r for r in spec.kv_ranks if r is not None]
     hybrid = len(ranks) < L
@@ -93,6 +102,15 @@ def engine_support(
         blocker = "hybrid: the DeepSeek-V3 layout has MLA in every layer"
     if blocker is None and spec.rope_groups > 1:
         blocker = "per-group RoPE slices: DeepSeek-V3 has one RoPE key"
+    if blocker is None and spec.attention_bias == "kept":
+        blocker = "q/k/v biases kept by init-svd --attention-bias keep"
+    scaled = rope_type not in (None, "default")
+    built = "".join(
+        (
+            "; RoPE as default RoPE (the scaled slow pairs without RoPE)" if spec.rope_frequencies == "default" else "",
+            "; q/k/v biases folded (approximate, xecomla.json bias_fold)" if spec.biases_folded else "",
+        )
+    )
 
     def row(engine: str, latent: bool, per_layer: int | None, note: str, only: str = "") -> EngineRow:
         return EngineRow(engine, latent, None if per_layer is None else per_layer * L, original, note, only)
@@ -116,19 +134,29 @@ def engine_support(
             "transformers",
             True,
             width,
-            f"DeepseekV3 caches latent + k_rot ({kv_lora_rank} + {p}){padded}, re-expands K/V at each step",
+            f"DeepseekV3 caches latent + k_rot ({kv_lora_rank} + {p}){padded}, re-expands K/V at each step" + built,
         )
     )
     no_bias = (
         "drops the attention biases of the no-latent-norm emulation (wrong outputs): "
         "use a checkpoint with a latent norm (init-svd --latent-norm)"
     )
-    rows.append(_llama_cpp(spec, not spec.latent_norm, rope_type, row, no_bias))
-    rows.append(_vllm(spec, width, attention_bias, row, no_bias))
-    if attention_bias:
-        rows.append(row("SGLang (Triton)", False, None, no_bias))
-    else:
-        rows.append(row("SGLang (Triton)", True, width, f"MLA pool caches {width} per layer, any width (not run)"))
+    yarn = (
+        f"rewrites rope_type '{rope_type}' to its DeepSeek YaRN (other frequencies, softmax scaled by mscale²): "
+        "wrong outputs; init with --rope-frequencies default (the default)"
+    )
+    for engine in (
+        _llama_cpp(spec, not spec.latent_norm, rope_type, row, no_bias),
+        _vllm(spec, width, attention_bias, row, no_bias),
+        row("SGLang (Triton)", False, None, no_bias)
+        if attention_bias
+        else row("SGLang (Triton)", True, width, f"MLA pool caches {width} per layer, any width (not run)"),
+    ):
+        if scaled and engine.engine != "llama.cpp" and engine.values_per_token is not None:
+            engine = row(engine.engine, False, None, yarn)
+        elif engine.values_per_token is not None:
+            engine = EngineRow(**{**asdict(engine), "note": engine.note + built})
+        rows.append(engine)
     return rows
 
 
@@ -139,7 +167,13 @@ def _llama_cpp(spec: MLASpec, attention_bias: bool, rope_type, row, no_bias: str
     if attention_bias:
         return row("llama.cpp", False, None, no_bias.replace("drops", "loads none of"))
     if rope_type not in (None, "default"):
-        return row("llama.cpp", False, None, f"{rope_type} RoPE scaling: the deepseek2 graph cannot apply it")
+        return row(
+            "llama.cpp",
+            False,
+            None,
+            f"{rope_type} RoPE scaling: the deepseek2 graph applies no frequency factors; init with "
+            "--rope-frequencies default (the default)",
+        )
     padded = f", ranks padded to {ranks[-1]} (--pad-ranks)" if len(ranks) > 1 else ""
     return row("llama.cpp", True, width, f"export --format gguf: deepseek2 caches {width} per layer{padded}")
 
@@ -152,17 +186,30 @@ def _vllm(spec: MLASpec, width: int, attention_bias: bool, row, no_bias: str) ->
     if width in VLLM_CPU_MLA_WIDTHS:
         split = f"{VLLM_CPU_KV_LORA_RANK} + {VLLM_NATIVE_WIDTH - VLLM_CPU_KV_LORA_RANK}"
         return row("vLLM", True, width, f"MLA at width {width} on GPU; CPU decodes only {split}", only="GPU")
-    expanded = 2 * spec.num_heads * (spec.nope_dim + spec.rope_dim)  # VLLM_MLA_DISABLE=1: per-head K and V
-    pad = VLLM_NATIVE_WIDTH * spec.num_layers
-    pad_ratio = spec.original_values_per_token_total / pad
     if width in VLLM_MLA_WIDTHS:
         return row("vLLM", True, width, f"MLA at width {width} on GPU only (CPU takes 512 + 64 only)", only="GPU")
-    return row(
-        "vLLM",
-        False,
-        expanded,
-        f"MLA refuses width {width} (takes {'/'.join(map(str, VLLM_MLA_WIDTHS))}): VLLM_MLA_DISABLE=1 caches "
-        f"expanded K/V as counted; export --latent-width 576 keeps MLA at {pad_ratio:.2f}x",
+    return row("vLLM", False, *vllm_refused(spec, width))
+
+
+def vllm_refused(spec: MLASpec, width: int) -> tuple[int, str]:
+    """What vLLM does with a width its MLA refuses, in words: VLLM_MLA_DISABLE=1 caches per-head K and V
+    (said when that is more than the original), and the vLLM width that would save, if any."""
+    expanded = 2 * spec.num_heads * (spec.nope_dim + spec.rope_dim)  # per token per layer
+    original = spec.original_values_per_token_per_layer
+    if expanded > original:
+        cost = f"{expanded} values per token per layer, {expanded / original:.1f}x MORE than the original's {original}"
+    else:
+        cost = f"{expanded} values per token per layer ({original / expanded:.2f}x less than the original's {original})"
+    saving = [w for w in VLLM_MLA_WIDTHS if w < original]
+    if VLLM_NATIVE_WIDTH in saving:
+        hint = f"init-svd --latent-width 576 keeps MLA in vLLM, GPU and CPU ({original / VLLM_NATIVE_WIDTH:.2f}x)"
+    elif saving:
+        hint = f"init-svd --latent-width {saving[-1]} keeps MLA in vLLM on GPU ({original / saving[-1]:.2f}x)"
+    else:
+        hint = f"no vLLM MLA width ({'/'.join(map(str, VLLM_MLA_WIDTHS))}) is below this model's {original}"
+    return expanded, (
+        f"MLA refuses width {width} (takes {'/'.join(map(str, VLLM_MLA_WIDTHS))}); VLLM_MLA_DISABLE=1 caches "
+        f"expanded per-head K/V: {cost}; {hint}"
     )
 
 

@@ -10,7 +10,7 @@ from .engines import VLLM_CAPTION, engine_support
 from .init.common import energy_curve, layer_singular_values, rank_for_energy
 from .loaded import model_dtype_name
 from .mla.rebuild import decoder_layers
-from .mla.spec import MLASpec, attention_kind, attention_shape
+from .mla.spec import MLASpec, attention_kind, attention_shape, source_biases
 
 DEFAULT_RANKS = (32, 64, 96, 128, 192, 256, 384, 512)
 DELTAS = (0.90, 0.95, 0.99)
@@ -84,15 +84,20 @@ def budget_rows(
 
 
 def engines_by_rank(config, arch: dict[str, Any], ranks: list[int], rope_dim: int) -> dict[str, Any]:
-    """Per candidate rank: which engines keep the latent cache, for a latent-norm conversion of every layer."""
-    blocker = "the attention has q/k/v biases" if arch["qkv_bias"] else None
-    rope_type = (arch["rope_scaling"] or {}).get("rope_type")
+    """Per candidate rank: which engines keep the latent cache, for init-svd's default conversion of every
+    layer (latent norm; a scaled RoPE as default RoPE, q/k/v biases folded: ``init.engine_ready``)."""
+    qkv_bias, o_bias = source_biases(config)
+    scaled = (arch["rope_scaling"] or {}).get("rope_type", "default") != "default"
+    choices = {
+        "rope_frequencies": "default" if scaled else None,
+        "attention_bias": ("kept" if o_bias else "folded") if qkv_bias else None,
+    }
     by_rank = []
     for r in ranks:
-        spec = MLASpec.for_config(config, rope_dim, [r] * arch["num_layers"], latent_norm=True)
-        rows = engine_support(spec, rope_type=rope_type, blocker=blocker)
+        spec = MLASpec.for_config(config, rope_dim, [r] * arch["num_layers"], latent_norm=True, **choices)
+        rows = engine_support(spec)
         by_rank.append({"rank": r, "width": r + rope_dim, "rows": [row.to_dict() for row in rows]})
-    assumes = "a latent-norm conversion of every layer at rank r, exported bias-free"
+    assumes = "init-svd's default conversion of every layer at rank r (latent norm), exported bias-free"
     return {"assumes": assumes, "caption": VLLM_CAPTION, "by_rank": by_rank}
 
 

@@ -105,9 +105,40 @@ def load_tokenizer(resolved: ResolvedSource):
 
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.directory, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise XecomlaError(f"cannot load the tokenizer of '{resolved.source}': {first_line(exc)}") from None
+    if resolved.gguf_file:
+        set_special_tokens(tokenizer, gguf_special_tokens(resolved.directory / resolved.gguf_file))
+    return tokenizer
+
+
+GGUF_SPECIAL = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+
+
+def gguf_special_tokens(path: Path) -> dict[str, int]:
+    """The special token ids a GGUF file's own metadata names (``tokenizer.ggml.<kind>_token_id``).
+
+    transformers' GGUF tokenizer conversion does not read them all: the demo's SmolLM2 file says eos 2
+    (``<|im_end|>``, also its padding), but the converted tokenizer reports eos 1 (``<|im_start|>``)
+    and no padding token, so every export would inherit the wrong end of sequence."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    out = {}
+    for kind, attr in GGUF_SPECIAL.items():
+        field = fields.get(f"tokenizer.ggml.{kind}_token_id")
+        if field is not None:
+            out[attr] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    """Point the tokenizer's special tokens (``eos_token``, ...) at these ids, where the vocabulary has them."""
+    for attr, token_id in ids.items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token is not None and getattr(tokenizer, f"{attr}_id", None) != token_id:
+            setattr(tokenizer, attr, token)
 
 
 def load_model(source: str, *, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> LoadedModel:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import console
-from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD, KvSvdRows
+from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD, AttentionBias, KvSvdRows, RopeFrequencies
 from ..errors import XecomlaError
 from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
@@ -83,6 +83,32 @@ def init_svd_command(
             f".jsonl file or a directory (default: {DEFAULT_CALIB_DATA}).",
         ),
     ] = None,
+    rope_frequencies: Annotated[
+        RopeFrequencies,
+        typer.Option(
+            "--rope-frequencies",
+            help="A source with scaled RoPE (Llama 3.x): 'default' (the MLA's RoPE dims turn as default RoPE and the "
+            "pairs the scaling slows lose RoPE: llama.cpp, vLLM and SGLang read it exactly) or 'source' (its own "
+            "scaled frequencies: exact in transformers only). No effect on an unscaled source.",
+        ),
+    ] = RopeFrequencies.DEFAULT,
+    rope_span: Annotated[
+        int | None,
+        typer.Option(
+            "--rope-span",
+            help="--method transmla: fold only the K fastest frequency pairs into the RoPE dims (a multiple of p/2); "
+            "the slower ones keep no RoPE (default: all pairs; for a scaled RoPE the unscaled ones).",
+        ),
+    ] = None,
+    attention_bias: Annotated[
+        AttentionBias,
+        typer.Option(
+            "--attention-bias",
+            help="A source with q/k/v biases (Qwen2.x): 'fold' them into the weights (the no-RoPE key bias dropped "
+            "exactly, the rest approximately; every engine then loads the export) or 'keep' them exactly "
+            "(xecomla and --format xecomla only). No effect without biases.",
+        ),
+    ] = AttentionBias.FOLD,
     calib_tokens: Annotated[
         int, typer.Option("--calib-tokens", help="Calibration tokens for data-aware methods and the latent norm.")
     ] = 8192,
@@ -113,6 +139,9 @@ def init_svd_command(
         method=method,
         calib_data=calib_data,
         calib_tokens=calib_tokens,
+        rope_frequencies=rope_frequencies.value,
+        rope_span=rope_span,
+        attention_bias=attention_bias.value,
         output=output,
         dtype=dtype,
         device=device,

@@ -10,12 +10,15 @@ if TYPE_CHECKING:  # annotations only: plan.py imports this module
     from .plan import ExportPlan
 
 
-def rope_parameters(config, theta: float | None = None) -> dict[str, Any]:
-    """The base model's rope_parameters, with rope_theta replaced by ``theta`` when given."""
+def rope_parameters(config, theta: float | None = None, kind: str | None = None) -> dict[str, Any]:
+    """The base model's rope_parameters, with rope_theta replaced by ``theta`` when given; ``kind``
+    "default": plain default RoPE at that theta (no scaling keys)."""
     params = getattr(config, "rope_parameters", None)
     if not params:
         params = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
     params = {k: v for k, v in dict(params).items() if v is not None}
+    if kind == "default":
+        params = {"rope_type": "default", "rope_theta": params.get("rope_theta", 10000.0)}
     if theta is not None:
         params["rope_theta"] = theta
     return params
@@ -60,7 +63,7 @@ def deepseek_config(loaded, plan: ExportPlan):
         bos_token_id=tok("bos_token_id"),
         eos_token_id=tok("eos_token_id"),
         tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
-        rope_parameters=rope_parameters(base, plan.rope_theta),
+        rope_parameters=rope_parameters(base, plan.rope_theta, plan.rope_type),
         rope_interleave=True,
         attention_bias=plan.attention_bias,
         attention_dropout=float(getattr(base, "attention_dropout", 0.0) or 0.0),

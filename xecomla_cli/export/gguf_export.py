@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import XecomlaError
+from ..mla.spec import source_biases
 from .config import rope_parameters
 from .gguf_tensors import GGUF_ALTERNATIVE, deepseek2_params, deepseek2_tensors, llama_tensors
 from .gguf_tokenizer import tokenizer_metadata
@@ -77,9 +78,9 @@ def default_gguf_output(source: str, outtype: OutType) -> Path:
     return parent / f"{stem}-{OutType(outtype).value}.gguf"
 
 
-def check_gguf_mla(loaded, pad_ranks: bool) -> None:
-    """The deepseek2-specific refusals, one line each, before the DeepSeek-V3 plan's own checks."""
-    spec = loaded.spec
+def check_gguf_mla(spec, config, pad_ranks: bool) -> None:
+    """The deepseek2-specific refusals, one line each, decided from the spec and config alone (before
+    any weight is read), ahead of the DeepSeek-V3 plan's own checks."""
     unconverted = [i for i, r in enumerate(spec.kv_ranks) if r is None]
     if unconverted:
         raise XecomlaError(
@@ -99,21 +100,17 @@ def check_gguf_mla(loaded, pad_ranks: bool) -> None:
             "no attention biases to emulate its absence: make it with `init-svd --latent-norm` (then distill), "
             "or export --format hf for transformers"
         )
-    biases = sorted(
-        {n.split(".")[-2] for n, _ in loaded.model.named_parameters() if "self_attn" in n and n.endswith(".bias")}
-    )
-    if biases:
+    if source_biases(config)[0] and not spec.biases_folded:
         raise XecomlaError(
-            f"the attention has biases ({', '.join(biases)}; {loaded.family}), which llama.cpp's deepseek2 does not "
-            f"load; {GGUF_ALTERNATIVE}"
+            f"the attention has biases ({config.model_type}; kept by init-svd --attention-bias keep), which llama.cpp's"
+            f" deepseek2 does not load: re-init with the default --attention-bias fold, or {GGUF_ALTERNATIVE}"
         )
-    params = rope_parameters(loaded.config)
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
+    kind = rope_parameters(config).get("rope_type", "default")
+    if kind != "default" and spec.rope_frequencies != "default":
         raise XecomlaError(
-            f"the RoPE is scaled (rope_type '{rope_type}'"
-            f"{', llama3 frequency factors' if rope_type == 'llama3' else ''}"
-            f"), which llama.cpp's deepseek2 graph cannot apply (it takes no per-frequency factors); {GGUF_ALTERNATIVE}"
+            f"the RoPE is scaled (rope_type '{kind}'{', llama3 frequency factors' if kind == 'llama3' else ''}) and "
+            "this checkpoint keeps it (init-svd --rope-frequencies source), which llama.cpp's deepseek2 graph cannot "
+            f"apply (it takes no per-frequency factors): re-init with --rope-frequencies default, or {GGUF_ALTERNATIVE}"
         )
     if spec.nope_dim < 1 or spec.rope_dim % 2:
         raise XecomlaError(
@@ -121,11 +118,26 @@ def check_gguf_mla(loaded, pad_ranks: bool) -> None:
         )
 
 
+def check_before_loading(source: str, pad_ranks: bool) -> None:
+    """The refusals a checkpoint's xecomla.json and config.json decide, before its weights are loaded."""
+    from ..checkpoint import read_meta, read_spec
+    from ..loaded import load_hf_config
+    from ..sources import resolve
+
+    resolved = resolve(source)
+    if not resolved.is_checkpoint:
+        return
+    meta = read_meta(resolved.directory)
+    if meta.get("mla"):
+        config = load_hf_config(resolved.directory, f"checkpoint '{resolved.directory}'")
+        check_gguf_mla(read_spec(meta, resolved.directory), config, pad_ranks)
+
+
 def _deepseek2(loaded, pad_ranks: bool):
     from . import plan_export
     from .weights import deepseek_state_dict
 
-    check_gguf_mla(loaded, pad_ranks)
+    check_gguf_mla(loaded.spec, loaded.config, pad_ranks)
     plan = plan_export(loaded, dtype="float32", pad_ranks=pad_ranks, portable=True)
     theta = plan.rope_theta or float(rope_parameters(loaded.config).get("rope_theta", 10000.0))
     inv_freq = 1.0 / theta ** (torch.arange(0, plan.rope_dim, 2, dtype=torch.float64) / plan.rope_dim)
@@ -169,7 +181,9 @@ def export_gguf(
         raise XecomlaError(f"the GGUF output '{out}' should end in .gguf (llama.cpp loads one file)")
     if out.exists() and not force:
         raise XecomlaError(f"output '{out}' already exists: pass --force to replace it, or choose another -o")
-    loaded = loaded or load_model(source, dtype="float32", device="cpu")
+    if loaded is None:
+        check_before_loading(source, pad_ranks)
+        loaded = load_model(source, dtype="float32", device="cpu")
     if loaded.spec is not None:
         arch = "deepseek2"
         tensors, keys, values, notes = _deepseek2(loaded, pad_ranks)

@@ -36,6 +36,9 @@ class ExportPlan:
     attention_bias: bool
     dtype: str
     rope_theta: float | None = None  # rope_theta written to config.json, when not the base model's
+    rope_type: str | None = (
+        None  # "default": config.json carries default RoPE (every engine reads it); None: the base's
+    )
     padded_layers: list[int] = field(default_factory=list)
     latent_constants: list[float] = field(default_factory=list)  # C per layer (identity)
     q_constants: list[float] = field(default_factory=list)  # C per layer (lora-identity)
@@ -43,8 +46,9 @@ class ExportPlan:
 
     @property
     def portable(self) -> bool:
-        """No attention biases: vLLM and SGLang (which drop DeepSeek attention biases) load it."""
-        return not self.attention_bias
+        """No attention biases and default RoPE: vLLM and SGLang (which drop DeepSeek attention biases and
+        rewrite other RoPE types to their YaRN) run it as transformers does."""
+        return not self.attention_bias and self.rope_type == "default"
 
     def exported_spec(self, spec: MLASpec) -> MLASpec:
         """The checkpoint's spec as a serving engine sees the export: kv_lora_rank in every layer."""
@@ -57,7 +61,9 @@ class ExportPlan:
             f"latent norm '{self.latent}', queries '{self.queries}', {self.dtype}"
         ]
         lines += [f"  {note}" for note in self.notes]
-        if not self.portable:
+        if self.rope_type != "default":
+            lines.append("[yellow]note:[/] the source's scaled RoPE is kept: exact in transformers only")
+        if self.attention_bias:
             lines.append(
                 "[yellow]note:[/] attention biases carry the latent-norm emulation (a --no-latent-norm checkpoint): "
                 "exact in transformers; vLLM, SGLang and llama.cpp drop them (init-svd's default latent norm "
@@ -156,9 +162,16 @@ def plan_export(
         dtype=dtype,
         padded_layers=padded,
     )
-    rope_theta, rope_notes = rope_choice(loaded, plan)
+    rope_theta, rope_type, rope_notes = rope_choice(loaded, plan)
     latent_constants, q_constants = emulation_constants(loaded, plan)
-    decided = replace(plan, rope_theta=rope_theta, latent_constants=latent_constants, q_constants=q_constants)
+    decided = replace(
+        plan, rope_theta=rope_theta, rope_type=rope_type, latent_constants=latent_constants, q_constants=q_constants
+    )
+    if portable and rope_type != "default":
+        raise XecomlaError(
+            "--portable: this checkpoint keeps its source's scaled RoPE (init-svd --rope-frequencies source), which "
+            "vLLM and SGLang rewrite to their YaRN: re-init with --rope-frequencies default (the default)"
+        )
     return replace(decided, notes=rope_notes + _notes(decided, spec, max(ranks)))
 
 

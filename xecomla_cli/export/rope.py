@@ -1,14 +1,17 @@
 """RoPE: every layer's frequencies must be the ones DeepSeek-V3's rotary embedding computes from the config.
 
-DeepSeek-V3 has one ``rope_parameters`` for all layers at dim p = ``qk_rope_head_dim``. Two
-layouts of ours qualify: the base model's rope_parameters at dim p (the paper init's fresh
-frequencies), and the same with rope_theta' = θ^{p/h}, whose frequencies at dim p,
-θ'^{-2j/p} = θ^{-2j/h} for j < p/2, are the original model's p/2 fastest pairs
-(``--method fast-pairs``, ``deepseek``).
+DeepSeek-V3 has one ``rope_parameters`` for all layers at dim p = ``qk_rope_head_dim``. What every
+engine reads the same way is ``rope_type: default``: frequencies θ'^{-2t/p}. Our inits give that
+for the paper's fresh frequencies (θ' = θ), TransMLA's slots at pairs c·t (θ' = θ^{c·p/h}, θ itself
+when the fold covers every pair) and the p/2 fastest pairs (θ' = θ^{p/h}; ``fast-pairs``,
+``deepseek``), and for a scaled source (Llama 3) by construction (``init.engine_ready``). A scaled
+source converted with ``--rope-frequencies source`` keeps its rope_parameters (llama3 at dim p):
+exact in transformers, misread by vLLM and SGLang, refused for llama.cpp.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -16,7 +19,8 @@ import torch
 
 from ..errors import XecomlaError
 from ..mla.rebuild import decoder_layers
-from .config import deepseek_config
+from ..mla.rope import default_inv_freq
+from .config import deepseek_config, rope_parameters
 
 if TYPE_CHECKING:  # annotations only: plan.py imports this module
     from .plan import ExportPlan
@@ -39,46 +43,77 @@ def frequencies_match(attns: list, inv_freq: torch.Tensor) -> bool:
     )
 
 
-def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, list[str]]:
-    """The ``rope_theta`` to write (θ^{p/h} for the fast-pairs layout, None for the base model's) and
-    notes on what the export keeps, or one line naming the first layer whose frequencies the config
-    cannot express."""
+def default_theta(inv_freq: torch.Tensor, base_theta: float, head_dim: int) -> float | None:
+    """θ' such that ``inv_freq`` (p/2,) is default RoPE at dim p, θ'^(-2t/p), or None when it is not.
+
+    θ' is snapped to the source's θ^(c·p/h) for a whole c when that is what the frequencies are
+    (TransMLA's slots at pairs c·t, the fast pairs at c = 1), so that config.json carries it exactly."""
+    f = inv_freq.double().cpu()
+    p = 2 * f.numel()
+    if f.numel() < 2:
+        theta = base_theta
+    else:
+        t = torch.arange(1, f.numel(), dtype=torch.float64)
+        theta = float(torch.exp((-torch.log(f[1:]) * p / (2 * t)).mean()))
+        c = math.log(theta) / math.log(base_theta) * head_dim / p
+        if abs(c - round(c)) < 1e-3 and round(c) >= 1:
+            theta = base_theta ** (round(c) * p / head_dim)
+    ok = torch.allclose(f, default_inv_freq(theta, p).double(), rtol=1e-6, atol=0)
+    return theta if ok else None
+
+
+def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, str | None, list[str]]:
+    """(rope_theta, rope_type) to write — (θ', "default") when every layer's RoPE is default RoPE at dim p
+    (what llama.cpp, vLLM and SGLang all read exactly), (None, None) for the base model's own
+    rope_parameters (a scaled source's frequencies kept: exact in transformers only) — and notes on
+    what the export keeps; or one line naming the first layer whose frequencies the config cannot express."""
     attns = [layer.self_attn for layer in decoder_layers(loaded.model)]
-    config = deepseek_config(loaded, replace(plan, rope_theta=None))
-    inv_freq, scaling = deepseek_rope(config)
-    rope_theta, notes = None, []
-    if not frequencies_match(attns, inv_freq):
-        theta = float(config.rope_parameters.get("rope_theta", 10000.0))
-        fast_theta = theta ** (plan.rope_dim / loaded.spec.head_dim)
-        fast_config = deepseek_config(loaded, replace(plan, rope_theta=fast_theta))
-        fast_freq, fast_scaling = deepseek_rope(fast_config)
-        if frequencies_match(attns, fast_freq):
-            config, inv_freq, scaling, rope_theta = fast_config, fast_freq, fast_scaling, fast_theta
+    base = rope_parameters(loaded.config)
+    source_type, theta = base.get("rope_type", "default"), float(base.get("rope_theta", 10000.0))
+    h = loaded.spec.head_dim
+    found = default_theta(attns[0].rope_inv_freq, theta, h)
+    if found is not None and all(default_theta(a.rope_inv_freq, theta, h) == found for a in attns):
+        for i, attn in enumerate(attns):
+            if abs(float(attn.rope_attention_scaling) - 1.0) > 1e-7:
+                raise XecomlaError(
+                    f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} has no place in default RoPE; "
+                    "export with --format xecomla instead"
+                )
+        notes = []
+        if found != theta:
+            notes.append(f"RoPE: default at dim {plan.rope_dim}, rope_theta {found:.6g} (the source's {theta:g})")
+        if source_type != "default":
             notes.append(
-                f"RoPE on the original model's {plan.rope_dim // 2} fastest frequency pairs: rope_theta "
-                f"{theta:g}^({plan.rope_dim}/{loaded.spec.head_dim}) = {fast_theta:.6g} at dim {plan.rope_dim}"
+                f"the source's {source_type} RoPE scaling is not carried: the MLA's RoPE dims turn at default RoPE "
+                "(init-svd's engine-exact construction), which llama.cpp, vLLM and SGLang read exactly"
             )
-    rope_type = config.rope_parameters.get("rope_type", "default")
+        return found, "default", notes
+    # The base model's scaled rope_parameters at dim p (θ, or θ^{p/h} for the fast pairs): the source's frequencies.
+    for source_theta in (None, theta ** (plan.rope_dim / h)):
+        config = deepseek_config(loaded, replace(plan, rope_theta=source_theta, rope_type=None))
+        inv_freq, scaling = deepseek_rope(config)
+        if frequencies_match(attns, inv_freq):
+            break
     for i, attn in enumerate(attns):
         if not frequencies_match([attn], inv_freq):
             ours = attn.rope_inv_freq.float().cpu()
             worst = (ours - inv_freq).abs().max().item() if ours.shape == inv_freq.shape else float("nan")
             raise XecomlaError(
                 f"layer {i}'s RoPE frequencies differ from those DeepSeek-V3 computes from the base model's "
-                f"rope_parameters ({rope_type}, theta {config.rope_parameters.get('rope_theta')}, dim "
-                f"{plan.rope_dim}; max difference {worst:.3g}): this init keeps per-layer frequencies the layout "
-                "cannot express (init with --method deepseek or fast-pairs to export), or use --format xecomla"
+                f"rope_parameters ({source_type}, theta {theta:g}, dim {plan.rope_dim}; max difference {worst:.3g}) "
+                "and are not default RoPE either: this init keeps per-layer frequencies the layout cannot express "
+                "(init with --method transmla, deepseek or fast-pairs to export), or use --format xecomla"
             )
         if abs(float(attn.rope_attention_scaling) - scaling) > 1e-7:
             raise XecomlaError(
                 f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} differs from DeepSeek-V3's "
                 f"{scaling} for these rope_parameters; export with --format xecomla instead"
             )
-    if not all(torch.equal(attn.rope_inv_freq.float().cpu(), inv_freq) for attn in attns):
-        notes.append("RoPE frequencies agree with DeepSeek-V3's to 1e-6 relative (not bit for bit)")
-    if rope_type != "default":
-        notes.append(
-            f"rope_type '{rope_type}': transformers matches exactly; vLLM maps every non-default DeepSeek rope "
-            "type to its own YaRN variant, so check vLLM output before serving"
-        )
-    return rope_theta, notes
+    return source_theta, None, [SOURCE_ROPE_NOTE.format(kind=source_type)]
+
+
+SOURCE_ROPE_NOTE = (
+    "rope_type '{kind}' as the source has it (init-svd --rope-frequencies source): exact in transformers only; "
+    "vLLM and SGLang rewrite it to their DeepSeek YaRN and llama.cpp cannot apply it (wrong outputs there): "
+    "re-init with the default --rope-frequencies default to serve it"
+)

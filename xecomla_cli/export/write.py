@@ -29,6 +29,12 @@ EXPORT_DTYPES = ("auto", *WEIGHT_DTYPES)
 EXPORT_META_FILE = "xecomla_export.json"
 
 
+def read_rope_type(ckpt_dir: Path) -> str | None:
+    """The RoPE type in a checkpoint's config.json (the source's)."""
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    return (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type")
+
+
 def default_output(ckpt_dir: str | Path, fmt: str) -> Path:
     """<checkpoint>-hf or <checkpoint>-xecomla, next to the checkpoint."""
     path = Path(ckpt_dir)
@@ -68,7 +74,9 @@ def _export(ckpt_dir, out_dir, meta, fmt, dtype, pad_ranks, portable, latent_wid
     if fmt == "xecomla":
         result = _export_own(ckpt_dir, out_dir, meta, command, force)
         if meta.get("mla"):  # what each engine would keep once exported in its layout (hf, gguf)
-            result.engines = [r.to_dict() for r in engine_support(MLASpec.from_dict(meta["mla"]))]
+            spec = MLASpec.from_dict(meta["mla"])
+            kind = None if spec.rope_frequencies == "default" else read_rope_type(ckpt_dir)
+            result.engines = [r.to_dict() for r in engine_support(spec, rope_type=kind)]
         return result
     if dtype == "auto":
         dtype = meta.get("dtype", "float32")
@@ -76,7 +84,7 @@ def _export(ckpt_dir, out_dir, meta, fmt, dtype, pad_ranks, portable, latent_wid
     loaded = loaded or load_checkpoint(ckpt_dir, dtype="float32", device="cpu")
     plan = plan_export(loaded, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
     result = _export_deepseek(ckpt_dir, out_dir, meta, command, loaded, plan, verify=verify, force=force)
-    rope_type = (getattr(loaded.config, "rope_parameters", None) or {}).get("rope_type")
+    rope_type = plan.rope_type or (getattr(loaded.config, "rope_parameters", None) or {}).get("rope_type")
     rows = engine_support(
         loaded.spec, kv_lora_rank=plan.kv_lora_rank, attention_bias=plan.attention_bias, rope_type=rope_type
     )

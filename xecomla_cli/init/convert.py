@@ -19,6 +19,7 @@ from ..mla.attention import MLAAttention
 from ..mla.rebuild import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from ..mla.spec import MLASpec
 from .common import AttentionWeights
+from .engine_ready import attention_error, constant_direction, fold_state_biases, fold_value_bias
 from .freqfold import fold_candidates
 from .latent import budget_ranks
 from .latent_norm import add_norm_channel, data_rank_spec
@@ -68,6 +69,12 @@ def build_layer(
     cfg = parse_method(method) if isinstance(method, str) else method
     old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
+    u = None
+    if spec.biases_folded and w.bq is not None:  # bias-free for the engines (``init.engine_ready``)
+        if stats is None:
+            raise XecomlaError("folding the attention biases needs calibration statistics: a bug")
+        u = constant_direction(stats.cov, stats.cov_aug[:-1, -1])
+        w = fold_value_bias(w, u)
     pairs = None
     built = data_rank_spec(spec, layer)  # with a latent norm: rank r - 1, the last channel is the norm channel's
     if cfg.freqfold is not None:
@@ -82,9 +89,11 @@ def build_layer(
         if cfg.pairs is not None:
             pairs = [pl.rope_idx[: pl.rope_idx.numel() // 2].tolist() for pl in plans]
             pairs = pairs[0] if len(pairs) == 1 else pairs
+    if u is not None:
+        fold_state_biases(sd, u, spec.nope_dim, spec.head_dim)
     if spec.latent_norm:
         add_norm_channel(sd, inputs, spec.kv_ranks[layer])
-    new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old), has_o_bias(old))
+    new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old) and u is None, has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
     new.train(old.training)
@@ -114,14 +123,16 @@ def convert_model(
     stats: dict[int, LayerStats] = {}
     inputs: dict[int, list[torch.Tensor]] = {}
     runner = None
-    if not cfg.is_paper or spec.latent_norm:
+    if not cfg.is_paper or spec.latent_norm or spec.biases_folded:
         if calib_ids is None:
-            raise XecomlaError("this --method or the latent norm needs calibration data: pass calibration token ids")
+            raise XecomlaError(
+                "this --method, the latent norm or folding biases needs calibration data: pass calibration token ids"
+            )
         runner = LayerRunner(model, calib_ids)
         for i in walk([runner], layers):
-            if not cfg.is_paper:  # the paper's factors are data-free: only the latent norm reads data
+            if not cfg.is_paper or spec.biases_folded:  # the paper's factors are data-free
                 stats[i] = layer_stats(runner, i)
-            if cfg.refit or spec.latent_norm:
+            if cfg.refit or spec.latent_norm or spec.biases_folded:
                 inputs[i] = runner.attention_inputs(i)
             tick(i)
     found = {}
@@ -135,7 +146,7 @@ def convert_model(
         fold, tried = search_freqfold(
             spec, lambda full, fold: swap_layers(model, full, replace(cfg, freqfold=fold), stats), fold_loss
         )
-        for _ in range(len(fold_candidates(spec.head_dim, spec.rope_dim)) - len(tried)):
+        for _ in range(len(fold_candidates(spec.head_dim, spec.rope_dim, spec.rope_span)) - len(tried)):
             tick(-1)  # folds not tried
         found["freqfold"] = {"fold": fold, "calibration_loss": tried}
         cfg = replace(cfg, freqfold=fold)
@@ -143,9 +154,13 @@ def convert_model(
         spec = budgeted_spec(model, spec, cfg, stats)
     pairs: dict[str, list] = {}
     scaling: set[float] = set()
+    bias_errors: dict[str, float] = {}
     for i in layers:
         old = decoder_layers(model)[i].self_attn
         built = build_layer(model, spec, i, cfg, stats.get(i), inputs.get(i))
+        if spec.biases_folded and i in inputs:  # what folding costs against the exact biased layer
+            exact = build_layer(model, replace(spec, attention_bias="kept"), i, cfg, stats.get(i), inputs[i])
+            bias_errors[str(i)] = round(attention_error(built.attn, exact.attn, inputs[i]), 6)
         if cfg.refit:
             refit_output(old, built.attn, inputs[i], runner.chunks)
         inputs.pop(i, None)
@@ -156,6 +171,8 @@ def convert_model(
         tick(i)
     if len(scaling) != 1:  # one rotary embedding per model: the same for every layer
         raise XecomlaError(f"the converted layers' RoPE attention scalings differ ({sorted(scaling)}): a bug")
+    if bias_errors:
+        found["bias_fold"] = {"attention_error": bias_errors}
     return replace(spec, rope_attention_scaling=scaling.pop(), rope_pairs=pairs or None, **found)
 
 
@@ -198,5 +215,5 @@ def calibration_steps(spec: MLASpec, method: MethodConfig | str) -> int:
     cfg = parse_method(method) if isinstance(method, str) else method
     if cfg.is_paper and not spec.latent_norm:
         return 0
-    folds = len(fold_candidates(spec.head_dim, spec.rope_dim)) if cfg.freqfold == 0 else 0
+    folds = len(fold_candidates(spec.head_dim, spec.rope_dim, spec.rope_span)) if cfg.freqfold == 0 else 0
     return len(spec.converted_layers) + folds

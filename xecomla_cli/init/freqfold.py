@@ -23,6 +23,12 @@ model's RoPE at dim p, DeepSeek-V3's layout). Each head's score becomes
 which equals the original score when every group's frequencies are equal and every channel past
 the m-th is zero. The residual keys r (G·h rows, rank G·h − p) go into the latent with V; the
 queries keep all h original rows for them (n = h).
+
+With a span K < P (``MLASpec.rope_span``) only the K fastest pairs are folded (c = 2K/p) and the
+pairs K … P − 1 keep no RoPE at all: their keys stay whole in the residual r. That is how a source
+with Llama 3's scaled RoPE gets a RoPE part every engine reads exactly (``init.engine_ready``): the
+slots turn at default RoPE of the unscaled fast pairs, and the slow pairs the scaling changed,
+which turn by less than ~0.2 rad over 8K positions, lose RoPE.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from .common import single_thread
 from .shared_key import complex_rows
 
 
-def fold_slots(P: int, fold: int, collapse: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold groups (P/N, N) of pair indices, and for each of the P/c RoPE slots the original pair
-    whose frequency it turns at (c·t). Fold 1, collapse 1: every pair alone, at its own frequency."""
-    return torch.arange(P).view(P // fold, fold), collapse * torch.arange(P // collapse)
+def fold_slots(span: int, fold: int, collapse: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold groups (K/N, N) of the K = ``span`` fastest pair indices, and for each of the K/c RoPE slots
+    the original pair whose frequency it turns at (c·t). Fold 1, collapse 1: every pair alone, at its
+    own frequency."""
+    return torch.arange(span).view(span // fold, fold), collapse * torch.arange(span // collapse)
 
 
 def fold_rotation(K: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,16 +69,27 @@ class FoldedKeys:
 
 
 def freqfold_keys(
-    wk: torch.Tensor, wq: torch.Tensor, C: torch.Tensor, H: int, G: int, h: int, p: int, fold: int
+    wk: torch.Tensor,
+    wq: torch.Tensor,
+    C: torch.Tensor,
+    H: int,
+    G: int,
+    h: int,
+    p: int,
+    fold: int,
+    span: int | None = None,
 ) -> FoldedKeys:
-    """RoRoPE + FreqFold of one layer's key rows wk (G·h, c) and query rows wq (H·h, c)."""
-    P, collapse = h // 2, h // p
+    """RoRoPE + FreqFold of one layer's key rows wk (G·h, c) and query rows wq (H·h, c), over the
+    ``span`` fastest pairs (all h/2 by default; the slower ones keep no RoPE)."""
+    P = h // 2
+    span = span or P
+    collapse = 2 * span // p
     m = fold // collapse  # RoPE channels kept per fold group
     K = complex_rows(wk, G, torch.arange(P))  # (G, P, c)
     Q = complex_rows(wq, H, torch.arange(P))  # (H, P, c)
     group_of_head = torch.arange(H) // (H // G)
-    groups, slot_pairs = fold_slots(P, fold, collapse)
-    k_slots, q_slots, nope = [], [], []
+    groups, slot_pairs = fold_slots(span, fold, collapse)
+    k_slots, q_slots, nope = [], [], [K[:, span:].reshape(-1, K.shape[-1])]  # pairs past the span: no RoPE
     resid = K.clone()
     for js in groups:
         Ka = K[:, js].reshape(G * fold, -1)  # (G·N, c): channels (g, i)
@@ -93,9 +111,11 @@ def freqfold_keys(
     )
 
 
-def fold_candidates(head_dim: int, rope_dim: int) -> list[int]:
-    """TransMLA's ``--freqfold auto`` order: N = c, 2c, 4c, … while N divides h/2."""
-    P, n = head_dim // 2, head_dim // rope_dim
+def fold_candidates(head_dim: int, rope_dim: int, span: int | None = None) -> list[int]:
+    """TransMLA's ``--freqfold auto`` order: N = c, 2c, 4c, … while N divides the span K (h/2 by default),
+    c = 2K/p."""
+    P = span or head_dim // 2
+    n = 2 * P // rope_dim
     out = []
     while n <= P and P % n == 0:
         out.append(n)

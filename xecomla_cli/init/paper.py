@@ -16,17 +16,18 @@ from __future__ import annotations
 import torch
 
 from ..choices import KvSvdRows, values
-from ..mla.rope import model_inv_freq
+from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
 from .common import AttentionWeights, RopePlan, output_weights, pad_rank, query_weights, repeat_heads, truncated_svd
 
 KV_SVD_ROWS = values(KvSvdRows)
 
 
-def paper_rope_plan(config, head_dim: int, rope_dim: int) -> RopePlan:
-    """The last p dims of each head, re-rotated by a fresh p-dim rotary embedding."""
+def paper_rope_plan(config, head_dim: int, rope_dim: int, frequencies: str | None = None) -> RopePlan:
+    """The last p dims of each head, re-rotated by a fresh p-dim rotary embedding (``frequencies``:
+    ``mla.rope.mla_inv_freq``)."""
     n = head_dim - rope_dim
-    inv_freq, scaling = model_inv_freq(config, rope_dim)
+    inv_freq, scaling = mla_inv_freq(config, rope_dim, frequencies)
     return RopePlan(torch.arange(n, head_dim), torch.arange(n), inv_freq, scaling)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mla.rope import model_inv_freq
+from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
 from .common import RopePlan
 from .methods import ROPE_CONTEXT, MethodConfig
@@ -82,8 +82,8 @@ def layer_plans(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | Non
 def slice_plan(config, spec: MLASpec, cfg: MethodConfig, stats, H: int, G: int, p: int, context: int) -> RopePlan:
     """The RoPE plan of p dims for H query heads over G KV heads (with these heads' ``stats``)."""
     if cfg.pairs is None:
-        return paper_rope_plan(config, spec.head_dim, p)
-    inv_freq, scaling = model_inv_freq(config, spec.head_dim)
+        return paper_rope_plan(config, spec.head_dim, p, spec.rope_frequencies)
+    inv_freq, scaling = mla_inv_freq(config, spec.head_dim, spec.rope_frequencies)
     if cfg.pairs == "fast":  # the same p/2 fastest pairs in every layer: DeepSeek-V3's RoPE at theta^(p/h)
         pairs = torch.arange(p // 2)
     elif cfg.pairs == "uniform":

@@ -49,6 +49,9 @@ class InitOptions:
     method: str = DEFAULT_METHOD
     calib_data: str | None = None  # 'teacher', 'shakespeare' or a path; None: DEFAULT_CALIB_DATA
     calib_tokens: int = DEFAULT_CALIB_TOKENS
+    rope_frequencies: str | None = None  # 'default' | 'source' (a scaled RoPE; None: default)
+    rope_span: int | None = None  # TransMLA's fold over the K fastest pairs
+    attention_bias: str | None = None  # 'fold' | 'keep' (q/k/v biases; None: fold where possible)
     output: Path | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -77,7 +80,8 @@ class InitOptions:
 
     @property
     def calibrates(self) -> bool:
-        """Whether the init reads calibration text: a data-aware method, or the latent norm's channel."""
+        """Whether the init reads calibration text: a data-aware method, or the latent norm's channel
+        (folding a biased source's biases reads it too, whatever the options)."""
         return not self.method_config.is_paper or self.latent_norm
 
     @property
@@ -148,11 +152,14 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
         method=opts.method_name,
         kv_rows=opts.kv_rows,
         singular_values=sv,
+        rope_frequencies=opts.rope_frequencies,
+        rope_span=opts.rope_span,
+        attention_bias=opts.attention_bias,
     )
     if opts.latent_width is not None:
         spec = replace(spec, latent_width=opts.latent_width)
     calib_ids = None
-    if opts.calibrates:
+    if opts.calibrates or spec.biases_folded:
         data = opts.calib_data or DEFAULT_CALIB_DATA
         if data == TEACHER:
             calib_ids = sampled_calibration(loaded, opts.calib_tokens, progress)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import XecomlaError
-from ..mla.spec import MLASpec, attention_shape
+from ..mla.rope import rope_type, unscaled_pairs
+from ..mla.spec import MLASpec, attention_shape, source_biases
 from .common import rank_for_energy
+from .engine_ready import default_rope_span
 from .methods import parse_method
+
+ROPE_FREQUENCIES = ("default", "source")  # --rope-frequencies
+ATTENTION_BIAS = ("fold", "keep")  # --attention-bias
 
 
 def max_kv_rank(spec: MLASpec) -> int:
@@ -21,7 +26,16 @@ def validate_spec(spec: MLASpec) -> None:
     h, p, S, G = spec.head_dim, spec.rope_dim, spec.rope_groups, spec.num_kv_heads
     if S < 1 or G % S:
         raise XecomlaError(f"{S} RoPE key slices do not divide the {G} KV heads: use one per KV group, or one key")
-    if spec.qk_nope_dim is not None and parse_method(spec.method).freqfold is not None:
+    if spec.rope_span is not None:
+        if parse_method(spec.method).freqfold is None:
+            raise XecomlaError(
+                "--rope-span K is TransMLA's fold over the K fastest pairs: use it with --method transmla"
+            )
+        if p <= 0 or p % 2 or spec.rope_span % (p // 2) or not p // 2 <= spec.rope_span <= h // 2:
+            raise XecomlaError(
+                f"--rope-span {spec.rope_span} must be a multiple of p/2 = {p // 2} between p/2 and h/2 = {h // 2}"
+            )
+    elif spec.qk_nope_dim is not None and parse_method(spec.method).freqfold is not None:
         # TransMLA: n = h, RoPE on p = h/c rotated channels
         if p <= 0 or p % 2 or h % p or (h // 2) % (h // p):
             raise XecomlaError(
@@ -57,13 +71,14 @@ def rope_dim_default(head_dim: int, slices: int) -> int:
     return head_dim // 2 // (2 * slices) * (2 * slices) or 2 * slices
 
 
-def validate_fold(fold: int, head_dim: int, rope_dim: int) -> None:
-    """freqfold-N: N must be a multiple of the collapse c = h/p and divide h/2."""
-    c = head_dim // rope_dim
-    if fold % c or (head_dim // 2) % fold:
+def validate_fold(fold: int, head_dim: int, rope_dim: int, span: int | None = None) -> None:
+    """freqfold-N: N must be a multiple of the collapse c = 2K/p and divide the span K (h/2 by default)."""
+    K = span or head_dim // 2
+    c = 2 * K // rope_dim
+    if fold % c or K % fold:
         raise XecomlaError(
-            f"--method freqfold-{fold}: the fold must be a multiple of h/p = {c} that divides h/2 = {head_dim // 2} "
-            f"(e.g. freqfold-{2 * c if (head_dim // 2) % (2 * c) == 0 else c}), or plain freqfold to search it"
+            f"--method freqfold-{fold}: the fold must be a multiple of 2K/p = {c} that divides K = {K} pairs "
+            f"(e.g. freqfold-{2 * c if K % (2 * c) == 0 else c}), or plain freqfold to search it"
         )
 
 
@@ -79,11 +94,19 @@ def build_spec(
     method: str = "paper",
     kv_rows: str = "all",
     singular_values: dict[int, torch.Tensor] | None = None,
+    rope_frequencies: str | None = None,
+    rope_span: int | None = None,
+    attention_bias: str | None = None,
 ) -> MLASpec:
     """The spec for an init-svd run: fixed rank, or per-layer ranks from the energy rule.
 
     The method shapes the attention: ``group-rope`` splits the RoPE key into one slice per KV group,
-    ``freqfold`` (TransMLA) keeps all h query/key dims without RoPE (n = h)."""
+    ``freqfold`` (TransMLA) keeps all h query/key dims without RoPE (n = h).
+
+    What the engines read (``init.engine_ready``): a source with scaled RoPE gets default RoPE
+    frequencies unless ``rope_frequencies`` is "source" (with TransMLA's fold over the fastest
+    ``rope_span`` pairs, by default the unscaled ones); a source with q/k/v biases has them folded
+    unless ``attention_bias`` is "keep"."""
     shape = attention_shape(config)
     cfg = parse_method(method)  # one clear error for an unknown method
     slices = shape["num_kv_heads"] if cfg.group_rope else 1
@@ -108,11 +131,47 @@ def build_spec(
         energy=energy,
         rope_groups=slices,
         qk_nope_dim=shape["head_dim"] if cfg.freqfold is not None or cfg.wide else None,
+        **engine_choices(config, cfg.freqfold is not None, p, q_rank, rope_frequencies, rope_span, attention_bias),
     )
     validate_spec(spec)
     if cfg.freqfold:
-        validate_fold(cfg.freqfold, spec.head_dim, spec.rope_dim)
+        validate_fold(cfg.freqfold, spec.head_dim, spec.rope_dim, spec.rope_span)
     return spec
+
+
+def engine_choices(
+    config,
+    folds: bool,
+    rope_dim: int,
+    q_rank: int | None,
+    rope_frequencies: str | None,
+    rope_span: int | None,
+    attention_bias: str | None,
+) -> dict:
+    """The spec's RoPE frequencies, span and bias treatment (``init.engine_ready``), one line per bad choice."""
+    if rope_frequencies not in (None, *ROPE_FREQUENCIES):
+        raise XecomlaError(f"--rope-frequencies '{rope_frequencies}': use {' or '.join(ROPE_FREQUENCIES)}")
+    if attention_bias not in (None, *ATTENTION_BIAS):
+        raise XecomlaError(f"--attention-bias '{attention_bias}': use {' or '.join(ATTENTION_BIAS)}")
+    h = attention_shape(config)["head_dim"]
+    scaled = rope_type(config) != "default"
+    frequencies = "default" if scaled and rope_frequencies != "source" else None
+    if rope_span is None and frequencies == "default" and folds:
+        rope_span = default_rope_span(unscaled_pairs(config, h), h, rope_dim)
+    elif rope_span == h // 2:
+        rope_span = None
+    qkv_bias, o_bias = source_biases(config)
+    bias = None
+    if qkv_bias:
+        bias = "folded" if (attention_bias or ("keep" if o_bias else "fold")) == "fold" else "kept"
+        if bias == "folded" and o_bias:
+            raise XecomlaError(
+                "the attention output has a bias, which no engine loads and which cannot be folded: "
+                "--attention-bias keep (xecomla and --format xecomla only)"
+            )
+        if bias == "folded" and q_rank is not None:
+            raise XecomlaError("--q-rank with --attention-bias fold cannot fold the query bias: drop --q-rank")
+    return {"rope_frequencies": frequencies, "rope_span": rope_span, "attention_bias": bias}
 
 
 def parse_layers(text: str | None, num_layers: int) -> list[int] | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..mla.rope import model_inv_freq
+from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
 from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .freqfold import FoldedKeys, fold_candidates, freqfold_keys
@@ -38,7 +38,7 @@ def fold_layer(w: AttentionWeights, spec: MLASpec, stats: LayerStats, cfg: Metho
     if w.bk is not None:
         wk, wq, C = torch.cat([wk, w.bk[:, None]], 1), torch.cat([wq, w.bq[:, None]], 1), stats.cov_aug
     H, G, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    f = freqfold_keys(wk, wq, C, H, G, h, spec.rope_dim, cfg.freqfold)
+    f = freqfold_keys(wk, wq, C, H, G, h, spec.rope_dim, cfg.freqfold, spec.rope_span)
     if cfg.drop:
         fast = drop_pairs(inv_freq, ROPE_CONTEXT)  # (h/2,)
         f.k_resid[:, torch.cat([fast, fast])] = 0
@@ -65,7 +65,7 @@ def transmla_state_dict(
     """TransMLA's MLA weights of one layer as an ``MLAAttention`` state dict, and its RoPE plan."""
     H, G, h, p = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope_dim
     r, d = spec.kv_ranks[layer], spec.hidden_size
-    inv_freq, scaling = model_inv_freq(model.config, h)
+    inv_freq, scaling = mla_inv_freq(model.config, h, spec.rope_frequencies)
     f = fold_layer(w, spec, stats, cfg, inv_freq)
     bias = w.bk is not None
     sd: dict[str, torch.Tensor] = {}
@@ -95,7 +95,7 @@ def transmla_state_dict(
 
 def transmla_energy(model, w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
     """Output-energy eigenvalues of a layer's latent rows (what ``budget`` allocates by)."""
-    f = fold_layer(w, spec, stats, cfg, model_inv_freq(model.config, spec.head_dim)[0])
+    f = fold_layer(w, spec, stats, cfg, mla_inv_freq(model.config, spec.head_dim, spec.rope_frequencies)[0])
     W, k_mask = residual_kv_rows(w, f, spec.num_kv_heads, spec.head_dim)
     alpha = bkv_alpha(w, f, stats) if cfg.balance else 1.0
     return balanced_factors(W, k_mask, stats.cov if cfg.whiten else None, 0, alpha)[2]
@@ -123,7 +123,7 @@ def search_freqfold(
     full = full_rank_spec(spec)
     tried: dict[int, float] = {}
     best = None
-    for fold in fold_candidates(spec.head_dim, spec.rope_dim):
+    for fold in fold_candidates(spec.head_dim, spec.rope_dim, spec.rope_span):
         undo = convert_all(full, fold)
         try:
             tried[fold] = loss()

@@ -49,7 +49,7 @@ def apply_spec(model, spec: MLASpec) -> None:
     layers = decoder_layers(model)
     for i in spec.converted_layers:
         old = layers[i].self_attn
-        new = new_mla_attention(model.config, spec, i, has_qkv_bias(old), has_o_bias(old))
+        new = new_mla_attention(model.config, spec, i, has_qkv_bias(old) and not spec.biases_folded, has_o_bias(old))
         new.rope_attention_scaling = spec.rope_attention_scaling
         new.train(old.training)
         layers[i].self_attn = new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype)

@@ -32,6 +32,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def rope_theta(config) -> float:
+    """The source's RoPE base θ."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rope_type(config) -> str:
+    """The source's RoPE type: 'default', or its scaling ('llama3', 'yarn', 'linear', ...)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return params.get("rope_type", "default") or "default"
+
+
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Default (unscaled) RoPE at ``dim``: θ^(-2j/dim), j < dim/2 — what every engine computes for
+    ``rope_type: default``."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def unscaled_pairs(config, head_dim: int) -> int:
+    """How many of the fastest rotate-half pairs the source's RoPE scaling leaves as they are
+    (all h/2 for default RoPE). Llama 3's scaling keeps the pairs whose wavelength is below
+    original_max_position_embeddings / high_freq_factor and slows the others."""
+    scaled, _ = model_inv_freq(config, head_dim)
+    plain = default_inv_freq(rope_theta(config), head_dim)
+    same = torch.isclose(scaled.double(), plain.double(), rtol=1e-6, atol=0)
+    return int(same.numel() if bool(same.all()) else int((~same).nonzero()[0]))
+
+
+def mla_inv_freq(config, dim: int, frequencies: str | None) -> tuple[torch.Tensor, float]:
+    """The frequencies an init gives the MLA's RoPE dims, as if the head dim were ``dim``.
+
+    ``frequencies`` None: the source's own (its scaling honoured; exact in transformers and xecomla);
+    ``"default"``: default RoPE with the source's θ, no scaling — what llama.cpp, vLLM and SGLang
+    read from ``rope_type: default`` (the DeepSeek layout's engines rewrite any other type)."""
+    if frequencies == "default":
+        return default_inv_freq(rope_theta(config), dim), 1.0
+    return model_inv_freq(config, dim)
+
+
 def model_inv_freq(config, dim: int) -> tuple[torch.Tensor, float]:
     """The base model's RoPE frequencies as if its head dim were `dim`.
 
@@ -43,10 +82,8 @@ def model_inv_freq(config, dim: int) -> tuple[torch.Tensor, float]:
     cfg = copy.deepcopy(config)
     cfg.head_dim = dim
     params = getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        base = params["rope_theta"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq, 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return default_inv_freq(params["rope_theta"], dim), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
     return inv_freq.float(), float(scaling)

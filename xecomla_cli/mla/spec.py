@@ -46,6 +46,11 @@ class MLASpec:
     rank_budget: int | None = None  # budget: the total rank spread over the converted layers
     calibration: dict[str, Any] | None = None  # a data-aware init's calibration text: {"data", "tokens"}
     latent_width: int | str | None = None  # --latent-width W (or 'vllm'), when the ranks came from it
+    # ---- what the engines read (a source with scaled RoPE or attention biases; ``init.engine_ready``) ----
+    rope_frequencies: str | None = None  # "default": the RoPE dims turn as default RoPE (θ, unscaled)
+    rope_span: int | None = None  # freqfold: only the K fastest pairs get RoPE slots, the slower ones none
+    attention_bias: str | None = None  # a biased source's q/k/v biases: "folded" into the weights, or "kept"
+    bias_fold: dict[str, Any] | None = None  # folded: per layer, the attention output's relative error
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -57,6 +62,11 @@ class MLASpec:
     def nope_dim(self) -> int:
         """n: query/key dims without RoPE, h − p_g (h − p with one shared key) unless set."""
         return self.head_dim - self.group_rope_dim if self.qk_nope_dim is None else self.qk_nope_dim
+
+    @property
+    def biases_folded(self) -> bool:
+        """The MLA layers are bias-free: a biased source's biases were folded into the weights."""
+        return self.attention_bias == "folded"
 
     @property
     def converted_layers(self) -> list[int]:
@@ -126,6 +136,10 @@ INIT_RECORD = (
     "rank_budget",
     "calibration",
     "latent_width",
+    "rope_frequencies",
+    "rope_span",
+    "attention_bias",
+    "bias_fold",
 )
 
 
@@ -140,6 +154,14 @@ def attention_shape(config) -> dict[str, int]:
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
         "head_dim": head_dim,
     }
+
+
+def source_biases(config) -> tuple[bool, bool]:
+    """(q/k/v biases, output bias) of a Llama / Qwen2 / Mistral config (Qwen2 always has q/k/v biases)."""
+    if getattr(config, "model_type", None) == "qwen2":
+        return True, False
+    on = bool(getattr(config, "attention_bias", False))
+    return on, on
 
 
 def attention_kind(num_heads: int, num_kv_heads: int) -> str:

@@ -18,9 +18,10 @@ def user_header(tokenizer) -> str:
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a chat turn: EOS and the template's end-of-turn token, when it has one."""
+    """Token ids that end a chat turn: EOS, the template's end-of-turn token, and ChatML's start of the
+    next turn, when the tokenizer has them."""
     ids = {tokenizer.eos_token_id}
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for name in ("<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(name)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
             ids.add(tid)
