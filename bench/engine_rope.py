@@ -13,7 +13,7 @@ variant converts a copy with TransMLA's method at its smallest fold (``freqfold-
 the latent norm, calibrated on random ids;
 the relative error of every layer's attention output against the original layer is then measured on
 held-out ids of ``--eval-len`` positions (the original model's inputs to every layer: teacher
-inputs), at full rank (the RoPE/bias construction alone) and at ``--kv-rank``.
+inputs), at full rank (the RoPE/bias construction alone) and at ``--kv-ranks``.
 
 Variants (llama3 sources): ``source`` (the source's scaled frequencies: exact in transformers only),
 ``default`` (default RoPE, TransMLA's fold over the unscaled pairs: init-svd's default), and
@@ -49,13 +49,26 @@ LLAMA3 = {
 }
 SHAPES = {  # the real configs' per-layer sizes
     "llama-3.2-1b": dict(
-        family="llama", hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, rope_parameters=LLAMA3, max_position_embeddings=131072, kv_rank=128,
+        family="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rope_parameters=LLAMA3,
+        max_position_embeddings=131072,
+        kv_rank=128,
     ),  # fmt: skip
     "qwen2.5-0.5b": dict(
-        family="qwen2", hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
-        head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        max_position_embeddings=32768, kv_rank=128,
+        family="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        max_position_embeddings=32768,
+        kv_rank=128,
     ),  # fmt: skip
 }
 
@@ -127,7 +140,7 @@ def run_shape(args) -> dict:
     rows = []
     for p in args.rope_dims:
         for name, choices in variants(original.config, p).items():
-            for rank in (full, shape["kv_rank"]):
+            for rank in (full, *args.kv_ranks):
                 start = time.perf_counter()
                 if p == shape["head_dim"] and "rope_span" in choices:
                     continue  # the span of every pair is what p = h gives by default
@@ -170,9 +183,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=[*SHAPES, "demo"])
     ap.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument(
+        "--kv-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="ranks besides the full rank (random weights "
+        "have no low-rank structure: a cut there measures the rank, not the construction)",
+    )
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--calib-blocks", type=int, default=4)
+    ap.add_argument("--calib-blocks", type=int, default=2)
     ap.add_argument("--eval-len", type=int, default=1024)
     ap.add_argument("--ckpt", action="append", default=[], help="demo: checkpoints to measure against the demo")
     ap.add_argument("--held-out", default="shakespeare", help="demo: held-out text (calibration_ids' sources)")

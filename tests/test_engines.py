@@ -34,7 +34,7 @@ def test_width_96_keeps_the_latent_everywhere_but_vllm():
     assert not vllm.latent and not vllm.saves
     assert vllm.values_per_token == 2 * 9 * 64 * 30  # VLLM_MLA_DISABLE=1: per-head K and V of all 9 heads
     assert "VLLM_MLA_DISABLE=1" in vllm.note and "3.0x MORE than the original's 384" in vllm.note
-    assert "no vLLM MLA width (320/512/576) is below this model's 384" in vllm.note  # 576 would not save here
+    assert "--latent-width 320 keeps MLA in vLLM on GPU (1.20x)" in vllm.note  # 576 would not save here
 
 
 def test_width_576_is_native_to_vllm_on_cpu_and_gpu():

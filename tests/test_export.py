@@ -34,13 +34,21 @@ def make_ckpt(
     stage="init-svd",
     parent=None,
     metrics=None,
+    attention_bias=None,
     **overrides,
 ) -> Path:
     model = make_model(family, **overrides)
-    spec = build_spec(model.config, kv_rank=kv_rank, q_rank=q_rank, latent_norm=latent_norm, layers=layers)
+    spec = build_spec(
+        model.config,
+        kv_rank=kv_rank,
+        q_rank=q_rank,
+        latent_norm=latent_norm,
+        layers=layers,
+        attention_bias=attention_bias,
+    )
     if ranks is not None:  # per-layer ranks, as --energy gives
         spec.kv_ranks = list(ranks)
-    calib = calib_ids() if latent_norm else None
+    calib = calib_ids() if latent_norm or spec.biases_folded else None
     spec = convert_model(model, spec, calib_ids=calib)  # the latent norm's channel is fitted on calibration inputs
     if latent_norm:  # a trained norm is not all ones
         with torch.no_grad():
@@ -197,8 +205,8 @@ def test_refuses_hybrid_checkpoint_and_format_xecomla_writes_it(tmp_path):
     assert "original attention" in card and "library_name: xecomla" in card
 
 
-def test_refuses_qwen2_biases(tmp_path):
-    ckpt = make_ckpt(tmp_path, "ckpt", "qwen2")
+def test_refuses_qwen2_biases_kept(tmp_path):
+    ckpt = make_ckpt(tmp_path, "ckpt", "qwen2", attention_bias="keep")  # init-svd --attention-bias keep
     with pytest.raises(XecomlaError) as info:
         export_checkpoint(ckpt, tmp_path / "out")
     msg = str(info.value)

@@ -187,7 +187,7 @@ def test_complex_shared_key_is_exact_when_heads_are_multiples(family):
     results = {}
     for method in ("complex", "rorope", "rot-pairs", "paper"):
         model = structured_model(family)
-        spec = build_spec(model.config, kv_rank=48, rope_dim=8, method=method)  # 48 = G·(n+h): full rank
+        spec = build_spec(model.config, kv_rank=48, rope_dim=8, method=method, attention_bias="keep")  # 48: full rank
         spec = convert_model(model, spec, method=method, calib_ids=ids)
         with torch.no_grad():
             out = model(ids).logits

@@ -15,6 +15,8 @@ from xecomla_cli.mla.spec import MLASpec
 
 
 def convert(model, **kw) -> MLASpec:
+    """The exact MLA of the source (Qwen2's biases kept, not folded for the engines: init.engine_ready)."""
+    kw.setdefault("attention_bias", "keep")
     spec = build_spec(model.config, **kw)
     spec = convert_model(model, spec)
     return spec
@@ -241,10 +243,11 @@ def test_llama_3_2_1b_shape_gives_6_4x():
     assert spec.rope_dim == 32 and spec.values_per_token(0) == 160
     assert spec.original_values_per_token_per_layer == 1024
     assert spec.compression == pytest.approx(6.4)
-    from xecomla_cli.mla.rope import model_inv_freq
+    from xecomla_cli.mla.rope import default_inv_freq
 
-    inv, _ = model_inv_freq(model.config, 32)
-    assert torch.equal(decoder_layers(model)[0].self_attn.rope_inv_freq, inv)
+    # llama3's scaling is not carried: default RoPE at dim 32 with θ, what every engine computes (init.engine_ready)
+    assert spec.rope_frequencies == "default"
+    assert torch.equal(decoder_layers(model)[0].self_attn.rope_inv_freq, default_inv_freq(500000.0, 32))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(torch.randint(0, 512, (1, 4)), past_key_values=cache, use_cache=True)

@@ -196,7 +196,7 @@ def test_group_rope_at_full_rank_is_the_original_gqa_and_caches_r_plus_g_pg(fami
     ids = torch.randint(0, 300, (2, 9))
     ref = make_model(family)
     model = make_model(family)
-    spec = build_spec(model.config, kv_rank=32, rope_dim=32, method="group-rope")
+    spec = build_spec(model.config, kv_rank=32, rope_dim=32, method="group-rope", attention_bias="keep")
     spec = convert_model(model, spec, "group-rope", calib())
     assert spec.nope_dim == 0 and spec.group_rope_dim == 16
     with torch.no_grad():

@@ -96,6 +96,13 @@ def spec_table(spec, title: str) -> Table:
     t.add_row("q rank", str(spec.q_rank) if spec.q_rank else "full")
     t.add_row("latent norm", "yes" if spec.latent_norm else "no")
     t.add_row("method", spec.method)
+    if spec.rope_frequencies == "default":
+        span = f"the {spec.rope_span} fastest pairs" if spec.rope_span else "every pair"
+        t.add_row("RoPE", f"default RoPE (the source's scaling not carried: every engine reads it) over {span}")
+    if spec.attention_bias:
+        errors = (spec.bias_fold or {}).get("attention_error", {})
+        worst = f"; attention error per layer up to {max(errors.values()):.2%}" if errors else ""
+        t.add_row("q/k/v biases", f"{spec.attention_bias}{worst}")
     t.add_row(
         "cache / token", f"{spec.values_per_token_total:,} values (original {spec.original_values_per_token_total:,})"
     )

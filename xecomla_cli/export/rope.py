@@ -89,11 +89,13 @@ def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, str | None, lis
             )
         return found, "default", notes
     # The base model's scaled rope_parameters at dim p (θ, or θ^{p/h} for the fast pairs): the source's frequencies.
+    candidates = {}
     for source_theta in (None, theta ** (plan.rope_dim / h)):
         config = deepseek_config(loaded, replace(plan, rope_theta=source_theta, rope_type=None))
-        inv_freq, scaling = deepseek_rope(config)
-        if frequencies_match(attns, inv_freq):
-            break
+        candidates[source_theta] = deepseek_rope(config)
+    matching = [t for t, (inv_freq, _) in candidates.items() if frequencies_match(attns, inv_freq)]
+    source_theta = matching[0] if matching else None  # else the errors below name the first layer that differs
+    inv_freq, scaling = candidates[source_theta]
     for i, attn in enumerate(attns):
         if not frequencies_match([attn], inv_freq):
             ours = attn.rope_inv_freq.float().cpu()
