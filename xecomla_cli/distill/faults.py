@@ -1,0 +1,133 @@
+"""Faults the loop handles, once for every mode: a stop asked for by a signal, and a loss that diverges.
+
+Ctrl-C / SIGTERM    noted by `StopSignals`; at the next step boundary (the next logged step
+                    under torchrun, where the processes agree on it) the loop saves a resumable
+                    state and stops with one line giving the --resume command. A second signal
+                    acts at once (the handlers are the previous ones again).
+a diverging loss    `LossGuard`: a loss that is not finite, or more than `SPIKE` times the median
+                    of the last logged losses (after `WARMUP` of them) stops the run with one line
+                    naming the step and the learning rate; the last state saved before it is
+                    kept, marked so that --resume accepts a lower --lr (`state.mark_diverged`).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import XecomlaError
+from .dist import Dist
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SPIKE = 10.0  # a loss this many times the running median is a divergence ...
+SPIKE_MARGIN = 1.0  # ... when it is also this much above it (small losses jitter by large factors)
+WARMUP = 5  # logged losses before the median is trusted
+
+
+class StopSignals:
+    """SIGINT and SIGTERM, noted while training (a context manager; only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _note(self, signum: int, _frame) -> None:
+        self.received = signum
+        self._restore()  # a second Ctrl-C interrupts at once
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def requested(self, dist: Dist, *, collective: bool) -> bool:
+        """Whether a signal asked to stop. Under torchrun only where `collective` (every process
+        at the same step): there the processes agree (one all-reduce)."""
+        if not dist.distributed:
+            return self.received is not None
+        if not collective:
+            return False
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=dist.device)
+        dist.all_sum(flag)
+        return bool(flag.item())
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal"
+
+
+class Diverged(XecomlaError):
+    """The loss diverged: one line naming the step, the loss and the learning rate."""
+
+
+class LossGuard:
+    """Stops a run whose loss diverges: not finite, or far above the median of the last logged losses."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def problem(self, loss: float, recent: list[float]) -> str | None:
+        """What is wrong with `loss` after the logged losses `recent`, or None."""
+        if not math.isfinite(loss):
+            return f"the loss became {loss}"
+        if len(recent) >= WARMUP:
+            median = statistics.median(recent)
+            if loss > SPIKE * median and loss - median > SPIKE_MARGIN:
+                return f"the loss jumped to {loss:.4g}, over {SPIKE:g}x its recent median {median:.4g}"
+        return None
+
+    def message(self, what: str, step: int, saved_step: int | None, command: str) -> str:
+        """The one line of a diverged run: what, where, why, and what to do."""
+        lower = f"{self.lr / 10:g}"
+        head = f"{what} at step {step}: the learning rate is likely too high (--lr {self.lr:g})"
+        if saved_step is None:
+            return f"{head}; no state was saved before it: run again with a lower --lr, e.g. --lr {lower} (and --force)"
+        return (
+            f"{head}; the state of step {saved_step} is kept: continue it with a lower --lr, e.g. "
+            f"{with_option(command, '--lr', lower)}"
+        )
+
+
+def resume_command(ckpt: Path, out: Path) -> str:
+    """The command line that continues this run: the one that started it with --resume (and the
+    checkpoint's path for a '-' read from stdin), else a plain one."""
+    argv = sys.argv[1:]
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program not in ("xecomla", "__main__.py") or "distill" not in argv:
+        return f"xecomla distill {shlex.quote(str(ckpt))} -o {shlex.quote(str(out))} --resume (and the run's options)"
+    at = argv.index("distill")
+    argv = [*argv[: at + 1], *(str(ckpt) if a == "-" else a for a in argv[at + 1 :])]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["xecomla", *argv])
+
+
+def with_option(command: str, flag: str, value: str) -> str:
+    """`command` with `flag` set to `value` (replaced where given, else added)."""
+    if command.endswith("(and the run's options)"):
+        return command.replace(" --resume", f" {flag} {value} --resume")
+    argv = shlex.split(command)
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            argv[i + 1] = value
+            return shlex.join(argv)
+        if a.startswith(flag + "="):
+            argv[i] = f"{flag}={value}"
+            return shlex.join(argv)
+    return shlex.join([*argv, flag, value])
