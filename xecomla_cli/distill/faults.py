@@ -28,7 +28,8 @@ from .dist import Dist
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SPIKE = 10.0  # a loss this many times the running median is a divergence ...
 SPIKE_MARGIN = 1.0  # ... when it is also this much above it (small losses jitter by large factors)
-WARMUP = 5  # logged losses before the median is trusted
+WARMUP = 3  # logged losses before the median is trusted
+GROWTH = 10.0  # weights whose norm grew this many times since the start have diverged
 
 
 class StopSignals:
@@ -76,16 +77,22 @@ class Diverged(XecomlaError):
     """The loss diverged: one line naming the step, the loss and the learning rate."""
 
 
-class LossGuard:
-    """Stops a run whose loss diverges: not finite, or far above the median of the last logged losses."""
+class DivergenceGuard:
+    """Stops a diverging run: a loss not finite or far above the median of the last logged losses,
+    or weights grown far beyond their norm at the start."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
 
-    def problem(self, loss: float, recent: list[float]) -> str | None:
-        """What is wrong with `loss` after the logged losses `recent`, or None."""
+    def problem(self, loss: float, recent: list[float], norm: float, initial_norm: float | None) -> str | None:
+        """What is wrong at a logged step with `loss` after the logged losses `recent` and the weights'
+        norm `norm` (`initial_norm` at the start), or None."""
         if not math.isfinite(loss):
             return f"the loss became {loss}"
+        if not math.isfinite(norm):
+            return f"the weights' norm became {norm}"
+        if initial_norm and norm > GROWTH * initial_norm:
+            return f"the weights' norm grew {norm / initial_norm:.3g}x since the start (to {norm:.3g})"
         if len(recent) >= WARMUP:
             median = statistics.median(recent)
             if loss > SPIKE * median and loss - median > SPIKE_MARGIN:
@@ -97,7 +104,7 @@ class LossGuard:
         lower = f"{self.lr / 10:g}"
         head = f"{what} at step {step}: the learning rate is likely too high (--lr {self.lr:g})"
         if saved_step is None:
-            return f"{head}; no state was saved before it: run again with a lower --lr, e.g. --lr {lower} (and --force)"
+            return f"{head}; no state was saved before it: run again with a lower --lr, e.g. --lr {lower}"
         return (
             f"{head}; the state of step {saved_step} is kept: continue it with a lower --lr, e.g. "
             f"{with_option(command, '--lr', lower)}"

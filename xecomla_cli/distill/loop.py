@@ -4,7 +4,8 @@ lines, the progress bar, validations, resumable states, and the faults (`faults.
     start_or_resume   a fresh metrics log, or the saved state loaded (same settings checked)
     train             per step: trainer.train_step(); every --log-every steps a metrics line (the
                       loss checked by the guard), every --eval-every a validation, every
-                      --save-every a resumable state; a signal saves and stops at the step's end
+                      --save-every a resumable state; a signal saves and stops at the step's end,
+                      a diverging loss or weights stop the run (`faults.py`)
     validate          the objective's held-out metrics, written as a metrics line
 
 Under torchrun every rank runs it, rank 0 writes.
@@ -20,7 +21,7 @@ import torch
 from .. import console
 from ..errors import XecomlaError
 from ..outputs import fault_point
-from .faults import Diverged, LossGuard, StopSignals, resume_command
+from .faults import Diverged, DivergenceGuard, StopSignals, resume_command
 from .metrics import Clock, MetricsLog, TrainHistory, pool_stats, round_floats
 from .plan import RunPlan
 from .progress import TrainProgress
@@ -61,8 +62,9 @@ def train(
     cfg, dist, objective = plan.cfg, trainer.dist, trainer.objective
     log_every, eval_every = objective.log_interval(), objective.eval_interval()
     clock = Clock(history.seconds)
-    guard = LossGuard(float(cfg.lr))
+    guard = DivergenceGuard(float(cfg.lr))
     if trainer.step == 0:
+        history.initial_norm = trainer.weight_norm()
         history.initial = validate(trainer, metrics_log)
         if history.initial is not None:
             v0 = history.initial
@@ -81,7 +83,9 @@ def train(
             if logged:
                 record = log_step(trainer, window, clock, metrics_log)
                 window = []
-                problem = guard.problem(record["loss"], history.recent_loss)
+                problem = guard.problem(
+                    record["loss"], history.recent_loss, record["weight_norm"], history.initial_norm
+                )
                 if problem is not None:
                     raise diverged(plan, guard, problem, step, dist.main)
                 history.add(record)
@@ -114,7 +118,7 @@ def save(trainer: Trainer, plan: RunPlan, history: TrainHistory) -> None:
     save_state(trainer, plan.paths.state_dir, {**info, "tokens_seen": tokens})
 
 
-def diverged(plan: RunPlan, guard: LossGuard, problem: str, step: int, main: bool) -> Diverged:
+def diverged(plan: RunPlan, guard: DivergenceGuard, problem: str, step: int, main: bool) -> Diverged:
     """The error that stops a diverged run; the last saved state is kept and marked so that --resume
     accepts another --lr."""
     saved = None
@@ -128,9 +132,11 @@ def diverged(plan: RunPlan, guard: LossGuard, problem: str, step: int, main: boo
 def log_step(
     trainer: Trainer, window: list[dict[str, torch.Tensor]], clock: Clock, metrics_log: MetricsLog
 ) -> dict[str, float]:
-    """Pool the steps since the last line (over processes too) and write a metrics line."""
+    """Pool the steps since the last line (over processes too), add the weights' norm and write a
+    metrics line."""
     step, tokens_per_step = trainer.step, trainer.objective.tokens_per_step
     record: dict[str, Any] = pool_stats(window, trainer.dist)
+    record["weight_norm"] = trainer.weight_norm()
     record["step"] = step
     if tokens_per_step:
         record["tokens"] = step * tokens_per_step

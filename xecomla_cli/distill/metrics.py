@@ -73,6 +73,7 @@ class TrainHistory:
     recent_kl: list[float] = field(default_factory=list)  # train KL of the last logged steps (KD)
     recent_loss: list[float] = field(default_factory=list)  # the loss of the last logged steps (the guard's)
     seconds: float = 0.0  # training time until the last save (this run and the ones it resumes)
+    initial_norm: float | None = None  # the trained weights' norm at step 0 (the guard's)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainHistory:
@@ -82,6 +83,7 @@ class TrainHistory:
             list(d.get("recent_kl", [])),
             list(d.get("recent_loss", [])),
             float(d.get("seconds", 0.0)),
+            d.get("initial_norm"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +93,7 @@ class TrainHistory:
             "recent_kl": self.recent_kl,
             "recent_loss": self.recent_loss,
             "seconds": self.seconds,
+            "initial_norm": self.initial_norm,
         }
 
     def add(self, record: dict[str, float]) -> None:

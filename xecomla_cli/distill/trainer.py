@@ -108,6 +108,15 @@ class Trainer:
         self.step += 1
         return {**objective.step_stats(sums, batch), "grad_norm": grad_norm, "lr": torch.tensor(lr)}
 
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """The L2 norm of all trained parameters (collective under FSDP: a host sync)."""
+        params = [p.detach() for p in self.objective.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.get_total_norm(params) if params else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        return float(norm)
+
     def _no_sync(self, skip: bool):
         """No gradient all-reduce on the micro batches before the last one (DDP, FSDP2)."""
         parallel = self.objective.parallel
