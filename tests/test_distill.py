@@ -412,3 +412,23 @@ def test_a_huge_lr_stops_the_run_with_one_line(student_ckpt, text_file, tmp_path
     assert "\n" not in line and "--lr 10000" in line and "learning rate is likely too high" in line
     assert "no state was saved before it" in line
     assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("mode", ["kd", "local"])
+def test_the_student_checkpoint_is_read_once(student_ckpt, text_file, tmp_path, monkeypatch, mode):
+    """Its xecomla.json is opened, and its source resolved, once per run: the value is passed down."""
+    from pathlib import Path
+
+    import xecomla_cli.checkpoint as checkpoint
+    from xecomla_cli.distill.local import LocalConfig
+    from xecomla_cli.distill.local_run import run_local_distill
+
+    reads, sources = [], []
+    real_meta, real_source = checkpoint.read_meta, checkpoint.recorded_source
+    monkeypatch.setattr(checkpoint, "read_meta", lambda p: reads.append(Path(p).resolve()) or real_meta(p))
+    monkeypatch.setattr(checkpoint, "recorded_source", lambda p, m: sources.append(p) or real_source(p, m))
+    if mode == "kd":
+        run_distill(student_ckpt, _cfg(text_file, steps=1), output=tmp_path / "r")
+    else:
+        run_local_distill(student_ckpt, _cfg(text_file, steps=1), LocalConfig(epochs=1), output=tmp_path / "r")
+    assert reads.count(student_ckpt.resolve()) == 1 and len(sources) == 1

@@ -5,6 +5,10 @@ by layer (``--local``), or with the stages after KD: DPO (``--dpo``) and on-poli
 Defaults live in the config dataclasses (``DistillConfig``, ``LocalConfig``, ``PolicyConfig``); the
 options below show them. Each mode has its own options (``OPTION_MODES``): giving one that the
 chosen mode ignores is an error, so ``xecomla.json`` records only what the run used.
+
+The options are gathered once into ``DistillArgs``; one function per mode turns them into its frozen
+config: ``kd_config`` (global KD, and --local's data and budget), ``local_config`` (--local's
+per-layer training), ``policy_config`` (--dpo, --on-policy).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class KDObjective(Objective):
             compile_loss=cfg.compile and dist.device.type == "cuda",
             kernel=cfg.kd_kernel,
         )
-        self.module = self.student_and_loss
+        self.trained_module = self.student_and_loss
         self.parallel: nn.Module = self.student_and_loss  # what DDP / FSDP run, or the module itself
         if cfg.fsdp:
             shard(self.student_and_loss, teacher, autocast)

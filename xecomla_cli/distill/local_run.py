@@ -107,7 +107,7 @@ def _local_distill(
     metrics_log.start()
     with console.status("validation"):
         before = validate()
-    metrics_log.write({"event": "val", "step": 0, **round_floats(before)})
+    metrics_log.write_val(0, before)
     log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")
     start = time.perf_counter()
     results = train_layers(student.model, teacher.model, ids, held, local)
@@ -116,7 +116,7 @@ def _local_distill(
         metrics_log.write({"event": "layer", **round_floats(r.to_dict())})
     with console.status("validation"):
         after = validate()
-    metrics_log.write({"event": "val", "step": len(results), **round_floats(after)})
+    metrics_log.write_val(len(results), after)  # a layer is --local's step
     metrics = local_metrics(results, before, after, ids.numel(), seconds, cfg.teacher, cfg.data)
     metrics["local_held_tokens"] = held.numel()
     record = {k: v for k, v in run_record(cfg, dist, data).items() if k not in GLOBAL_ONLY} | local.to_dict()

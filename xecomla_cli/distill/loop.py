@@ -152,6 +152,5 @@ def validate(trainer: Trainer, metrics_log: MetricsLog) -> dict[str, float] | No
         return None
     with console.status("validation"):
         v = trainer.objective.validate()
-    tokens = trainer.step * (trainer.objective.tokens_per_step or 0)
-    metrics_log.write({"event": "val", "step": trainer.step, "tokens": tokens, **round_floats(v)})
+    metrics_log.write_val(trainer.step, v, tokens=trainer.step * (trainer.objective.tokens_per_step or 0))
     return v

@@ -47,6 +47,11 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def write_val(self, step: int, metrics: dict[str, float], tokens: int | None = None) -> None:
+        """A validation's line: {"event": "val", "step", ("tokens"), val_kl, val_ppl, val_ppl_teacher}."""
+        where = {"step": step} | ({"tokens": tokens} if tokens is not None else {})
+        self.write({"event": "val", **where, **round_floats(metrics)})
+
 
 def round_floats(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}

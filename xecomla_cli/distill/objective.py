@@ -30,11 +30,11 @@ Stats = dict[str, torch.Tensor]
 
 
 class Objective(ABC):
-    """A loss and a batch source for the one loop; `module` holds every trained parameter."""
+    """A loss and a batch source for the one loop; `trained_module` holds every trained parameter."""
 
     dist: Dist
-    module: nn.Module  # what the optimizer trains and the resumable state saves (names as saved)
-    parallel: nn.Module  # what the loss calls forward on: `module`, or its DDP / FSDP wrapper
+    trained_module: nn.Module  # what the optimizer trains and the resumable state saves (names as saved)
+    parallel: nn.Module  # what the loss calls forward on: `trained_module`, or its DDP / FSDP wrapper
     label: str = "loss"  # the progress bar's name of `metric`
     metric: str = "loss"  # the step statistic that the progress bar shows
     tokens_per_step: int | None = None  # training tokens per step, when the batches are blocks of text

@@ -36,7 +36,7 @@ class PolicyObjective(Objective):
     def __init__(self, student, teacher, cfg: ResolvedPolicyConfig, items: dict[str, Any], tokenizer, dist: Dist):
         self.cfg, self.dist, self.items, self.tokenizer = cfg, dist, items, tokenizer
         self.student, self.teacher = student.train(), teacher
-        self.module = self.parallel = student
+        self.trained_module = self.parallel = student
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         self.sampler = BlockSampler(n_items(cfg, items), cfg.batch_size, cfg.seed)
 

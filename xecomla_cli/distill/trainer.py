@@ -74,14 +74,10 @@ class Trainer:
 
     def __init__(self, objective: Objective, cfg: RunConfig, dist: Dist, *, fused: bool = False):
         self.objective, self.cfg, self.dist = objective, cfg, dist
-        self.optimizer = adamw(objective.module, cfg, fused)
+        self.optimizer = adamw(objective.trained_module, cfg, fused)
         schedule = lr_lambda(cfg.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
-
-    @property
-    def trainable(self) -> int:
-        return sum(p.numel() for p in self.objective.module.parameters() if p.requires_grad)
 
     def train_step(self) -> Stats:
         """One optimizer step on this process's share of the next batch. Returns the step's statistics
@@ -97,7 +93,7 @@ class Trainer:
                 (loss * share).backward()
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v
-        params = [p for p in objective.module.parameters() if p.requires_grad]
+        params = [p for p in objective.trained_module.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
@@ -111,7 +107,7 @@ class Trainer:
     @torch.no_grad()
     def weight_norm(self) -> float:
         """The L2 norm of all trained parameters (collective under FSDP: a host sync)."""
-        params = [p.detach() for p in self.objective.module.parameters() if p.requires_grad]
+        params = [p.detach() for p in self.objective.trained_module.parameters() if p.requires_grad]
         norm = torch.nn.utils.get_total_norm(params) if params else torch.zeros(())
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
@@ -143,7 +139,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(self.objective.module, self.optimizer, options=opts)
+        return get_state_dict(self.objective.trained_module, self.optimizer, options=opts)
 
     def load_full_state(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any], step: int) -> None:
         """Restore `full_state`'s dicts and the schedule at `step` (from this run's --lr: a state whose
@@ -151,7 +147,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         opts = StateDictOptions(full_state_dict=True)
-        module = self.objective.module
+        module = self.objective.trained_module
         set_state_dict(module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
         self.step = step
         self.scheduler.last_epoch = step
