@@ -432,3 +432,20 @@ def test_the_student_checkpoint_is_read_once(student_ckpt, text_file, tmp_path, 
     else:
         run_local_distill(student_ckpt, _cfg(text_file, steps=1), LocalConfig(epochs=1), output=tmp_path / "r")
     assert reads.count(student_ckpt.resolve()) == 1 and len(sources) == 1
+
+
+def test_the_resume_command_is_the_run_s_own(monkeypatch):
+    """The line of a stopped run gives the command that started it, with --resume (and the new --lr)."""
+    from pathlib import Path
+
+    from xecomla_cli.distill.faults import resume_command, with_option
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/xecomla", "-q", "distill", "-", "--lr", "3e-4", "-o", "out dir"])
+    cmd = resume_command(Path("runs/ck"), Path("out dir"))
+    assert cmd == "xecomla -q distill runs/ck --lr 3e-4 -o 'out dir' --resume"
+    assert with_option(cmd, "--lr", "3e-05") == "xecomla -q distill runs/ck --lr 3e-05 -o 'out dir' --resume"
+    two = resume_command(Path("runs/ck"), Path("out dir"), world=2)
+    assert two.startswith("torchrun --nproc-per-node 2 $(which xecomla) -q distill runs/ck")
+    assert with_option(two, "--seed", "1").endswith("-o 'out dir' --seed 1 --resume")
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    assert resume_command(Path("ck"), Path("o")) == "xecomla distill ck -o o --resume (and the run's options)"

@@ -111,30 +111,34 @@ class DivergenceGuard:
         )
 
 
-def resume_command(ckpt: Path, out: Path) -> str:
+def resume_command(ckpt: Path, out: Path, world: int = 1) -> str:
     """The command line that continues this run: the one that started it with --resume (and the
-    checkpoint's path for a '-' read from stdin), else a plain one."""
+    checkpoint's path for a '-' read from stdin), else a plain one; under torchrun, torchrun's."""
     argv = sys.argv[1:]
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    launcher = f"torchrun --nproc-per-node {world} $(which xecomla) " if world > 1 else "xecomla "
     if program not in ("xecomla", "__main__.py") or "distill" not in argv:
-        return f"xecomla distill {shlex.quote(str(ckpt))} -o {shlex.quote(str(out))} --resume (and the run's options)"
+        return f"{launcher}distill {shlex.quote(str(ckpt))} -o {shlex.quote(str(out))} --resume (and the run's options)"
     at = argv.index("distill")
     argv = [*argv[: at + 1], *(str(ckpt) if a == "-" else a for a in argv[at + 1 :])]
     if "--resume" not in argv:
         argv.append("--resume")
-    return shlex.join(["xecomla", *argv])
+    return launcher + shlex.join(argv)
 
 
 def with_option(command: str, flag: str, value: str) -> str:
     """`command` with `flag` set to `value` (replaced where given, else added)."""
     if command.endswith("(and the run's options)"):
         return command.replace(" --resume", f" {flag} {value} --resume")
-    argv = shlex.split(command)
+    head, sep, tail = command.partition(" distill ")  # the launcher ('$(which xecomla)') stays as it is
+    argv = shlex.split(tail)
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
             argv[i + 1] = value
-            return shlex.join(argv)
+            break
         if a.startswith(flag + "="):
             argv[i] = f"{flag}={value}"
-            return shlex.join(argv)
-    return shlex.join([*argv, flag, value])
+            break
+    else:
+        argv[-1:-1] = [flag, value]  # before the final --resume
+    return head + sep + shlex.join(argv)

@@ -58,8 +58,8 @@ class KDObjective(Objective):
         self.teacher = teacher.eval().requires_grad_(False)
         self.tokens_per_step = cfg.tokens_per_step
         self.local_batch = cfg.batch_size // dist.world
-        self.micro = max(1, min(cfg.micro_batch or default_micro_batch(dist.device, self.local_batch, cfg.seq_len),
-                                self.local_batch))  # fmt: skip
+        default_micro = default_micro_batch(dist.device, self.local_batch, cfg.seq_len)
+        self.micro = max(1, min(cfg.micro_batch or default_micro, self.local_batch))  # blocks per forward
         autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         self.trainable = prepare_student(student, cfg)
         self.student_and_loss = DistillModule(
@@ -121,14 +121,14 @@ class KDObjective(Objective):
     def eval_interval(self) -> int:
         return self.cfg.eval_interval(self.dist.device)
 
-    def describe(self, plan) -> str:
+    def describe(self, ckpt: Path) -> str:
         cfg, dist = self.cfg, self.dist
         processes = ""
         if dist.distributed:
             processes = f" x {dist.world} processes" + (" (FSDP)" if cfg.fsdp else " (DDP)")
         epochs = f" ({cfg.budget_blocks / len(self.data.train):.2f} epochs)" if self.data else ""
         return (
-            f"distil {plan.ckpt} from {cfg.teacher}: {cfg.total_steps:,} steps x {cfg.batch_size} x {cfg.seq_len} = "
+            f"distil {ckpt} from {cfg.teacher}: {cfg.total_steps:,} steps x {cfg.batch_size} x {cfg.seq_len} = "
             f"{human_count(cfg.total_steps * cfg.tokens_per_step)} tokens{epochs}, lr {cfg.lr:g}, {cfg.precision}, "
             f"{human_count(self.trainable)} trainable parameters on {dist.device}" + processes
         )

@@ -21,6 +21,7 @@ import torch
 from .. import console
 from ..errors import XecomlaError
 from ..outputs import fault_point
+from .dist import Dist
 from .faults import Diverged, DivergenceGuard, StopSignals, resume_command
 from .metrics import Clock, MetricsLog, TrainHistory, pool_stats, round_floats
 from .plan import RunPlan
@@ -87,7 +88,7 @@ def train(
                     record["loss"], history.recent_loss, record["weight_norm"], history.initial_norm
                 )
                 if problem is not None:
-                    raise diverged(plan, guard, problem, step, dist.main)
+                    raise diverged(plan, guard, problem, step, dist)
                 history.add(record)
                 progress.update(step, record)
                 if on_step is not None:
@@ -104,7 +105,7 @@ def train(
             if stop:
                 raise XecomlaError(
                     f"stopped by {signals.name} at step {step:,} of {cfg.total_steps:,}; its state is saved in "
-                    f"{plan.paths.run_dir}: continue with {resume_command(plan.ckpt, plan.paths.out)}"
+                    f"{plan.paths.run_dir}: continue with {resume_command(plan.ckpt, plan.paths.out, dist.world)}"
                 )
             fault_point("step")
     final_val = validate(trainer, metrics_log)
@@ -118,15 +119,15 @@ def save(trainer: Trainer, plan: RunPlan, history: TrainHistory) -> None:
     save_state(trainer, plan.paths.state_dir, {**info, "tokens_seen": tokens})
 
 
-def diverged(plan: RunPlan, guard: DivergenceGuard, problem: str, step: int, main: bool) -> Diverged:
+def diverged(plan: RunPlan, guard: DivergenceGuard, problem: str, step: int, dist: Dist) -> Diverged:
     """The error that stops a diverged run; the last saved state is kept and marked so that --resume
     accepts another --lr."""
     saved = None
     if plan.paths.has_state:
         saved = int(read_state_info(plan.paths.state_dir)["step"])
-        if main:
+        if dist.main:
             mark_diverged(plan.paths.state_dir, step)
-    return Diverged(guard.message(problem, step, saved, resume_command(plan.ckpt, plan.paths.out)))
+    return Diverged(guard.message(problem, step, saved, resume_command(plan.ckpt, plan.paths.out, dist.world)))
 
 
 def log_step(

@@ -69,8 +69,8 @@ class Objective(ABC):
         return 0
 
     @abstractmethod
-    def describe(self, plan) -> str:
-        """One line at the start: what is trained on what, for how long."""
+    def describe(self, ckpt: Path) -> str:
+        """One line at the start: what is trained from the student `ckpt` on what, for how long."""
 
     @abstractmethod
     def record(self) -> dict[str, Any]:

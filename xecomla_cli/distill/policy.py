@@ -84,10 +84,10 @@ class DPOObjective(PolicyObjective):
     def step_stats(self, sums: Stats, batch: list[int]) -> Stats:
         return {k: v / len(batch) for k, v in sums.items()}
 
-    def describe(self, plan) -> str:
+    def describe(self, ckpt: Path) -> str:
         cfg = self.cfg
         what = f"{len(self.items['pairs'])} pairs, β {cfg.beta:g}"
-        return f"dpo on {plan.ckpt}: {cfg.total_steps} steps x {cfg.batch_size} ({what}), lr {cfg.lr:g}"
+        return f"dpo on {ckpt}: {cfg.total_steps} steps x {cfg.batch_size} ({what}), lr {cfg.lr:g}"
 
     def summary(self, history: TrainHistory, final_val: dict[str, float] | None, metrics: Path) -> dict[str, Any]:
         out = super().summary(history, final_val, metrics)
@@ -143,10 +143,10 @@ class OnPolicyObjective(PolicyObjective):
             "student_samples": torch.tensor(float(student_samples)),
         }
 
-    def describe(self, plan) -> str:
+    def describe(self, ckpt: Path) -> str:
         cfg = self.cfg
         what = f"{len(self.items['prompts'])} prompts"
-        return f"on-policy on {plan.ckpt}: {cfg.total_steps} steps x {cfg.batch_size} ({what}), lr {cfg.lr:g}"
+        return f"on-policy on {ckpt}: {cfg.total_steps} steps x {cfg.batch_size} ({what}), lr {cfg.lr:g}"
 
 
 def objective_for(student, teacher, cfg: ResolvedPolicyConfig, items, tokenizer, dist: Dist) -> PolicyObjective:

@@ -63,8 +63,7 @@ def run_distill(
                     force=force, log=log)  # fmt: skip
     with plan.claim:  # one writer of OUT and OUT.run until the end
         if plan.finished:
-            log(f"the run had already finished: {plan.paths.out}")
-            return plan.paths.out, read_meta(plan.paths.out).get("metrics", {})
+            return finished(plan, log)
         teacher_dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
         student, teacher = load_models(student_ckpt, cfg.teacher, dist.device, teacher_dtype=teacher_dtype,
                                        allow_pickle=cfg.allow_pickle)  # fmt: skip
@@ -96,6 +95,8 @@ def run_policy(
     plan = plan_run(student_ckpt, cfg, dist, stage=cfg.mode, inputs=inputs, output=output, resume=resume,
                     force=force)  # fmt: skip
     with plan.claim:  # one writer, inputs never written
+        if plan.finished:
+            return finished(plan, console.log)
         needs_teacher = cfg.mode == "on-policy" or cfg.prefs == "teacher"
         student, teacher = load_models(student_ckpt, cfg.teacher if needs_teacher else None, dist.device)
         items = prepare_items(cfg, student, teacher, plan.paths.run_dir / "items.safetensors")
@@ -114,7 +115,7 @@ def run_recipe(
     final metrics, the stage checkpoint OUT (rank 0)."""
     objective: Objective = trainer.objective
     dist = trainer.dist
-    log(objective.describe(plan))
+    log(objective.describe(plan.ckpt))
     metrics_log = MetricsLog(plan.paths.metrics, enabled=dist.main)
     history = start_or_resume(trainer, plan, metrics_log, log)
     final_val, seconds = train(trainer, plan, history, metrics_log, log, on_step)
@@ -127,6 +128,12 @@ def run_recipe(
         log(f"[green]wrote[/] {plan.paths.out}")
     dist.barrier()
     return plan.paths.out, metrics
+
+
+def finished(plan: RunPlan, log: Log) -> tuple[Path, dict[str, Any]]:
+    """--resume of a run that had written OUT already: its output and metrics."""
+    log(f"the run had already finished: {plan.paths.out}")
+    return plan.paths.out, read_meta(plan.paths.out).get("metrics", {})
 
 
 def silent(_message: str) -> None:
