@@ -1,13 +1,17 @@
-"""Faults the loop handles, once for every mode: a stop asked for by a signal, and a loss that diverges.
+"""Faults the loop handles, once for every mode: a stop asked for by a signal, and a run that diverges.
 
 Ctrl-C / SIGTERM    noted by `StopSignals`; at the next step boundary (the next logged step
                     under torchrun, where the processes agree on it) the loop saves a resumable
                     state and stops with one line giving the --resume command. A second signal
                     acts at once (the handlers are the previous ones again).
-a diverging loss    `LossGuard`: a loss that is not finite, or more than `SPIKE` times the median
-                    of the last logged losses (after `WARMUP` of them) stops the run with one line
-                    naming the step and the learning rate; the last state saved before it is
-                    kept, marked so that --resume accepts a lower --lr (`state.mark_diverged`).
+a diverging run     `DivergenceGuard`, at every logged step: a loss that is not finite, or more
+                    than `SPIKE` times the median of the last logged losses (after `WARMUP` of
+                    them), or weights whose norm grew `GROWTH` times since the start (too high a
+                    learning rate can blow the weights up while the loss stays low: on a tiny
+                    model --lr 1e4 once wrote weights of magnitude 5e4 with a falling KL) stops
+                    the run with one line naming the step and the learning rate; the last state
+                    saved before it is kept, marked so that --resume accepts a lower --lr
+                    (`state.mark_diverged`).
 """
 
 from __future__ import annotations

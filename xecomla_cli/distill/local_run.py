@@ -1,14 +1,14 @@
 """`xecomla distill --local` as one recipe: layer-wise distillation of the converted layers.
 
-    read_checkpoint_info  the student checkpoint, read once                         checkpoint.py
-    plan_run        resolve the options, claim OUT                                  plan.py, config.py
-    load_models     the student (fp32) and the teacher                              models.py
-    prepare_data    the packed blocks (the same --data as global distillation)      data.py
-    Validator       validation KL and perplexities before and after (as KD's)       validation.py
-    held_out_blocks the guard's blocks: training-stream blocks no layer trains on     (here)
-    local_distill   each converted layer's attention trained to match the teacher   local.py
-    MetricsLog      metrics.jsonl: the validations and one line per layer           metrics.py
-    save_distilled  the stage checkpoint OUT ("distill-local")                      output.py
+    read_checkpoint_info the student checkpoint, read once                              checkpoint.py
+    plan_run             resolve the options, claim OUT                                 plan.py, config.py
+    load_models          the student (fp32) and the teacher                             models.py
+    prepare_data         the packed blocks (the same --data as global distillation)     data.py
+    Validator            validation KL and perplexities before and after (as KD's)      validation.py
+    held_out_blocks      the guard's blocks: training-stream blocks no layer trains on  (here)
+    local_distill        each converted layer's attention trained to match the teacher  local.py
+    MetricsLog           metrics.jsonl: the validations and one line per layer          metrics.py
+    save_distilled       the stage checkpoint OUT ("distill-local")                     output.py
 
 One process: layers are trained in order (with the student's own inputs, each layer sees the
 layers before it as trained). With teacher inputs the layers are independent, so they could be
