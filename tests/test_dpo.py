@@ -259,6 +259,29 @@ def test_dpo_resume_is_exact(student_ckpt, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dpo_stopped_by_a_signal_resumes_exactly(student_ckpt, tmp_path):
+    """The loop's signal handling is every mode's: Ctrl-C in a DPO run saves its state and stops."""
+    import os
+    import signal
+
+    from xecomla_cli.checkpoint import read_weights
+    from xecomla_cli.distill.policy_config import PolicyConfig
+    from xecomla_cli.distill.recipe import run_policy
+
+    cfg = PolicyConfig(prefs=str(_prefs(tmp_path)), epochs=2, batch_size=2, lr=1e-3, save_every=0)
+    run_policy(student_ckpt, cfg, output=tmp_path / "a")
+
+    def ctrl_c_at_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(XecomlaError, match="stopped by SIGINT at step 3 of 8.*--resume"):
+        run_policy(student_ckpt, cfg, output=tmp_path / "b", on_step=ctrl_c_at_3)
+    run_policy(student_ckpt, cfg, output=tmp_path / "b", resume=True)
+    a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_on_policy_samples_come_from_the_student_and_the_teacher_scores_them(student_ckpt, tokenizer, monkeypatch):
     """The tokens trained on are the student's own samples; the loss is the teacher's divergence on them."""
     from xecomla_cli.distill import on_policy

@@ -59,14 +59,16 @@ def run_distill(
     student_ckpt = read_checkpoint_info(ckpt)
     cfg = resolve_config(options, student_source=student_ckpt.source, device=dist.device, world=dist.world)
     inputs = [*input_paths(cfg.teacher), *data_paths(cfg.data)]
-    plan = plan_run(student_ckpt, cfg, dist, stage="distill", inputs=inputs, output=output, resume=resume,
-                    force=force, log=log)  # fmt: skip
+    plan = plan_run(
+        student_ckpt, cfg, dist, stage="distill", inputs=inputs, output=output, resume=resume, force=force, log=log
+    )
     with plan.claim:  # one writer of OUT and OUT.run until the end
         if plan.finished:
             return finished(plan, log)
         teacher_dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
-        student, teacher = load_models(student_ckpt, cfg.teacher, dist.device, teacher_dtype=teacher_dtype,
-                                       allow_pickle=cfg.allow_pickle)  # fmt: skip
+        student, teacher = load_models(
+            student_ckpt, cfg.teacher, dist.device, teacher_dtype=teacher_dtype, allow_pickle=cfg.allow_pickle
+        )
         assert teacher is not None
         data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
         sampler = BlockSampler(data.train.shape[0], cfg.batch_size, cfg.seed)
@@ -92,8 +94,7 @@ def run_policy(
     student_ckpt = read_checkpoint_info(ckpt)
     cfg = resolve_policy_config(options, student_source=student_ckpt.source)
     inputs = [*input_paths(cfg.teacher), *(data_paths(cfg.prefs) if cfg.mode == "dpo" else [])]
-    plan = plan_run(student_ckpt, cfg, dist, stage=cfg.mode, inputs=inputs, output=output, resume=resume,
-                    force=force)  # fmt: skip
+    plan = plan_run(student_ckpt, cfg, dist, stage=cfg.mode, inputs=inputs, output=output, resume=resume, force=force)
     with plan.claim:  # one writer, inputs never written
         if plan.finished:
             return finished(plan, console.log)
