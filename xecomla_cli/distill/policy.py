@@ -44,14 +44,15 @@ class PolicyObjective(Objective):
         return {**self.cfg.to_dict(), "items": n_items(self.cfg, self.items)}
 
     def summary(self, history: TrainHistory, final_val: dict[str, float] | None, metrics: Path) -> dict[str, Any]:
-        """First and last losses (the mean of the last quarter of the steps), from metrics.jsonl."""
+        """First and last losses (the mean of the last quarter of the steps; DPO: its reward accuracy
+        too), from metrics.jsonl."""
         train = train_records(metrics)
         tail = train[-max(1, len(train) // 4) :]
         section = self.cfg.section
-        return {
-            f"{section}_loss_first": train[0]["loss"],
-            f"{section}_loss": sum(x["loss"] for x in tail) / len(tail),
-        }
+        out = {f"{section}_loss_first": train[0]["loss"], f"{section}_loss": sum(x["loss"] for x in tail) / len(tail)}
+        if self.cfg.mode == "dpo":
+            out["dpo_reward_accuracy"] = sum(x["reward_accuracy"] for x in tail) / len(tail)
+        return out
 
     def final_line(self, metrics: dict[str, Any], history: TrainHistory) -> str:
         section = self.cfg.section
@@ -88,12 +89,6 @@ class DPOObjective(PolicyObjective):
         cfg = self.cfg
         what = f"{len(self.items['pairs'])} pairs, β {cfg.beta:g}"
         return f"dpo on {ckpt}: {cfg.total_steps} steps x {cfg.batch_size} ({what}), lr {cfg.lr:g}"
-
-    def summary(self, history: TrainHistory, final_val: dict[str, float] | None, metrics: Path) -> dict[str, Any]:
-        out = super().summary(history, final_val, metrics)
-        tail = train_records(metrics)
-        tail = tail[-max(1, len(tail) // 4) :]
-        return out | {"dpo_reward_accuracy": sum(x["reward_accuracy"] for x in tail) / len(tail)}
 
 
 class OnPolicyObjective(PolicyObjective):
