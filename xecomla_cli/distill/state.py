@@ -1,15 +1,18 @@
 """The resumable state of a run: model, optimizer, scheduler step, RNG and the run's history.
 
-Written atomically to OUT.run/state/ every --save-every steps:
+Written atomically to OUT.run/state/ every --save-every steps, and when a signal stops the run:
 
-    model.safetensors      the student (full, unsharded), names as in `DistillModule`
+    model.safetensors      the trained module (full, unsharded): KD's `DistillModule` ("student."
+                           names), the student itself for DPO / on-policy
     optimizer.safetensors  AdamW's moments, as "param name::key"
     rng.safetensors        every process's RNG state, as "cpu.rankN" / "cuda.rankN"
-    trainer.json           step, optimizer param groups, fingerprint, history
+    trainer.json           step, optimizer param groups, fingerprint, history (and "diverged_at"
+                           when the run after it diverged: `mark_diverged`)
 
-Data positions are a function of the step (`BlockSampler`), so a run resumed from this state
-continues exactly where the killed run stopped. It must be made with the same settings: the
-fingerprint (`RESUME_KEYS` of the resolved config, and the student) is checked on resume.
+Any `Resumable` (the one `trainer.Trainer`) is saved and restored here. Data positions are a
+function of the step (`BlockSampler`), so a run resumed from this state continues exactly where the
+stopped run stopped. It must be made with the same settings: the fingerprint (the resolved config's
+`RESUME_KEYS`, and the student) is checked on resume; only --lr may change after a divergence.
 """
 
 from __future__ import annotations
