@@ -23,6 +23,7 @@ import statistics
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # the handlers to give back
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

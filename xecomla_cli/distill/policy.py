@@ -173,7 +173,7 @@ def prepare_items(cfg: ResolvedPolicyConfig, student, teacher, cache: Path) -> d
     else:
         with console.status(f"{cfg.prompts} prompts written by the teacher"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            prompts = []
+            prompts: list[list[int]] = []
             while len(prompts) < cfg.prompts:
                 prompts += teacher_prompts(teacher.model, tok, min(16, cfg.prompts - len(prompts)), cfg.temperature)
         items, tensors = {"prompts": prompts}, Pairs(prompts, prompts, prompts).to_tensors()
