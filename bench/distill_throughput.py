@@ -151,6 +151,8 @@ def naive_step_fn(student, teacher, lr: float):
 
 def ours_step_fn(student, teacher, opts: dict, lr: float, steps: int):
     from xecomla_cli.distill.config import ResolvedConfig
+    from xecomla_cli.distill.dist import Dist
+    from xecomla_cli.distill.kd import KDObjective
     from xecomla_cli.distill.trainer import Trainer
 
     cfg = ResolvedConfig(
@@ -162,10 +164,14 @@ def ours_step_fn(student, teacher, opts: dict, lr: float, steps: int):
         checkpoint_layers=opts["ckpt"],
         kd_kernel=opts["kernel"],
     )
-    trainer = Trainer(student, teacher, cfg)
+    dist = Dist(device=next(student.parameters()).device)
+    blocks = {}  # the batch source: the blocks of the step being timed
+    objective = KDObjective(student, teacher, cfg, dist, lambda step: blocks["ids"])
+    trainer = Trainer(objective, cfg, dist, fused=dist.device.type == "cuda")
 
     def step(ids):
-        return trainer.train_step(ids)["loss"]
+        blocks["ids"] = ids
+        return trainer.train_step()["loss"]
 
     return step
 

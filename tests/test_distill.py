@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -341,3 +343,109 @@ def test_local_cli_pipe_records_per_layer_errors(student_ckpt, text_file, tmp_pa
     bad = subprocess.run(cmd_empty, input=f"{student_ckpt}\n", capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert out.exists()  # the earlier output was not replaced by the failed run
+
+
+# ---- faults handled by the loop: signals and a diverging loss --------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_state_at_the_step_boundary_and_resume_continues_exactly(
+    student_ckpt, text_file, tmp_path, signum
+):
+    """Ctrl-C / SIGTERM during training: the state of that step is saved (even with --save-every 0),
+    one line gives the --resume command, and the resumed run ends bit for bit as an unstopped one."""
+    from xecomla_cli.checkpoint import read_weights
+
+    cfg = dict(steps=5, save_every=0)
+    run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "a")
+    before = signal.getsignal(signum)
+
+    def signal_at_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(XecomlaError, match="--resume") as err:
+        run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b", on_step=signal_at_3)
+    assert "\n" not in str(err.value) and f"stopped by {signal.Signals(signum).name} at step 3" in str(err.value)
+    assert signal.getsignal(signum) is before  # the handlers are given back
+    assert json.loads((tmp_path / "b.run" / "state" / "trainer.json").read_text())["step"] == 3
+    assert not (tmp_path / "b").exists()
+    run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "b", resume=True)
+    a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_stops_the_run_and_the_last_good_state_resumes_with_a_lower_lr(
+    student_ckpt, text_file, tmp_path, monkeypatch
+):
+    from xecomla_cli.distill.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def nan_at_step_4(self):  # the 4th step's loss is NaN
+        stats = real_step(self)
+        if self.step == 4:
+            stats["loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", nan_at_step_4)
+    cfg = dict(steps=6, save_every=2)
+    with pytest.raises(XecomlaError) as err:
+        run_distill(student_ckpt, _cfg(text_file, **cfg), output=tmp_path / "n")
+    line = str(err.value)
+    assert "\n" not in line and "the loss became nan at step 4" in line and "--lr 0.003" in line
+    assert "the state of step 2 is kept" in line and "--resume" in line
+    assert json.loads((tmp_path / "n.run" / "state" / "trainer.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    with pytest.raises(XecomlaError, match="temperature"):  # only --lr may change
+        run_distill(student_ckpt, _cfg(text_file, **cfg, temperature=2.0), output=tmp_path / "n", resume=True)
+    out, m = run_distill(student_ckpt, _cfg(text_file, **{**cfg, "lr": 3e-4}), output=tmp_path / "n", resume=True)
+    assert m["steps"] == 6 and math.isfinite(m["val_kl"])
+    from xecomla_cli.checkpoint import read_meta
+
+    assert read_meta(out)["distill"]["lr"] == 3e-4
+
+
+def test_a_huge_lr_stops_the_run_with_one_line(student_ckpt, text_file, tmp_path):
+    """--lr 1e4 once ran to the end and wrote weights of magnitude 5e4; the loss guard stops it."""
+    with pytest.raises(XecomlaError) as err:
+        run_distill(student_ckpt, _cfg(text_file, steps=12, lr=1e4, save_every=0), output=tmp_path / "h")
+    line = str(err.value)
+    assert "\n" not in line and "--lr 10000" in line and "learning rate is likely too high" in line
+    assert "no state was saved before it" in line
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("mode", ["kd", "local"])
+def test_the_student_checkpoint_is_read_once(student_ckpt, text_file, tmp_path, monkeypatch, mode):
+    """Its xecomla.json is opened, and its source resolved, once per run: the value is passed down."""
+    from pathlib import Path
+
+    import xecomla_cli.checkpoint as checkpoint
+    from xecomla_cli.distill.local import LocalConfig
+    from xecomla_cli.distill.local_run import run_local_distill
+
+    reads, sources = [], []
+    real_meta, real_source = checkpoint.read_meta, checkpoint.recorded_source
+    monkeypatch.setattr(checkpoint, "read_meta", lambda p: reads.append(Path(p).resolve()) or real_meta(p))
+    monkeypatch.setattr(checkpoint, "recorded_source", lambda p, m: sources.append(p) or real_source(p, m))
+    if mode == "kd":
+        run_distill(student_ckpt, _cfg(text_file, steps=1), output=tmp_path / "r")
+    else:
+        run_local_distill(student_ckpt, _cfg(text_file, steps=1), LocalConfig(epochs=1), output=tmp_path / "r")
+    assert reads.count(student_ckpt.resolve()) == 1 and len(sources) == 1
+
+
+def test_the_resume_command_is_the_run_s_own(monkeypatch):
+    """The line of a stopped run gives the command that started it, with --resume (and the new --lr)."""
+    from pathlib import Path
+
+    from xecomla_cli.distill.faults import resume_command, with_option
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/xecomla", "-q", "distill", "-", "--lr", "3e-4", "-o", "out dir"])
+    cmd = resume_command(Path("runs/ck"), Path("out dir"))
+    assert cmd == "xecomla -q distill runs/ck --lr 3e-4 -o 'out dir' --resume"
+    assert with_option(cmd, "--lr", "3e-05") == "xecomla -q distill runs/ck --lr 3e-05 -o 'out dir' --resume"
+    two = resume_command(Path("runs/ck"), Path("out dir"), world=2)
+    assert two.startswith("torchrun --nproc-per-node 2 $(which xecomla) -q distill runs/ck")
+    assert with_option(two, "--seed", "1").endswith("-o 'out dir' --seed 1 --resume")
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    assert resume_command(Path("ck"), Path("o")) == "xecomla distill ck -o o --resume (and the run's options)"

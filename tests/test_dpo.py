@@ -146,7 +146,7 @@ def test_preference_records_in_both_forms(tmp_path, tokenizer):
 )
 def test_bad_preference_data_is_one_line_and_writes_nothing(student_ckpt, tmp_path, records, message):
     from xecomla_cli.distill.policy_config import PolicyConfig
-    from xecomla_cli.distill.policy_run import run_policy
+    from xecomla_cli.distill.recipe import run_policy
 
     prefs = _write(tmp_path / "p.jsonl", records)
     with pytest.raises(XecomlaError, match=message) as err:
@@ -159,7 +159,7 @@ def test_the_output_is_never_an_input(student_ckpt, tmp_path):
     """--dpo / --on-policy claim OUT as every stage does (outputs.claim): inside the student, or the
     preference file itself, is refused with one line and nothing is written."""
     from xecomla_cli.distill.policy_config import PolicyConfig
-    from xecomla_cli.distill.policy_run import run_policy
+    from xecomla_cli.distill.recipe import run_policy
 
     prefs = _write(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     before = {p: p.read_bytes() for p in [prefs, *student_ckpt.iterdir()] if p.is_file()}
@@ -205,24 +205,24 @@ def test_dpo_run_prefers_chosen_keeps_reference_frozen_and_records(student_ckpt,
     from xecomla_cli.checkpoint import read_meta
     from xecomla_cli.distill.dpo import reference_logps
     from xecomla_cli.distill.policy_config import PolicyConfig
-    from xecomla_cli.distill.policy_run import run_policy
+    from xecomla_cli.distill.recipe import run_policy
     from xecomla_cli.sources import load_model
 
     cfg = PolicyConfig(prefs=str(_prefs(tmp_path)), epochs=3, batch_size=4, lr=3e-3, beta=0.5, save_every=0)
     cached = {}
-    import xecomla_cli.distill.policy_run as pr
+    import xecomla_cli.distill.recipe as recipe
 
-    real_prepare = pr.prepare
+    real_prepare = recipe.prepare_items
 
     def spy(*a, **k):
         cached.update(real_prepare(*a, **k))
         return cached
 
-    pr.prepare = spy
+    recipe.prepare_items = spy
     try:
         out, m = run_policy(student_ckpt, cfg, output=tmp_path / "dpo")
     finally:
-        pr.prepare = real_prepare
+        recipe.prepare_items = real_prepare
     # the reference is the input checkpoint, frozen: its log-probs, recomputed now, are the ones used
     before = load_model(str(student_ckpt)).model
     again = reference_logps(before, cached["pairs"], 2, 512, 1024)
@@ -241,7 +241,7 @@ def test_dpo_run_prefers_chosen_keeps_reference_frozen_and_records(student_ckpt,
 def test_dpo_resume_is_exact(student_ckpt, tmp_path):
     from xecomla_cli.checkpoint import read_weights
     from xecomla_cli.distill.policy_config import PolicyConfig
-    from xecomla_cli.distill.policy_run import run_policy
+    from xecomla_cli.distill.recipe import run_policy
 
     cfg = PolicyConfig(prefs=str(_prefs(tmp_path)), epochs=2, batch_size=2, lr=1e-3, save_every=2)
     run_policy(student_ckpt, cfg, output=tmp_path / "a")
@@ -254,6 +254,29 @@ def test_dpo_resume_is_exact(student_ckpt, tmp_path):
         run_policy(student_ckpt, cfg, output=tmp_path / "b", on_step=kill_at_3)
     with pytest.raises(XecomlaError, match="--resume"):
         run_policy(student_ckpt, cfg, output=tmp_path / "b")
+    run_policy(student_ckpt, cfg, output=tmp_path / "b", resume=True)
+    a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_stopped_by_a_signal_resumes_exactly(student_ckpt, tmp_path):
+    """The loop's signal handling is every mode's: Ctrl-C in a DPO run saves its state and stops."""
+    import os
+    import signal
+
+    from xecomla_cli.checkpoint import read_weights
+    from xecomla_cli.distill.policy_config import PolicyConfig
+    from xecomla_cli.distill.recipe import run_policy
+
+    cfg = PolicyConfig(prefs=str(_prefs(tmp_path)), epochs=2, batch_size=2, lr=1e-3, save_every=0)
+    run_policy(student_ckpt, cfg, output=tmp_path / "a")
+
+    def ctrl_c_at_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(XecomlaError, match="stopped by SIGINT at step 3 of 8.*--resume"):
+        run_policy(student_ckpt, cfg, output=tmp_path / "b", on_step=ctrl_c_at_3)
     run_policy(student_ckpt, cfg, output=tmp_path / "b", resume=True)
     a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -300,7 +323,7 @@ def test_divergences(kind):
 def test_on_policy_run_and_resume(student_ckpt, tmp_path):
     from xecomla_cli.checkpoint import read_meta, read_weights
     from xecomla_cli.distill.policy_config import PolicyConfig
-    from xecomla_cli.distill.policy_run import run_policy
+    from xecomla_cli.distill.recipe import run_policy
 
     cfg = PolicyConfig(mode="on-policy", prompts=4, epochs=2, batch_size=2, lr=1e-3, new_tokens=6, save_every=2,
                        student_fraction=0.5)  # fmt: skip

@@ -183,6 +183,46 @@ def test_distill_killed_at_a_random_point_resumes_bit_for_bit(student, tmp_path)
     assert tree_hash(init8, teacher, text) == before, why
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_distill_stopped_by_a_signal_saves_its_state_and_prints_the_resume_command(student, tmp_path, signum):
+    """Ctrl-C (or SIGTERM) in the middle of a step: the run saves that step's state at its end,
+    prints one line with the command that continues it, exits 1; that command ends bit for bit as
+    an unstopped run."""
+    import shlex
+
+    from xecomla_cli.checkpoint import read_weights
+
+    init8, teacher, text = student
+    args = ["distill", str(init8), "--teacher", str(teacher), "--data", str(text), *DISTILL, "--save-every", "0"]
+    ref = tmp_path / "ref"
+    assert xecomla(*args, "-o", ref)[0] == 0
+    out = tmp_path / "out"
+    run = Paused(tmp_path, "step:3", *args, "-o", str(out))  # stopped after step 3, in the loop
+    os.kill(run.proc.pid, signum)
+    (run.dir / "step.release").write_text("")
+    assert run.proc.wait(300) == 1
+    run.log.close()
+    lines = (run.dir / "stderr").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by"), lines
+    assert f"{signal.Signals(signum).name} at step 4 of 6" in lines[0]  # the step it was in finished
+    assert json.loads((tmp_path / "out.run" / "state" / "trainer.json").read_text())["step"] == 4
+    command = shlex.split(lines[0].split("continue with ", 1)[1])
+    assert command[0] == "xecomla" and command[-1] == "--resume"
+    rc, stdout, err = xecomla(*[a for a in command[1:] if a != "-q"])
+    assert rc == 0 and stdout.strip() == str(out), err
+    a, b = read_weights(ref), read_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_with_a_huge_lr_stops_with_one_line(student, tmp_path):
+    """--lr 1e4 once ran to the end and wrote weights of magnitude 5e4: now one line at the first step."""
+    init8, teacher, text = student
+    args = ["distill", str(init8), "--teacher", str(teacher), "--data", str(text), *DISTILL, "-o", tmp_path / "o"]
+    line = one_line_error(xecomla(*args, "--lr", "1e4"), "at step 1", "likely too high (--lr 10000)")
+    assert "no state was saved before it" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_killed_at_a_random_point(student, tmp_path):
     init8 = student[0]
     out = tmp_path / "hf"

@@ -17,7 +17,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable
-from dataclasses import MISSING
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,28 @@ def recorded_source(ckpt_dir: Path, meta: dict[str, Any]) -> str:
     return source
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A stage checkpoint as read once: its path (as given), xecomla.json, MLA spec and source model."""
+
+    path: Path
+    meta: dict[str, Any]
+    spec: MLASpec | None
+    source: str  # the recorded source, usable from any working directory (`recorded_source`)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.resolve()
+
+
+def read_checkpoint_info(ckpt_dir: str | Path) -> CheckpointInfo:
+    """Read and validate a checkpoint's xecomla.json once: what a stage passes down instead of re-reading it."""
+    path = Path(ckpt_dir)
+    meta = read_meta(path)
+    spec = read_spec(meta, path / META_FILE) if meta.get("mla") else None
+    return CheckpointInfo(path, meta, spec, recorded_source(path, meta))
+
+
 def update_meta(ckpt_dir: str | Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Atomically rewrite `xecomla.json` after `update(meta)` changed it in place."""
     ckpt_dir = Path(ckpt_dir)
@@ -265,13 +287,16 @@ def build_model(config, spec: MLASpec | None, dtype: torch.dtype):
     return model
 
 
-def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
-    """Load a stage checkpoint as a `LoadedModel` (MLA layers rebuilt from the spec)."""
+def load_checkpoint(
+    ckpt_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", info: CheckpointInfo | None = None
+):
+    """Load a stage checkpoint as a `LoadedModel` (MLA layers rebuilt from the spec); `info`, when the
+    caller has read the checkpoint already (`read_checkpoint_info`), is not read again."""
     ckpt_dir = Path(ckpt_dir).resolve()
-    meta = read_meta(ckpt_dir)
+    info = info or read_checkpoint_info(ckpt_dir)
+    meta, spec = info.meta, info.spec
     config = load_hf_config(ckpt_dir, f"checkpoint '{ckpt_dir}'")
     family = check_family(config)
-    spec = read_spec(meta, ckpt_dir / META_FILE) if meta.get("mla") else None
     torch_dtype = parse_dtype(dtype)
     if torch_dtype == "auto":
         torch_dtype = getattr(torch, meta.get("dtype", "float32"))
@@ -296,4 +321,4 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str = "float32", device: str
             f"checkpoint '{ckpt_dir}' has no usable tokenizer ({first_line(exc)}): re-run the stage"
         ) from None
     resolved = ResolvedSource(str(ckpt_dir), ckpt_dir, is_checkpoint=True)
-    return LoadedModel(model, tokenizer, recorded_source(ckpt_dir, meta), family, resolved, spec, meta)
+    return LoadedModel(model, tokenizer, info.source, family, resolved, spec, meta)

@@ -5,11 +5,17 @@ by layer (``--local``), or with the stages after KD: DPO (``--dpo``) and on-poli
 Defaults live in the config dataclasses (``DistillConfig``, ``LocalConfig``, ``PolicyConfig``); the
 options below show them. Each mode has its own options (``OPTION_MODES``): giving one that the
 chosen mode ignores is an error, so ``xecomla.json`` records only what the run used.
+
+The options are gathered once into ``DistillArgs``; one function per mode turns them into its frozen
+config: ``kd_config`` (global KD, and --local's data and budget), ``local_config`` (--local's
+per-layer training), ``policy_config`` (--dpo, --on-policy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -199,52 +205,118 @@ def distill_command(
 
     Several GPUs: `torchrun --nproc-per-node N $(which xecomla) distill CKPT ...` trains with DDP (FSDP with --fsdp); rank 0 writes.
     """  # noqa: E501 (one help paragraph: Typer keeps a docstring's line breaks)
-    from ..counts import parse_count
-    from ..distill import run_distill
+    from ..distill import run_distill, run_policy
     from ..distill.local_run import run_local_distill
 
     mode = run_mode(local=local, dpo=dpo, on_policy=on_policy)
     check_mode(ctx, mode)
+    args = DistillArgs(
+        teacher=teacher, data=data, tokens=tokens, steps=steps, seq_len=seq_len,
+        sample_temperature=sample_temperature, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+        warmup=warmup, weight_decay=weight_decay, clip=clip, temperature=temperature, ce_weight=ce_weight,
+        freeze_non_mla=freeze_non_mla, grad_checkpointing=grad_checkpointing, checkpoint_layers=checkpoint_layers,
+        save_every=save_every, eval_every=eval_every, log_every=log_every, val_tokens=val_tokens, fsdp=fsdp,
+        compile=compile, precision=precision, seed=seed, device=device, allow_pickle=allow_pickle,
+        local_batch=local_batch, local_lr=local_lr, local_epochs=local_epochs, local_inputs=local_inputs,
+        prefs=prefs, beta=beta, prompts=prompts, divergence=divergence, student_fraction=student_fraction,
+        new_tokens=new_tokens,
+    )  # fmt: skip
+    path = read_arg(ckpt)
     if mode in (DPO, ON_POLICY):
-        out, metrics = run_policy_mode(ctx, mode, read_arg(ckpt), locals())
-        emit({"output": str(out), **metrics} if as_json else out)
-        return
-    cfg = DistillConfig(
-        teacher=teacher,
-        data=data,
-        tokens=parse_count(tokens, "--tokens"),
-        steps=steps,
-        seq_len=seq_len,
-        sample_temperature=sample_temperature,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        lr=lr,
-        warmup=warmup,
-        weight_decay=weight_decay,
-        clip=clip,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        freeze_non_mla=freeze_non_mla,
-        grad_checkpointing=grad_checkpointing,
-        checkpoint_layers=checkpoint_layers,
-        precision=precision.value,
-        device=device,
-        fsdp=fsdp,
-        compile=compile,
-        save_every=save_every,
-        eval_every=eval_every,
-        log_every=log_every,
-        val_tokens=parse_count(val_tokens, "--val-tokens"),
-        seed=seed,
-        allow_pickle=allow_pickle,
-    )
-    if local:
-        layer_cfg = LocalConfig(epochs=local_epochs, lr=local_lr, batch=local_batch, inputs=local_inputs.value)
-        out, metrics = run_local_distill(read_arg(ckpt), cfg, layer_cfg, output=output, force=force)
+        given_names = frozenset(f.name for f in dataclasses.fields(DistillArgs) if given(ctx, f.name))
+        cfg = policy_config(args, "dpo" if mode == DPO else "on-policy", given_names)
+        out, metrics = run_policy(path, cfg, output=output, resume=resume, force=force)
+    elif mode == LOCAL:
+        out, metrics = run_local_distill(path, kd_config(args), local_config(args), output=output, force=force)
     else:
-        out, metrics = run_distill(read_arg(ckpt), cfg, output=output, resume=resume, force=force)
+        out, metrics = run_distill(path, kd_config(args), output=output, resume=resume, force=force)
     if int(os.environ.get("RANK", "0")) == 0:
         emit({"output": str(out), **metrics} if as_json else out)
+
+
+@dataclass(frozen=True)
+class DistillArgs:
+    """The distill command's options as parsed (choices as Enums, counts as written): what the
+    functions below turn into each mode's frozen config."""
+
+    teacher: str | None
+    data: str
+    tokens: str | None
+    steps: int | None
+    seq_len: int
+    sample_temperature: float
+    batch_size: int
+    micro_batch: int | None
+    lr: float
+    warmup: float
+    weight_decay: float
+    clip: float
+    temperature: float
+    ce_weight: float
+    freeze_non_mla: bool
+    grad_checkpointing: bool
+    checkpoint_layers: int | None
+    save_every: int
+    eval_every: int | None
+    log_every: int | None
+    val_tokens: str | None
+    fsdp: bool
+    compile: bool
+    precision: Precision
+    seed: int
+    device: str
+    allow_pickle: bool
+    local_batch: int
+    local_lr: float
+    local_epochs: int
+    local_inputs: LocalInputs
+    prefs: str
+    beta: float
+    prompts: int
+    divergence: Divergence
+    student_fraction: float
+    new_tokens: int
+
+
+def kd_config(a: DistillArgs) -> DistillConfig:
+    """Global KD's config (also the data and budget of --local)."""
+    from ..counts import parse_count
+
+    return DistillConfig(
+        teacher=a.teacher, data=a.data, tokens=parse_count(a.tokens, "--tokens"), steps=a.steps, seq_len=a.seq_len,
+        sample_temperature=a.sample_temperature, batch_size=a.batch_size, micro_batch=a.micro_batch, lr=a.lr,
+        warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, temperature=a.temperature, ce_weight=a.ce_weight,
+        freeze_non_mla=a.freeze_non_mla, grad_checkpointing=a.grad_checkpointing,
+        checkpoint_layers=a.checkpoint_layers, precision=a.precision.value, device=a.device, fsdp=a.fsdp,
+        compile=a.compile, save_every=a.save_every, eval_every=a.eval_every, log_every=a.log_every,
+        val_tokens=parse_count(a.val_tokens, "--val-tokens"), seed=a.seed, allow_pickle=a.allow_pickle,
+    )  # fmt: skip
+
+
+def local_config(a: DistillArgs) -> LocalConfig:
+    """How --local trains each layer."""
+    return LocalConfig(epochs=a.local_epochs, lr=a.local_lr, batch=a.local_batch, inputs=a.local_inputs.value)
+
+
+def policy_config(a: DistillArgs, mode: str, given_names: frozenset[str]) -> PolicyConfig:
+    """--dpo / --on-policy's config: the options given, PolicyConfig's defaults for the rest (the
+    options' own defaults are KD's); precision 'auto' resolved here for the device."""
+    from ..distill.config import resolve_precision
+    from ..loaded import parse_device
+
+    def pick(name: str, value, default):
+        return value if name in given_names else default
+
+    return PolicyConfig(
+        mode=mode, teacher=a.teacher, prefs=a.prefs, prompts=a.prompts, steps=a.steps,
+        batch_size=pick("batch_size", a.batch_size, P.batch_size),
+        micro_batch=pick("micro_batch", a.micro_batch, P.micro_batch),
+        lr=pick("lr", a.lr, P.lr), warmup=pick("warmup", a.warmup, P.warmup),
+        weight_decay=pick("weight_decay", a.weight_decay, P.weight_decay), clip=pick("clip", a.clip, P.clip),
+        beta=a.beta, divergence=a.divergence.value, student_fraction=a.student_fraction, new_tokens=a.new_tokens,
+        precision=resolve_precision(a.precision.value, parse_device(a.device)), device=a.device,
+        save_every=pick("save_every", a.save_every, P.save_every), seed=a.seed,
+    )  # fmt: skip
 
 
 def run_mode(*, local: bool, dpo: bool, on_policy: bool) -> str:
@@ -268,17 +340,3 @@ def check_mode(ctx: typer.Context, mode: str) -> None:
     own = ", ".join("--" + name.replace("_", "-") for name, modes in OPTION_MODES.items() if modes == (mode,))
     users = [m for m in (KD, LOCAL, DPO, ON_POLICY) if any(m in OPTION_MODES[name] for name in unused)]
     raise XecomlaError(f"{flags}: not used by {mode} (option(s) of {', '.join(users)}); its own: {own or 'none'}")
-
-
-def run_policy_mode(ctx: typer.Context, mode: str, ckpt: str, params: dict):
-    """--dpo / --on-policy (``distill.policy_run``): the options given, PolicyConfig's defaults for the rest."""
-    from ..distill.config import resolve_precision
-    from ..distill.policy_run import run_policy
-    from ..loaded import parse_device
-
-    fields = {"teacher", "steps", "batch_size", "seed", "device"} | {n for n, m in OPTION_MODES.items() if mode in m}
-    fields -= {"resume"}
-    kw = {name: getattr(params[name], "value", params[name]) for name in fields if given(ctx, name)}
-    precision = resolve_precision(params["precision"].value, parse_device(params["device"]))
-    cfg = PolicyConfig(mode="dpo" if mode == DPO else "on-policy", precision=precision, **kw)
-    return run_policy(ckpt, cfg, output=params["output"], resume=params["resume"], force=params["force"])

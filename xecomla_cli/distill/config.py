@@ -11,7 +11,10 @@ such default in one place, before any model is loaded:
     precision   'auto'                               -> bf16 on GPU and CPUs with AMX, else fp32
 
 and returns a `ResolvedConfig`. Nothing changes a config after that; its `to_dict()` is what the
-output's xecomla.json records under "distill", and a resumed run must match it (`state.RESUME_KEYS`).
+output's xecomla.json records under "distill", and a resumed run must match it (`RESUME_KEYS`).
+
+`RunConfig` is what the planning, the loop, the state and the output read of any resolved config:
+KD's `ResolvedConfig` here and DPO / on-policy's `policy_config.ResolvedPolicyConfig`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -28,6 +31,34 @@ from ..text.bundled import demo_available
 from ..text.packing import steps_for_tokens
 
 PRECISIONS = ("bf16", "fp32")  # resolved (choices.Precision adds "auto")
+
+
+class RunConfig(Protocol):
+    """What the planning, the loop, the state and the output read of a resolved config: KD's
+    `ResolvedConfig` and DPO / on-policy's `ResolvedPolicyConfig` both are one."""
+
+    RESUME_KEYS: ClassVar[tuple[str, ...]]  # settings a resumed run must share with the saved one
+
+    @property
+    def teacher(self) -> str | None: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def min_lr_ratio(self) -> float: ...
+    @property
+    def lr(self) -> float | None: ...
+    @property
+    def betas(self) -> tuple[float, float]: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def clip(self) -> float: ...
+    @property
+    def save_every(self) -> int: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,25 @@ class ResolvedConfig(DistillConfig):
     """
 
     total_steps: int = 0  # optimizer steps of the whole run
+
+    # Settings a resumed run must share with the run that saved the state (`state.fingerprint`).
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = (
+        "teacher",
+        "data",
+        "seq_len",
+        "batch_size",
+        "total_steps",
+        "lr",
+        "min_lr_ratio",
+        "warmup",
+        "weight_decay",
+        "betas",
+        "clip",
+        "temperature",
+        "ce_weight",
+        "freeze_non_mla",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS or self.total_steps < 1:

@@ -1,12 +1,14 @@
 """`xecomla distill --local` as one recipe: layer-wise distillation of the converted layers.
 
-    plan_run        check the student checkpoint, resolve the options, claim OUT   plan.py, config.py
-    load_models     the student (fp32) and the teacher                              models.py
-    prepare_data    the packed blocks (the same --data as global distillation)      data.py
-    validate        validation KL and perplexities before and after                 validation.py
-    held_out_blocks the guard's blocks: training-stream blocks no layer trains on     (here)
-    local_distill   each converted layer's attention trained to match the teacher   local.py
-    save_distilled  the stage checkpoint OUT ("distill-local")                      output.py
+    read_checkpoint_info the student checkpoint, read once                              checkpoint.py
+    plan_run             resolve the options, claim OUT                                 plan.py, config.py
+    load_models          the student (fp32) and the teacher                             models.py
+    prepare_data         the packed blocks (the same --data as global distillation)     data.py
+    Validator            validation KL and perplexities before and after (as KD's)      validation.py
+    held_out_blocks      the guard's blocks: training-stream blocks no layer trains on  (here)
+    local_distill        each converted layer's attention trained to match the teacher  local.py
+    MetricsLog           metrics.jsonl: the validations and one line per layer          metrics.py
+    save_distilled       the stage checkpoint OUT ("distill-local")                     output.py
 
 One process: layers are trained in order (with the student's own inputs, each layer sees the
 layers before it as trained). With teacher inputs the layers are independent, so they could be
@@ -28,18 +30,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import console
+from ..checkpoint import read_checkpoint_info
 from ..counts import human_count
 from ..errors import XecomlaError
 from ..mla.rebuild import mla_layers
-from .config import DistillConfig
+from ..sources import input_paths
+from .config import DistillConfig, ResolvedConfig, resolve_config
 from .data import prepare_data
 from .dist import Dist, setup_distributed
+from .kd import run_record
 from .local import LayerResult, LocalConfig, local_distill
+from .metrics import MetricsLog, round_floats
 from .models import load_models
-from .output import run_record, save_distilled
-from .plan import RunPlan, plan_run
-from .validation import validate
+from .module import DistillModule
+from .output import save_distilled
+from .plan import RunPlan, data_paths, plan_run
+from .validation import Validator, default_micro_batch
 
 Log = Callable[[str], None]
 HELD_SHARE = 4  # the guard holds out one block per 4 training blocks
@@ -67,16 +76,22 @@ def run_local_distill(
         raise XecomlaError("distill --local runs in one process: launch it without torchrun")
     if resume:
         raise XecomlaError("distill --local has no saved state to resume: run it again (with --force)")
-    plan = plan_run(ckpt, options, dist, output=output, force=force, log=log)
+    student_ckpt = read_checkpoint_info(ckpt)
+    cfg = resolve_config(options, student_source=student_ckpt.source, device=dist.device, world=dist.world)
+    inputs = [*input_paths(cfg.teacher), *data_paths(cfg.data)]
+    plan = plan_run(student_ckpt, cfg, dist, stage="distill-local", inputs=inputs, output=output, force=force, log=log)
     with plan.claim:  # one writer of OUT and OUT.run until the end
         return _local_distill(plan, local, dist, log)
 
 
-def _local_distill(plan: RunPlan, local: LocalConfig, dist: Dist, log: Log) -> tuple[Path, dict[str, Any]]:
+def _local_distill(
+    plan: RunPlan[ResolvedConfig], local: LocalConfig, dist: Dist, log: Log
+) -> tuple[Path, dict[str, Any]]:
     """The recipe's steps, with OUT claimed."""
     cfg = plan.cfg
     local = dataclasses.replace(local, bf16=cfg.precision == "bf16")
-    student, teacher = load_models(plan.ckpt, cfg, dist.device, teacher_dtype="float32")  # exact targets
+    student, teacher = load_models(plan.student, cfg.teacher, dist.device, allow_pickle=cfg.allow_pickle)  # fp32: exact
+    assert teacher is not None
     data = prepare_data(cfg, teacher.tokenizer, teacher.model, dist, plan.paths.data_cache, log)
     ids, held = held_out_blocks(data.train, cfg.budget_blocks)
     log(
@@ -84,26 +99,28 @@ def _local_distill(plan: RunPlan, local: LocalConfig, dist: Dist, log: Log) -> t
         f"(+ {human_count(held.numel())} held out per layer), {local.epochs} epochs per layer, lr {local.lr:g}, "
         f"{local.inputs} inputs, {cfg.precision}"
     )
+    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    student_and_loss = DistillModule(student.model, temperature=1.0, ce_weight=0.0, autocast=autocast)
+    micro = default_micro_batch(dist.device, len(data.val), cfg.seq_len)
+    validate = Validator(student_and_loss, teacher.model, data.val, dist, micro)
+    metrics_log = MetricsLog(plan.paths.metrics)
+    metrics_log.start()
     with console.status("validation"):
-        before = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
+        before = validate()
+    metrics_log.write_val(0, before)
     log(f"before: val KL {before['val_kl']:.4f}, val ppl {before['val_ppl']:.2f}")
     start = time.perf_counter()
     results = train_layers(student.model, teacher.model, ids, held, local)
     seconds = time.perf_counter() - start
+    for r in results:
+        metrics_log.write({"event": "layer", **round_floats(r.to_dict())})
     with console.status("validation"):
-        after = validate(student.model, teacher.model, data.val, bf16=cfg.precision == "bf16")
+        after = validate()
+    metrics_log.write_val(len(results), after)  # a layer is --local's step
     metrics = local_metrics(results, before, after, ids.numel(), seconds, cfg.teacher, cfg.data)
     metrics["local_held_tokens"] = held.numel()
     record = {k: v for k, v in run_record(cfg, dist, data).items() if k not in GLOBAL_ONLY} | local.to_dict()
-    save_distilled(
-        plan,
-        model=student.model,
-        student=student,
-        metrics=metrics,
-        record=record,
-        stage="distill-local",
-        section="local",
-    )
+    save_distilled(plan, model=student.model, student=student, metrics=metrics, record=record)
     log(
         f"kept {metrics['local_layers_kept']} of {len(results)} layers; mean layer error "
         f"{metrics['local_error_before']:.3f} -> {metrics['local_error_after']:.3f} (held out "

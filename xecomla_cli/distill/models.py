@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .. import console
+from ..checkpoint import CheckpointInfo, load_checkpoint
 from ..errors import XecomlaError
 from ..loaded import LoadedModel
 from ..sources import load_model
-from .config import ResolvedConfig
 
 
 def load_models(
-    ckpt: Path, cfg: ResolvedConfig, device: torch.device, teacher_dtype: str | None = None
-) -> tuple[LoadedModel, LoadedModel]:
-    """(student, teacher) on `device`: the student in fp32 (master weights), the teacher in the
-    run's precision unless `teacher_dtype` says; refused when their tokenizers differ."""
-    with console.status(f"loading student {ckpt}"):
-        student = load_model(str(ckpt), dtype="float32", device=str(device))
-    teacher_dtype = teacher_dtype or ("bfloat16" if cfg.precision == "bf16" else "float32")
-    with console.status(f"loading teacher {cfg.teacher}"):
-        teacher = load_model(cfg.teacher, dtype=teacher_dtype, device=str(device), allow_pickle=cfg.allow_pickle)
-    check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.teacher)
-    return student, teacher
+    student_ckpt: CheckpointInfo,
+    teacher: str | None,
+    device: torch.device,
+    *,
+    teacher_dtype: str = "float32",
+    allow_pickle: bool = False,
+) -> tuple[LoadedModel, LoadedModel | None]:
+    """(student, teacher) on `device`: the student in fp32 (master weights) from its checkpoint as
+    read once, the teacher (frozen, in `teacher_dtype`; none when `teacher` is None); refused when
+    their tokenizers differ."""
+    with console.status(f"loading student {student_ckpt.path}"):
+        student = load_checkpoint(student_ckpt.directory, dtype="float32", device=str(device), info=student_ckpt)
+    if teacher is None:
+        return student, None
+    with console.status(f"loading teacher {teacher}"):
+        loaded = load_model(teacher, dtype=teacher_dtype, device=str(device), allow_pickle=allow_pickle)
+    loaded.model.eval().requires_grad_(False)
+    check_same_tokenizer(student.tokenizer, loaded.tokenizer, teacher)
+    return student, loaded
 
 
 def check_same_tokenizer(student_tok, teacher_tok, teacher: str) -> None:

@@ -11,21 +11,7 @@ import torch
 from ..checkpoint import build_model, save_checkpoint
 from ..loaded import LoadedModel
 from ..outputs import fault_point
-from ..text.packing import PackedData
-from .config import ResolvedConfig
-from .dist import Dist
 from .plan import RunPlan
-
-
-def run_record(cfg: ResolvedConfig, dist: Dist, data: PackedData) -> dict[str, Any]:
-    """The "distill" section of xecomla.json: the resolved options, the processes and the data."""
-    return {
-        **cfg.to_dict(),
-        "world_size": dist.world,
-        "data_tokens": data.tokens,
-        "train_blocks": int(data.train.shape[0]),
-        "val_blocks": int(data.val.shape[0]),
-    }
 
 
 def save_distilled(
@@ -35,11 +21,9 @@ def save_distilled(
     student: LoadedModel,
     metrics: dict[str, Any],
     record: dict[str, Any],
-    stage: str = "distill",
-    section: str = "distill",
 ) -> Path:
-    """Write `model` (the trained student) as the stage checkpoint OUT, with the run's
-    metrics.jsonl, and remove OUT.run. `record` goes into xecomla.json under `section`.
+    """Write `model` (the trained student) as the stage checkpoint OUT of the plan's stage, with the
+    run's metrics.jsonl, and remove OUT.run. `record` goes into xecomla.json under the stage's section.
     Call on rank 0 only."""
     paths = plan.paths
 
@@ -51,13 +35,13 @@ def save_distilled(
         paths.out,
         model=model,
         tokenizer=student.tokenizer,
-        stage=stage,
+        stage=plan.stage,
         spec=student.spec,
         source=student.source,
         parent=str(plan.ckpt.resolve()),
         metrics=metrics,
         force=plan.force,
-        extra={section: record},
+        extra={plan.section: record},
         write_extra=copy_metrics,
     )
     fault_point("distilled")

@@ -1,5 +1,5 @@
 """What a run will do, decided before any model is loaded: the resolved config, where it writes,
-and whether it resumes a saved state.
+and whether it resumes a saved state. Every mode (KD, --local, --dpo, --on-policy) plans here.
 
 Files, for an output directory OUT:
     OUT.run/metrics.jsonl     one JSON object per logged step / validation, while training
@@ -10,18 +10,25 @@ Files, for an output directory OUT:
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from .. import console
-from ..checkpoint import read_meta, recorded_source
+from ..checkpoint import CheckpointInfo, read_meta
 from ..errors import XecomlaError
 from ..outputs import Claim, claim, remove_leftovers
-from ..sources import input_paths
-from .config import DistillConfig, ResolvedConfig, resolve_config
+from .config import RunConfig
 from .dist import Dist
+
+# the section of xecomla.json that records each stage's settings
+SECTIONS = {"distill": "distill", "distill-local": "local", "dpo": "dpo", "on-policy": "on_policy"}
+
+
+C = TypeVar("C", bound=RunConfig)
 
 
 @dataclass(frozen=True)
@@ -52,81 +59,99 @@ class RunPaths:
 
 
 @dataclass(frozen=True)
-class RunPlan:
-    """A checked run: the student checkpoint, the resolved config, the paths, resume or not, and the
-    held claim on OUT (released when the run ends: ``with plan.claim:``)."""
+class RunPlan(Generic[C]):
+    """A checked run: the student checkpoint (read once), the resolved config, the paths, resume or
+    not, and the held claim on OUT (released when the run ends: ``with plan.claim:``)."""
 
-    ckpt: Path
-    cfg: ResolvedConfig
+    student: CheckpointInfo
+    cfg: C
+    stage: str  # "distill", "distill-local", "dpo" or "on-policy"
     paths: RunPaths
     resume: bool
     force: bool
     claim: Claim = field(default_factory=lambda: Claim(Path(), None))
     finished: bool = False  # --resume of a run that had already written OUT: nothing to do
 
+    @property
+    def ckpt(self) -> Path:
+        return self.student.path
 
-def default_output(ckpt: Path) -> Path:
-    """runs/demo-mla-r64 -> runs/demo-mla-r64-distill (a sibling of the student checkpoint)."""
+    @property
+    def section(self) -> str:
+        return SECTIONS[self.stage]
+
+    def with_cfg(self, cfg: C) -> RunPlan[C]:
+        """The plan with the config completed (DPO / on-policy know their steps once the data is made)."""
+        return dataclasses.replace(self, cfg=cfg)
+
+
+def default_output(ckpt: Path, stage: str) -> Path:
+    """runs/demo-mla-r64 -> runs/demo-mla-r64-distill (-dpo, -on-policy): a sibling of the student
+    checkpoint (--local writes -distill too: it is a distillation of the same student)."""
+    suffix = "distill" if stage.startswith("distill") else stage
     parent = ckpt.parent if ckpt.name else ckpt.resolve().parent
-    return parent / f"{ckpt.resolve().name}-distill"
+    return parent / f"{ckpt.resolve().name}-{suffix}"
 
 
 def plan_run(
-    ckpt: str | Path,
-    options: DistillConfig,
+    student: CheckpointInfo,
+    cfg: C,
     dist: Dist,
     *,
+    stage: str,
+    inputs: Iterable[Path] = (),
     output: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], None] = console.log,
-) -> RunPlan:
-    """Check the student checkpoint, resolve the options and claim the output (errors before any loading).
-
-    The output must not overlap the student, the teacher or the data; rank 0 holds its lock."""
-    ckpt = Path(ckpt)
-    meta = read_meta(ckpt)  # a clear error for anything that is not a stage checkpoint
-    paths = RunPaths(Path(output) if output else default_output(ckpt))
-    student_source = recorded_source(ckpt, meta)
-    cfg = resolve_config(options, student_source=student_source, device=dist.device, world=dist.world)
-    inputs = [ckpt, *input_paths(cfg.teacher), *data_paths(cfg.data)]
-    held = claim(paths.out, inputs=inputs, force=True, also=[paths.run_dir], lock=dist.main)
+) -> RunPlan[C]:
+    """Claim the output (errors before any loading): it must not overlap the student or the other
+    `inputs` (teacher, data); rank 0 holds its lock. A --resume of a run that had finished is
+    recognised (`finished_run`)."""
+    paths = RunPaths(Path(output) if output else default_output(student.path, stage))
+    held = claim(paths.out, inputs=[student.path, *inputs], force=True, also=[paths.run_dir], lock=dist.main)
     try:
         if dist.main:
             remove_leftovers(paths.state_dir)
-        finished = finished_run(paths, ckpt, cfg, remove_stale=dist.main, log=log)
+        finished = finished_run(paths, student, cfg, stage, remove_stale=dist.main, log=log)
         dist.barrier()
         if finished and resume and not force:
-            return RunPlan(ckpt, cfg, paths, False, force, held, finished=True)
+            return RunPlan(student, cfg, stage, paths, False, force, held, finished=True)
         resume = claim_output(paths, dist, resume=resume, force=force, log=log)
     except BaseException:
         held.release()
         raise
-    return RunPlan(ckpt, cfg, paths, resume, force, held)
+    return RunPlan(student, cfg, stage, paths, resume, force, held)
 
 
 def data_paths(data: str) -> list[Path]:
-    """The local files of --data (none for demo, teacher and Hub datasets)."""
+    """The local files of --data or --prefs (none for demo, teacher and Hub datasets)."""
     path = Path(data).expanduser()
     return [path] if data not in ("demo", "teacher") and path.exists() else []
 
 
 def finished_run(
-    paths: RunPaths, ckpt: Path, cfg: ResolvedConfig, *, remove_stale: bool, log: Callable[[str], None]
+    paths: RunPaths,
+    student: CheckpointInfo,
+    cfg: RunConfig,
+    stage: str,
+    *,
+    remove_stale: bool,
+    log: Callable[[str], None],
 ) -> bool:
-    """Whether OUT is this run, finished: a distilled checkpoint of the same student with the same
-    settings. Its OUT.run is then the leftover of a run killed after writing OUT (unless it holds the
-    state of a run with other settings): removed when `remove_stale`."""
-    from .state import RESUME_KEYS, fingerprint, read_state_info
+    """Whether OUT is this run, finished: a checkpoint of this stage from the same student with the
+    same settings. Its OUT.run is then the leftover of a run killed after writing OUT (unless it holds
+    the state of a run with other settings): removed when `remove_stale`."""
+    from .state import fingerprint, read_state_info
 
     try:
         meta = read_meta(paths.out)
     except XecomlaError:
         return False
-    record = meta.get("local" if meta.get("stage") == "distill-local" else "distill") or {}
-    expected = fingerprint(cfg, ckpt)
-    same = meta.get("parent") == expected["student"] and all(record.get(k) == expected[k] for k in RESUME_KEYS)
-    if not same:
+    record = meta.get(SECTIONS.get(meta.get("stage", ""), "distill")) or {}
+    expected = fingerprint(cfg, student.path)
+    same = meta.get("stage") == stage and meta.get("parent") == expected["student"]
+    if not (same and all(record.get(k) == expected[k] for k in cfg.RESUME_KEYS)):
         return False
     if paths.run_dir.exists() and remove_stale:
         if paths.has_state and read_state_info(paths.state_dir).get("fingerprint") != expected:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import XecomlaError
 from .on_policy import DIVERGENCES
@@ -63,6 +63,21 @@ class ResolvedPolicyConfig(PolicyConfig):
 
     total_steps: int = 0
 
+    # Settings a resumed run must share with the run that saved its state (`state.fingerprint`).
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = tuple(
+        k for k in PolicyConfig.__dataclass_fields__ if k not in ("device", "save_every")
+    ) + ("total_steps",)
+
+    @property
+    def min_lr_ratio(self) -> float:
+        """The cosine schedule decays to 0 (TRL's "cosine")."""
+        return 0.0
+
+    @property
+    def section(self) -> str:
+        """Where xecomla.json records the run, and the prefix of its metrics: dpo, on_policy."""
+        return self.mode.replace("-", "_")
+
     @property
     def warmup_steps(self) -> int:
         w = self.warmup if self.warmup >= 1 else self.warmup * self.total_steps
@@ -92,9 +107,3 @@ def resolve_policy_config(options: PolicyConfig, *, student_source: str) -> Reso
     return ResolvedPolicyConfig(
         **{**dataclasses.asdict(o), "teacher": o.teacher or student_source, "lr": o.lr or DEFAULT_LR[o.mode]}
     )
-
-
-# Settings a resumed run must share with the run that saved its state.
-RESUME_KEYS = tuple(k for k in PolicyConfig.__dataclass_fields__ if k not in ("device", "save_every")) + (
-    "total_steps",
-)

@@ -1,13 +1,14 @@
 """Validation: KL(teacher ‖ student) at T = 1 and both models' perplexity on held-out blocks.
 
-``batch_sums`` scores one batch (the trainer's processes each score a share of the blocks and sum);
-``validate`` scores all the blocks in one process, with no optimizer (local distillation).
+``Validator`` scores the held-out blocks, each process a share (summed over processes), for global KD
+and ``--local`` alike; the teacher's hidden states are computed once and kept for the next validation.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .dist import Dist
 from .kd_loss import next_token_labels, ppl_from_nll
 from .module import DistillModule, kd_loss_stats
 
@@ -32,17 +33,42 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     return {"val_kl": kl / n, "val_ppl": ppl_from_nll(ce, lab), "val_ppl_teacher": ppl_from_nll(tce, lab)}
 
 
-@torch.no_grad()
-def validate(student, teacher, val: torch.Tensor, *, bf16: bool = False) -> dict[str, float]:
-    """Mean KL(teacher ‖ student) at T = 1 and both perplexities on the blocks ``val`` (n, T), in
-    this process (the student is left in eval mode)."""
-    device = next(student.parameters()).device
-    module = DistillModule(student, temperature=1.0, ce_weight=0.0, autocast=torch.bfloat16 if bf16 else None)
-    student.eval()
-    teacher.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for mb in val.split(default_micro_batch(device, len(val), val.shape[1])):
-        ids = mb.to(device)
-        hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-        sums += batch_sums(module, ids, hidden, teacher.lm_head.weight.detach())
-    return metrics_from_sums(sums)
+class Validator:
+    """Mean KL(teacher ‖ student) at T = 1 and both models' perplexity on the blocks `val` (n, T)."""
+
+    def __init__(self, student_and_loss: DistillModule, teacher, val: torch.Tensor, dist: Dist, micro: int):
+        self.student_and_loss, self.teacher, self.val, self.dist, self.micro = (
+            student_and_loss,
+            teacher,
+            val,
+            dist,
+            micro,
+        )
+        self.teacher_head = teacher.lm_head.weight.detach()
+        self._teacher_hidden: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        """The metrics at the student's current weights (collective under torchrun)."""
+        module, dist, val, device = self.student_and_loss, self.dist, self.val, self.dist.device
+        was_training = module.training
+        module.eval()
+        # Shares of ceil(n / world) blocks; a process with fewer batches runs dummy ones whose
+        # results are dropped (FSDP processes must all run the same number of forwards).
+        share = -(-len(val) // dist.world)
+        mine = val[dist.rank * share : (dist.rank + 1) * share]
+        batches = list(mine.split(self.micro))
+        real = len(batches)
+        batches += [val[:1]] * (-(-share // self.micro) - real)
+        if self._teacher_hidden is None:
+            self._teacher_hidden = [
+                self.teacher.model(input_ids=mb.to(device), use_cache=False).last_hidden_state for mb in batches
+            ]
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # kl, ce, teacher ce, tokens, labelled
+        for i, (mb, hidden) in enumerate(zip(batches, self._teacher_hidden, strict=True)):
+            batch = batch_sums(module, mb.to(device), hidden, self.teacher_head)
+            if i < real:  # not a dummy batch
+                sums += batch
+        dist.all_sum(sums)
+        module.train(was_training)
+        return metrics_from_sums(sums)
