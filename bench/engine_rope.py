@@ -4,6 +4,7 @@
     python bench/engine_rope.py llama-3.2-1b            # Llama-3.2-1B's attention shape and llama3 RoPE, random weights
     python bench/engine_rope.py qwen2.5-0.5b            # Qwen2.5-0.5B's shape (biases), random weights
     python bench/engine_rope.py demo --ckpt A --ckpt B  # trained checkpoints of the demo against the demo
+    python bench/engine_rope.py demo-qwen2              # the demo's weights with Qwen2-style biases: keep vs fold
 
 For a shape, the model is built with that model's real per-layer sizes and RoPE (hidden, heads, KV
 heads, head dim, rope_theta, llama3 factors, biases), random weights (std 0.02 as the config
@@ -163,6 +164,49 @@ def run_shape(args) -> dict:
     return {"model": args.model, "shape": {k: v for k, v in shape.items()}, "layers": args.layers, "rows": rows}
 
 
+def demo_with_biases(seed: int = 0):
+    """The demo's trained weights in a Qwen2 body (the same blocks plus q/k/v biases), the biases drawn
+    N(0, 0.1²) for q and v and N(0, 0.5²) for k (Qwen2's key biases are its large ones): a biased
+    source whose attention inputs are a trained model's, as the bias fold needs."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from xecomla_cli.sources import load_model
+
+    demo = load_model("demo")
+    cfg = demo.model.config.to_dict()
+    keep = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
+                                "max_position_embeddings", "rope_parameters")}  # fmt: skip
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**keep), dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(demo.model.state_dict(), strict=False)
+    assert not unexpected and all(m.endswith("bias") for m in missing), (missing, unexpected)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for name, std in (("q_proj", 0.1), ("k_proj", 0.5), ("v_proj", 0.1)):
+                bias = getattr(layer.self_attn, name).bias
+                bias.copy_(torch.randn(bias.shape, generator=gen) * std)
+    return model, demo.tokenizer
+
+
+def run_demo_biases(args) -> dict:
+    from xecomla_cli.text.calibration import calibration_ids
+
+    original, tokenizer = demo_with_biases()
+    blocks = calibration_ids(tokenizer, args.held_out, 10 * 256, seq_len=256)
+    calib, held = blocks[:8], blocks[8:10]
+    rows = []
+    for name, choices in (("keep", {"attention_bias": "keep"}), ("fold", {})):
+        model = copy.deepcopy(original)
+        spec = build_spec(model.config, kv_rank=64, latent_norm=True, method="transmla", **choices)
+        spec = convert_model(model, spec, method="transmla", calib_ids=calib)
+        errors = layer_errors(original, model, held)
+        rows.append({"variant": name, "kv_rank": 64, "layer_errors": errors,
+                     "mean_error": round(sum(errors) / len(errors), 5), "bias_fold": spec.bias_fold})  # fmt: skip
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"model": "demo-qwen2 (the demo's weights, q/k/v biases N(0, 0.1/0.5/0.1))", "rows": rows}
+
+
 def run_checkpoints(args) -> dict:
     from xecomla_cli.sources import load_model
     from xecomla_cli.text.calibration import calibration_ids
@@ -181,7 +225,7 @@ def run_checkpoints(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=[*SHAPES, "demo"])
+    ap.add_argument("model", choices=[*SHAPES, "demo", "demo-qwen2"])
     ap.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument(
@@ -200,7 +244,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    result = run_checkpoints(args) if args.model == "demo" else run_shape(args)
+    runs = {"demo": run_checkpoints, "demo-qwen2": run_demo_biases}
+    result = runs.get(args.model, run_shape)(args)
     result.update(
         command=" ".join(["python", *sys.argv]),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -122,7 +122,7 @@ def test_guide_and_reference_pages_are_short():
 def test_the_index_lists_every_page():
     index = DOCS / "index.md"
     listed = {(index.parent / t.partition("#")[0]).resolve() for t in relative_links(index)}
-    stubs = {DOCS / "index.md", DOCS / "methods.md", DOCS / "vllm.md"}  # old paths the code names
+    stubs = {DOCS / "index.md"}
     missing = [str(p.relative_to(ROOT)) for p in sorted(DOCS.rglob("*.md")) if p not in listed | stubs]
     assert missing == []
 
@@ -139,7 +139,7 @@ def test_results_are_dated_and_their_json_exists():
 
 
 def test_every_docs_page_the_code_names_exists():
-    """Help strings and comments name docs pages (docs/methods.md, docs/vllm.md, ...): they must exist."""
+    """Help strings and comments name docs pages (docs/reference/init-methods.md, ...): they must exist."""
     sources = [ROOT / "Makefile", *ROOT.glob("xecomla_cli/**/*.py"), *ROOT.glob("bench/*"), *ROOT.glob("examples/*")]
     sources += [p for p in ROOT.glob("tests/*.py") if p.name != "test_docs_map.py"]
     missing = []

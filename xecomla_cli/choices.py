@@ -62,5 +62,7 @@ def values(choice: type[Enum]) -> tuple[str, ...]:
     return tuple(c.value for c in choice)
 
 
-DEFAULT_METHOD = "transmla"  # init-svd --method when not given: the best after training (docs/methods.md)
+DEFAULT_METHOD = (
+    "transmla"  # init-svd --method when not given: the best after training (docs/reference/init-methods.md)
+)
 DEFAULT_CALIB_DATA = "teacher"  # init-svd --calib-data when not given ('teacher', 'shakespeare' or a path)

@@ -19,7 +19,7 @@ MLA on the latent. Each rule below is read from that engine's source (cited besi
   (``vllm/model_executor/layers/attention/mla_attention.py``); on CPU the backends ``CPU_MLA`` and
   ``AMX_MLA`` take only 576 (``vllm/v1/attention/backends/mla/cpu_mla.py``, ``amx_mla.py``), and
   the CPU decode kernel ``torch.ops._C.mla_decode_kvcache`` runs only kv_lora_rank 512 + rope 64
-  (any other split of 576 raises 'Unsupported block size: 16'; measured, docs/vllm.md).
+  (any other split of 576 raises 'Unsupported block size: 16'; measured, docs/results/2026-12-04-vllm.md).
   ``VLLM_MLA_DISABLE=1`` serves other widths as plain attention over expanded K/V:
   2·H·(n + p) values per token per layer (``transformers_utils/model_arch_config_convertor.py``).
   Its DeepSeek attention is built with ``bias=False`` (``model_executor/models/deepseek_v2.py``),

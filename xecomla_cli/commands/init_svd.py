@@ -13,11 +13,11 @@ from ..errors import XecomlaError
 from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
 
 METHOD_HELP = (
-    f"a preset ({DEFAULT_METHOD}, the default and the best after training; mha2mla, rorope, complex, whiten, best, "
-    "deepseek), 'paper' (the X-EcoMLA paper's data-free SVD) or components joined by '+' (qk-pairs, rot-pairs, "
+    f"a preset ({DEFAULT_METHOD}, the default and the best after training; mha2mla, best, deepseek), "
+    "'paper' (the X-EcoMLA paper's data-free SVD) or components joined by '+' (qk-pairs, rot-pairs, "
     "fast-pairs, uniform-pairs, rorope, complex, group-rope, freqfold[-N], drop, whiten, bkv, budget, wide, "
     "wide0, refit). group-rope: one RoPE key slice per KV group (--rope-dim is then the slices' total). "
-    "See docs/methods.md."
+    "See docs/reference/init-methods.md."
 )
 
 

@@ -34,6 +34,7 @@ xecomla`` writes our own format instead.
 
 The package, in the order an export runs:
 
+    records.ExportPlan        every choice an export makes (and ExportResult, what it produced)
     plan.plan_export          the ExportPlan: every choice, or one line saying why not
     rope.rope_choice          the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
     config.deepseek_config    config.json
@@ -53,7 +54,8 @@ The package, in the order an export runs:
 """
 
 from .hub import push_to_hub
-from .plan import ExportPlan, ExportResult, plan_export
+from .plan import plan_export
+from .records import ExportPlan, ExportResult
 from .write import export_checkpoint
 
 __all__ = ["ExportPlan", "ExportResult", "export_checkpoint", "plan_export", "push_to_hub"]

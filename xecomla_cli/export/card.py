@@ -13,7 +13,7 @@ from typing import Any
 from ..checkpoint import META_FILE
 from ..mla.spec import MLASpec, attention_kind
 from ..text.bundled import DEMO_MODEL_BASE
-from .plan import ExportPlan
+from .records import ExportPlan
 
 MAX_LINEAGE = 20
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..mla.spec import MLASpec
-
-if TYPE_CHECKING:  # annotations only: plan.py imports this module
-    from .plan import ExportPlan
+from .records import ExportPlan
 
 
 def rope_parameters(config, theta: float | None = None, kind: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +20,7 @@ from ..errors import XecomlaError
 from ..mla.rebuild import decoder_layers
 from ..mla.rope import default_inv_freq
 from .config import deepseek_config, rope_parameters
-
-if TYPE_CHECKING:  # annotations only: plan.py imports this module
-    from .plan import ExportPlan
+from .records import ExportPlan
 
 
 def deepseek_rope(config_dsv3) -> tuple[torch.Tensor, float]:

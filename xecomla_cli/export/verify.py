@@ -9,7 +9,7 @@ import torch
 
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
-from .plan import ExportPlan
+from .records import ExportPlan
 
 # Logit agreement the written model must reach before the directory is renamed into place,
 # relative to the largest |logit|, computed in fp32 (bf16: against our weights rounded to bf16);

@@ -17,7 +17,6 @@ real channels, which the norm weight w undoes (``identity_constant``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,9 +24,7 @@ from ..errors import XecomlaError
 from ..loaded import parse_dtype
 from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
-
-if TYPE_CHECKING:  # annotations only: plan.py imports this module
-    from .plan import ExportPlan
+from .records import ExportPlan
 
 # C² must exceed the latent's squared norm by this factor (2^24 is fp32's relative precision).
 MARGIN_BITS = 26

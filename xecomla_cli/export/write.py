@@ -20,7 +20,8 @@ from ..mla.spec import MLASpec
 from ..outputs import claim
 from .card import lineage, render_card
 from .config import deepseek_config
-from .plan import WEIGHT_DTYPES, ExportPlan, ExportResult, plan_export
+from .plan import WEIGHT_DTYPES, plan_export
+from .records import ExportPlan, ExportResult
 from .verify import verify_export
 from .weights import deepseek_state_dict
 

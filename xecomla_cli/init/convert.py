@@ -19,7 +19,7 @@ from ..mla.attention import MLAAttention
 from ..mla.rebuild import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from ..mla.spec import MLASpec
 from .common import AttentionWeights
-from .engine_ready import attention_error, constant_direction, fold_state_biases, fold_value_bias
+from .engine_ready import attention_error, constant_direction, fold_state_biases, fold_value_bias, held_out_direction
 from .freqfold import fold_candidates
 from .latent import budget_ranks
 from .latent_norm import add_norm_channel, data_rank_spec
@@ -71,9 +71,12 @@ def build_layer(
     w = AttentionWeights.of(old)
     u = None
     if spec.biases_folded and w.bq is not None:  # bias-free for the engines (``init.engine_ready``)
-        if stats is None:
+        if inputs is not None:  # the ridge chosen on held-out calibration sequences
+            u = held_out_direction(inputs)[0]
+        elif stats is not None:
+            u = constant_direction(stats.cov, stats.cov_aug[:-1, -1])
+        else:
             raise XecomlaError("folding the attention biases needs calibration statistics: a bug")
-        u = constant_direction(stats.cov, stats.cov_aug[:-1, -1])
         w = fold_value_bias(w, u)
     pairs = None
     built = data_rank_spec(spec, layer)  # with a latent norm: rank r - 1, the last channel is the norm channel's
@@ -158,9 +161,10 @@ def convert_model(
     for i in layers:
         old = decoder_layers(model)[i].self_attn
         built = build_layer(model, spec, i, cfg, stats.get(i), inputs.get(i))
-        if spec.biases_folded and i in inputs:  # what folding costs against the exact biased layer
+        if spec.biases_folded and i in inputs:  # what folding costs against the exact biased layer (half the tokens)
             exact = build_layer(model, replace(spec, attention_bias="kept"), i, cfg, stats.get(i), inputs[i])
-            bias_errors[str(i)] = round(attention_error(built.attn, exact.attn, inputs[i]), 6)
+            held = inputs[i][len(inputs[i]) // 2 :] or inputs[i]
+            bias_errors[str(i)] = round(attention_error(built.attn, exact.attn, held), 6)
         if cfg.refit:
             refit_output(old, built.attn, inputs[i], runner.chunks)
         inputs.pop(i, None)

@@ -18,8 +18,10 @@ attention bias at all. Per layer, with x the attention input and b a bias:
 * every other bias (queries, the shared RoPE key, values) is folded into its weights through a
   direction u with uᵀx ≈ 1 on the calibration tokens: W x + b ≈ (W + b uᵀ) x. u is the ridge
   regression of 1 on x, u = (E[x xᵀ] + λ I)⁻¹ E[x]; LLM hidden states have a large mean (the
-  "massive activations"), so uᵀx is nearly constant. The value bias is folded before the latent
-  is fitted, so the latent carries it.
+  "massive activations"), so uᵀx is nearly constant. λ is chosen on held-out tokens (fit on one
+  half of the calibration blocks, scored on the other): with as few tokens as hidden dims, a small
+  λ interpolates the calibration tokens and fails on any other. The value bias is folded before
+  the latent is fitted, so the latent carries it.
 
 The per-layer relative error of the attention output against the exact biased MLA layer, on the
 calibration tokens, is recorded in ``MLASpec.bias_fold``.
@@ -34,7 +36,8 @@ import torch
 from ..errors import XecomlaError
 from .common import AttentionWeights, single_thread
 
-RIDGE = 1e-4  # λ = RIDGE · tr(E[x xᵀ]) / d
+RIDGE = 1e-2  # λ = RIDGE · tr(E[x xᵀ]) / d without held-out tokens to choose it
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the λ / (tr(E[x xᵀ]) / d) tried on held-out tokens
 
 
 def default_rope_span(unscaled: int, head_dim: int, rope_dim: int) -> int | None:
@@ -52,6 +55,26 @@ def constant_direction(cov: torch.Tensor, mean: torch.Tensor, ridge: float = RID
     with single_thread():
         u = torch.linalg.solve(cov + lam * torch.eye(d, dtype=cov.dtype), mean)
     return u.float()
+
+
+def held_out_direction(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """u fitted on all tokens of ``blocks`` [(B, T, d), …] with the ridge that does best on held-out
+    tokens (fit on the first half of the sequences, scored on the second), the chosen ridge, and the
+    held-out root mean square of uᵀx − 1 at that ridge."""
+    x = torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks]).double()
+    seqs = torch.cat([torch.arange(b.shape[0] * b.shape[1]) // b.shape[1] + 10_000 * k for k, b in enumerate(blocks)])
+    ids = seqs.unique()
+    fit = torch.isin(seqs, ids[: max(1, len(ids) // 2)])
+    if bool(fit.all()):  # one sequence: the first half of its tokens
+        fit = torch.arange(len(x)) < len(x) // 2
+
+    def moments(rows):
+        return rows.T @ rows / len(rows), rows.mean(0)
+
+    cov_a, mean_a = moments(x[fit])
+    scores = {r: float(((x[~fit] @ constant_direction(cov_a, mean_a, r).double() - 1) ** 2).mean()) for r in RIDGES}
+    best = min(scores, key=scores.get)
+    return constant_direction(*moments(x), best), best, scores[best] ** 0.5
 
 
 def fold_value_bias(w: AttentionWeights, u: torch.Tensor) -> AttentionWeights:

@@ -110,9 +110,6 @@ COMPONENTS = (
 PRESETS = {
     "mha2mla": "qk-pairs+group-rope",
     "transmla": "freqfold+bkv",
-    "rorope": "rot-pairs+rorope",
-    "complex": "rot-pairs+complex",
-    "whiten": "whiten",
     "best": "rot-pairs+complex+whiten+budget",
     "deepseek": "fast-pairs+complex+whiten",
 }
@@ -146,11 +143,7 @@ class MethodConfig:
 
 def split_components(text: str) -> list[str]:
     """'best+refit' -> its components, presets expanded; one clear error for an unknown name."""
-    parts = [
-        c
-        for part in text.split("+")
-        for c in (PRESETS[part].split("+") if part in PRESETS and part not in COMPONENTS else [part])
-    ]
+    parts = [c for part in text.split("+") for c in (PRESETS[part].split("+") if part in PRESETS else [part])]
     bad = [p for p in parts if p not in COMPONENTS and not re.fullmatch(r"freqfold-[1-9][0-9]*", p)]
     if bad or not parts:
         raise XecomlaError(
