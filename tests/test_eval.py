@@ -447,7 +447,7 @@ def test_metrics_for_checkpoint_merges_tasks():
 
 
 def test_lm_eval_adapter_is_optional():
-    from xecomla_cli import lm_eval_adapter
+    from xecomla_cli.evaluate import lm_eval_adapter
 
     try:
         import lm_eval  # noqa: F401

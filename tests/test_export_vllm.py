@@ -213,7 +213,8 @@ def family_ckpt(tmp: Path, family: str) -> Path:
     kv_rank, rope_dim = rank_for_width(
         "vllm", original_per_layer=1024, head_dim=128, rope_dim=None, default_rope_dim=64
     )
-    spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
+    # init-svd's defaults: a scaled RoPE as default RoPE, q/k/v biases folded
+    spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True, attention_bias="fold")
     spec = convert_model(model, spec, calib_ids=calib_ids())
     with torch.no_grad():
         for layer in model.model.layers:

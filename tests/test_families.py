@@ -36,6 +36,8 @@ POSITIONS = 300  # past LLAMA3_ROPE's original context (64): the scaled frequenc
 
 
 def family_ckpt(tmp_path: Path, name: str, method: str = "transmla", **spec_kw) -> Path:
+    """init-svd's defaults (biases folded, the library's default being to keep them) on a family's tiny model."""
+    spec_kw.setdefault("attention_bias", "fold")
     family, overrides = FAMILIES[name]
     model = make_model(family, head_dim=32, **overrides)
     spec = build_spec(model.config, kv_rank=24, rope_dim=16, latent_norm=True, method=method, **spec_kw)

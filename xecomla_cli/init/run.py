@@ -51,7 +51,7 @@ class InitOptions:
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     rope_frequencies: str | None = None  # 'default' | 'source' (a scaled RoPE; None: default)
     rope_span: int | None = None  # TransMLA's fold over the K fastest pairs
-    attention_bias: str | None = None  # 'fold' | 'keep' (q/k/v biases; None: fold where possible)
+    attention_bias: str = "fold"  # 'fold' | 'keep' (q/k/v biases; a source with an output bias must keep)
     output: Path | None = None
     dtype: str = "float32"
     device: str = "cpu"

@@ -106,7 +106,7 @@ def build_spec(
     What the engines read (``init.engine_ready``): a source with scaled RoPE gets default RoPE
     frequencies unless ``rope_frequencies`` is "source" (with TransMLA's fold over the fastest
     ``rope_span`` pairs, by default the unscaled ones); a source with q/k/v biases has them folded
-    unless ``attention_bias`` is "keep"."""
+    when ``attention_bias`` is "fold" (init-svd's default; it needs calibration data), else kept."""
     shape = attention_shape(config)
     cfg = parse_method(method)  # one clear error for an unknown method
     slices = shape["num_kv_heads"] if cfg.group_rope else 1
@@ -162,8 +162,8 @@ def engine_choices(
         rope_span = None
     qkv_bias, o_bias = source_biases(config)
     bias = None
-    if qkv_bias:
-        bias = "folded" if (attention_bias or ("keep" if o_bias else "fold")) == "fold" else "kept"
+    if qkv_bias:  # the library keeps them unless asked (folding needs calibration data); init-svd asks
+        bias = "folded" if attention_bias == "fold" else "kept"
         if bias == "folded" and o_bias:
             raise XecomlaError(
                 "the attention output has a bias, which no engine loads and which cannot be folded: "

@@ -20,7 +20,7 @@ download their data from the Hugging Face Hub, so this needs network (``xecomla 
 
 from __future__ import annotations
 
-from .errors import XecomlaError
+from ..errors import XecomlaError
 
 MODEL_NAME = "xecomla"
 _registered: dict[str, type] = {}
@@ -42,8 +42,8 @@ def register() -> type:
         def __init__(self, pretrained: str = "demo", dtype: str = "float32", device: str | None = None, **kwargs):
             import torch
 
-            from .loaded import dtype_name
-            from .sources import load_model
+            from ..loaded import dtype_name
+            from ..sources import load_model
 
             # lm_eval's rule: a dtype is a torch attribute name ('half', 'float', 'bfloat16') or 'auto'
             torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
