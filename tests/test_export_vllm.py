@@ -150,28 +150,7 @@ def test_vllm_mla_path_matches_transformers_on_prefill(portable_ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def native_ckpt(tmp_path_factory):
     """Head dim 128 with init-svd's vLLM preset (r 512 + p 64): the one split vLLM's CPU MLA decode kernel runs."""
-    tmp = tmp_path_factory.mktemp("vllm576")
-    model = make_model(
-        "llama",
-        hidden_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_hidden_layers=2,
-        intermediate_size=256,
-    )  # caches 2·4·128 = 1,024 values per token per layer: 576 saves memory
-    kv_rank, rope_dim = rank_for_width(
-        "vllm", original_per_layer=1024, head_dim=128, rope_dim=None, default_rope_dim=64
-    )
-    spec = build_spec(model.config, kv_rank=kv_rank, rope_dim=rope_dim, latent_norm=True)
-    calib = calib_ids()
-    spec = convert_model(model, spec, calib_ids=calib)  # the norm channel is fitted on calibration inputs
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
-    return save_checkpoint(
-        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source="tiny"
-    )
+    return ckpt_576(tmp_path_factory.mktemp("vllm576"), "llama")
 
 
 def test_vllm_mla_latent_cache_generation_matches_transformers(native_ckpt, tmp_path):
@@ -189,7 +168,7 @@ def test_vllm_mla_latent_cache_generation_matches_transformers(native_ckpt, tmp_
 # Issue #35: the 576-wide export (r 512 + p 64) of the two families whose attention DeepSeek-V3's
 # layout cannot hold as it is: Llama-3 RoPE scaling (vLLM rewrites any non-default DeepSeek
 # rope_type to its own YaRN) and Qwen2's q/k/v biases (vLLM's DeepSeek attention has none).
-# build_spec/convert_model make engine-exact conversions of both by default, so the export is
+# With init-svd's defaults (a scaled RoPE as default RoPE, --attention-bias fold) the export is
 # written with rope_type default and no biases.
 FAMILIES = {
     "llama3": ("llama", {"rope_parameters": dict(LLAMA3_ROPE)}),
@@ -198,8 +177,13 @@ FAMILIES = {
 
 
 def family_ckpt(tmp: Path, family: str) -> Path:
-    """``native_ckpt``'s shape (hidden 512, 4 heads, 4 KV heads, head dim 128, 2 layers) in ``family``."""
     arch, overrides = FAMILIES[family]
+    return ckpt_576(tmp, arch, source=f"tiny-{family}", **overrides)
+
+
+def ckpt_576(tmp: Path, arch: str, source: str = "tiny", **overrides) -> Path:
+    """A tiny ``arch`` model (hidden 512, 4 heads, 4 KV heads, head dim 128, 2 layers) converted with init-svd's
+    vLLM preset and defaults (r 512 + p 64, latent norm, biases folded), its latent norm not all ones."""
     model = make_model(
         arch,
         hidden_size=512,
@@ -220,7 +204,7 @@ def family_ckpt(tmp: Path, family: str) -> Path:
         for layer in model.model.layers:
             layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 2.0)
     return save_checkpoint(
-        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=f"tiny-{family}"
+        tmp / "ckpt", model=model, tokenizer=make_tokenizer(), stage="init-svd", spec=spec, source=source
     )
 
 
