@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
-from xecomla_cli.mla.cache import GrowingLayer
+from xecomla_cli.mla.kv_cache import GrowingLayer
 
 
 def llama_shape(vocab: int, d: int, ffn: int, layers: int, H: int, G: int, theta: float, max_pos: int) -> dict:

@@ -92,7 +92,7 @@ def layer_inputs(opts) -> dict[str, list]:
     """Per layer, the original model's attention inputs on calibration and held-out tokens."""
     import torch
 
-    from xecomla_cli.evaluate.common import encode, prefix_token_id
+    from xecomla_cli.evaluate.scoring import encode, prefix_token_id
     from xecomla_cli.evaluate.tasks import lambada_passages
     from xecomla_cli.layerwise import LayerRunner
     from xecomla_cli.mla.rebuild import decoder_layers

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
     """Every cache the code (or a CLI subprocess) writes goes under this session's tmp dir, never
-    into the user's ~/.cache (cache.CACHE_ENV)."""
+    into the user's ~/.cache (cache_dir.CACHE_ENV)."""
     root = tmp_path_factory.mktemp("xecomla-cache")
     os.environ["XECOMLA_CACHE"] = str(root)
     return root

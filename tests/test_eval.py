@@ -13,12 +13,12 @@ from conftest import make_model, make_tokenizer
 
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.evaluate import tasks as et
-from xecomla_cli.evaluate.common import prefix_token_id
 from xecomla_cli.evaluate.kv_memory import expected_values_per_token, measure_kv_cache
 from xecomla_cli.evaluate.multiple_choice import encode_pair, loglikelihoods, score_examples
 from xecomla_cli.evaluate.perplexity import perplexity, rolling_windows
 from xecomla_cli.evaluate.record import metrics_for_checkpoint
 from xecomla_cli.evaluate.report import comparison_rows
+from xecomla_cli.evaluate.scoring import prefix_token_id
 from xecomla_cli.evaluate.speed import measure_speed
 from xecomla_cli.init import build_spec, convert_model
 

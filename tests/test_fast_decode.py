@@ -14,10 +14,10 @@ from transformers.cache_utils import DynamicLayer
 
 from xecomla_cli.init import build_spec, convert_model
 from xecomla_cli.kernels import ENV_VAR
-from xecomla_cli.mla import cache as latent_cache
+from xecomla_cli.mla import kv_cache as latent_cache
 from xecomla_cli.mla.attention import MLAAttention
-from xecomla_cli.mla.cache import GrowingLayer, use_growing_layer
 from xecomla_cli.mla.decode import decode_mask, output_absorption_pays
+from xecomla_cli.mla.kv_cache import GrowingLayer, use_growing_layer
 from xecomla_cli.mla.rebuild import decoder_layers
 
 

@@ -12,7 +12,7 @@ from conftest import make_model, save_model
 from xecomla_cli import checkpoint
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.inspect_model import inspect
+from xecomla_cli.inspection import inspect
 from xecomla_cli.loaded import parse_device, parse_dtype
 from xecomla_cli.sources import load_model
 

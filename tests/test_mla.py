@@ -8,8 +8,9 @@ from conftest import make_model
 from transformers import DynamicCache
 
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.init.common import AttentionWeights, layer_singular_values, repeat_heads
+from xecomla_cli.init.layer_weights import AttentionWeights, repeat_heads
 from xecomla_cli.mla.attention import MLAAttention
+from xecomla_cli.mla.kv_spectrum import layer_singular_values
 from xecomla_cli.mla.rebuild import decoder_layers
 from xecomla_cli.mla.spec import MLASpec
 

@@ -11,9 +11,9 @@ from transformers import DynamicCache
 
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.init import build_spec, convert_model
-from xecomla_cli.init.common import AttentionWeights
 from xecomla_cli.init.freqfold import fold_candidates, fold_slots, freqfold_keys
 from xecomla_cli.init.latent import balanced_factors, kv_balance, whitened_factors
+from xecomla_cli.init.layer_weights import AttentionWeights
 from xecomla_cli.init.methods import MethodConfig, parse_method
 from xecomla_cli.init.rope_pairs import pair_scores, select_pairs, uniform_pairs
 from xecomla_cli.init.shared_key import complex_rows

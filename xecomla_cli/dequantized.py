@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cache import cache_root
+from .cache_dir import cache_root
 
 VERSION = 2  # of the entry's layout (2: the tokenizer's special tokens from the GGUF metadata)
 

@@ -33,6 +33,24 @@ FAULT_DIR_ENV = "XECOMLA_FAULT_DIR"  # where the stopped run writes POINT.reache
 _fault_counts: dict[str, int] = {}
 
 
+def default_output(stage_input: str | Path, suffix: str, *, parent: Path | None = None) -> Path:
+    """Where a stage writes when no output is given: ``NAME-SUFFIX`` beside its input, or under ``parent``.
+
+    NAME is the input's last path component ('.', '..' and 'run/' name the real directory; a '.gguf'
+    suffix is dropped). init-svd writes under runs/ (its input may be a Hub id or a file elsewhere);
+    distill and export write beside the checkpoint they read:
+
+        demo, 'mla-r64', parent=runs/        -> runs/demo-mla-r64
+        runs/demo-mla-r64, 'distill'         -> runs/demo-mla-r64-distill
+        . (inside runs/demo-mla-r64), 'hf'   -> runs/demo-mla-r64-hf
+    """
+    path = Path(str(stage_input).rstrip("/") or "/")
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    name = path.name.removesuffix(".gguf")
+    return (path.parent if parent is None else parent) / f"{name}-{suffix}"
+
+
 def lock_path(out: Path) -> Path:
     """The lock file of an output: ``.NAME.lock`` beside it."""
     return out.parent / f".{out.name}.lock"

@@ -26,7 +26,8 @@ from ..distill.config import DistillConfig
 from ..distill.local import LocalConfig
 from ..distill.policy_config import PolicyConfig
 from ..errors import XecomlaError
-from .common import AllowPickleOpt, DeviceOpt, ForceOpt, JsonOpt, emit, read_arg
+from .args import AllowPickleOpt, DeviceOpt, ForceOpt, JsonOpt, read_arg
+from .display import emit
 
 KD, LOCAL, DPO, ON_POLICY = "global KD", "--local", "--dpo", "--on-policy"
 OPTIMIZER = (KD, DPO, ON_POLICY)  # a full-model AdamW run

@@ -9,7 +9,8 @@ import typer
 
 from .. import console
 from ..evaluate.options import DEFAULT_PPL_TOKENS
-from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, emit, load, progress_bars, read_arg
+from .args import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, read_arg
+from .display import emit, load, progress_bars
 
 TASKS_HELP = (
     "Comma-separated zero-shot tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, boolq, "

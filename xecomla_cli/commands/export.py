@@ -11,7 +11,8 @@ from .. import console
 from ..choices import ExportFormat
 from ..errors import XecomlaError
 from ..export.gguf_writer import OutType
-from .common import CkptArg, ForceOpt, JsonOpt, emit, read_arg
+from .args import CkptArg, ForceOpt, JsonOpt, read_arg
+from .display import emit
 
 
 def export_command(

@@ -10,7 +10,8 @@ import typer
 from .. import console
 from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD, AttentionBias, KvSvdRows, RopeFrequencies
 from ..errors import XecomlaError
-from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, emit, progress_bars, read_arg
+from .args import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, read_arg
+from .display import emit, progress_bars
 
 METHOD_HELP = (
     f"a preset ({DEFAULT_METHOD}, the default and the best after training; mha2mla, best, deepseek), "

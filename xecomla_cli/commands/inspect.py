@@ -8,8 +8,9 @@ import typer
 
 from .. import console, tables
 from ..errors import XecomlaError
-from ..inspect_model import inspect as inspect_model
-from .common import AllowPickleOpt, JsonOpt, RopeDimOpt, SourceArg, emit, load, parse_ints, read_arg
+from ..inspection import inspect as inspect_model
+from .args import AllowPickleOpt, JsonOpt, RopeDimOpt, SourceArg, parse_ints, read_arg
+from .display import emit, load
 
 
 def inspect_command(

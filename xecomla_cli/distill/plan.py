@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 from .. import console
 from ..checkpoint import CheckpointInfo, read_meta
 from ..errors import XecomlaError
-from ..outputs import Claim, claim, remove_leftovers
+from ..outputs import Claim, claim, default_output, remove_leftovers
 from .config import RunConfig
 from .dist import Dist
 
@@ -85,12 +85,10 @@ class RunPlan(Generic[C]):
         return dataclasses.replace(self, cfg=cfg)
 
 
-def default_output(ckpt: Path, stage: str) -> Path:
-    """runs/demo-mla-r64 -> runs/demo-mla-r64-distill (-dpo, -on-policy): a sibling of the student
-    checkpoint (--local writes -distill too: it is a distillation of the same student)."""
-    suffix = "distill" if stage.startswith("distill") else stage
-    parent = ckpt.parent if ckpt.name else ckpt.resolve().parent
-    return parent / f"{ckpt.resolve().name}-{suffix}"
+def output_suffix(stage: str) -> str:
+    """runs/demo-mla-r64 -> runs/demo-mla-r64-distill (-dpo, -on-policy): --local writes -distill too,
+    being a distillation of the same student."""
+    return "distill" if stage.startswith("distill") else stage
 
 
 def plan_run(
@@ -108,7 +106,7 @@ def plan_run(
     """Claim the output (errors before any loading): it must not overlap the student or the other
     `inputs` (teacher, data); rank 0 holds its lock. A --resume of a run that had finished is
     recognised (`finished_run`)."""
-    paths = RunPaths(Path(output) if output else default_output(student.path, stage))
+    paths = RunPaths(Path(output) if output else default_output(student.path, output_suffix(stage)))
     held = claim(paths.out, inputs=[student.path, *inputs], force=True, also=[paths.run_dir], lock=dist.main)
     try:
         if dist.main:

@@ -11,7 +11,7 @@ import torch
 from ..errors import XecomlaError
 from ..loaded import dtype_name
 from ..mla.spec import MLASpec
-from .common import device_of, new_cache
+from .scoring import device_of, new_cache
 
 
 def cache_footprint(cache) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import XecomlaError
-from .common import Progress, body, device_of, encode, max_length, noop, prefix_token_id, token_log_probs
+from .scoring import Progress, body, device_of, encode, max_length, noop, prefix_token_id, token_log_probs
 
 
 @dataclass

@@ -15,11 +15,11 @@ from ..loaded import LoadedModel
 from ..mla.rebuild import spec_shape_matches
 from ..sources import load_model, resolve
 from ..text.validate import text_documents_only
-from .common import ProgressFactory, device_of, noop
 from .kv_memory import kv_cache_metrics
 from .multiple_choice import average, score_examples
 from .options import EvalOptions
 from .perplexity import count_tokens, perplexity
+from .scoring import ProgressFactory, device_of, noop
 from .speed import measure_speed
 from .tasks import Example
 

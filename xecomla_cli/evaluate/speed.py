@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..loaded import model_dtype_name
-from .common import body, device_of, new_cache, sync
+from .scoring import body, device_of, new_cache, sync
 
 
 def attention_modules(model) -> list[torch.nn.Module]:

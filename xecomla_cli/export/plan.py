@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from ..errors import XecomlaError
 from ..mla.rebuild import decoder_layers
-from ..mla.spec import MLASpec
+from ..mla.spec import MLASpec, layer_sliding_window
 from .records import ExportPlan
 from .rope import rope_choice
 from .weights import emulation_constants
@@ -107,8 +107,9 @@ def check_architecture(loaded, spec: MLASpec) -> None:
     config = loaded.config
     if getattr(config, "mlp_bias", False):
         raise XecomlaError(f"the MLP has biases (mlp_bias: true), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and _uses_sliding_window(config) and window < config.max_position_embeddings:
+    windows = {layer_sliding_window(config, i) for i in range(config.num_hidden_layers)} - {None}
+    window = min(windows, default=None)
+    if window is not None and window < config.max_position_embeddings:
         raise XecomlaError(
             f"the model uses sliding-window attention ({window} tokens < {config.max_position_embeddings} "
             f"positions), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}"
@@ -144,15 +145,6 @@ def _notes(plan: ExportPlan, spec: MLASpec, max_rank: int) -> list[str]:
                 "padded latent norms are rescaled by sqrt(r/R): exact but for the norm's eps, which grows to eps·R/r"
             )
     return notes
-
-
-def _uses_sliding_window(config) -> bool:
-    if getattr(config, "use_sliding_window", True) is False:
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return any(t == "sliding_attention" for t in layer_types)
-    return True
 
 
 def _attention_biases(model) -> list[str]:

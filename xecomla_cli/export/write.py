@@ -17,7 +17,7 @@ from ..checkpoint import MAX_SHARD_SIZE, atomic_directory, command_line, load_ch
 from ..engines import engine_support
 from ..errors import XecomlaError
 from ..mla.spec import MLASpec
-from ..outputs import claim
+from ..outputs import claim, default_output
 from .card import lineage, render_card
 from .config import deepseek_config
 from .plan import WEIGHT_DTYPES, plan_export
@@ -36,12 +36,6 @@ def read_rope_type(ckpt_dir: Path) -> str | None:
     return (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type")
 
 
-def default_output(ckpt_dir: str | Path, fmt: str) -> Path:
-    """<checkpoint>-hf or <checkpoint>-xecomla, next to the checkpoint."""
-    path = Path(ckpt_dir)
-    return path.parent / f"{path.name.rstrip('/')}-{'hf' if fmt == 'hf' else 'xecomla'}"
-
-
 def export_checkpoint(
     ckpt_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -57,13 +51,13 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write the export directory atomically (verified before it is renamed into place).
 
-    ``out_dir`` defaults to ``default_output(ckpt_dir, fmt)``; ``loaded`` reuses a model already
+    ``out_dir`` defaults to ``<checkpoint>-hf`` (``-xecomla``) beside the checkpoint; ``loaded`` reuses a model already
     loaded from ``ckpt_dir`` (fp32, cpu)."""
     if fmt not in FORMATS:
         raise XecomlaError(f"unknown --format '{fmt}': choose hf (DeepSeek-V3 layout) or xecomla")
     if dtype not in EXPORT_DTYPES:
         raise XecomlaError(f"unknown --dtype '{dtype}' for export: use auto, float32 or bfloat16")
-    out_dir = Path(out_dir) if out_dir is not None else default_output(ckpt_dir, fmt)
+    out_dir = Path(out_dir) if out_dir is not None else default_output(ckpt_dir, "hf" if fmt == "hf" else "xecomla")
     ckpt_dir = Path(ckpt_dir).resolve()
     meta = read_meta(ckpt_dir)
     with claim(out_dir, inputs=[ckpt_dir], force=force):  # one writer; never into the checkpoint

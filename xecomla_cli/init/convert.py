@@ -18,11 +18,11 @@ from ..layerwise import LayerRunner, walk
 from ..mla.attention import MLAAttention
 from ..mla.rebuild import decoder_layers, has_o_bias, has_qkv_bias, new_mla_attention
 from ..mla.spec import MLASpec
-from .common import AttentionWeights
 from .engine_ready import attention_error, constant_direction, fold_state_biases, fold_value_bias, held_out_direction
 from .freqfold import fold_candidates
 from .latent import budget_ranks
 from .latent_norm import add_norm_channel, data_rank_spec
+from .layer_weights import AttentionWeights
 from .method_weights import layer_energy, method_state_dict
 from .methods import ROPE_CONTEXT, MethodConfig, parse_method
 from .paper import paper_state_dict

@@ -34,7 +34,8 @@ from dataclasses import replace
 import torch
 
 from ..errors import XecomlaError
-from .common import AttentionWeights, single_thread
+from ..threads import single_thread
+from .layer_weights import AttentionWeights
 
 RIDGE = 1e-2  # λ = RIDGE · tr(E[x xᵀ]) / d without held-out tokens to choose it
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the λ / (tr(E[x xᵀ]) / d) tried on held-out tokens

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import single_thread
+from ..threads import single_thread
 from .shared_key import complex_rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import XecomlaError
-from .common import single_thread
+from ..threads import single_thread
 from .methods import RANK_MULTIPLE
 
 

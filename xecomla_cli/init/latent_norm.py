@@ -52,7 +52,7 @@ import torch
 
 from ..errors import XecomlaError
 from ..mla.spec import MLASpec
-from .common import single_thread
+from ..threads import single_thread
 
 DOMINANCE = 1.0  # k: the channel's target energy over the data latent's, K = (1 + k²)·E‖D x‖²
 RIDGE = 1e-3  # λ = RIDGE · tr(Xᵀ W X) / d

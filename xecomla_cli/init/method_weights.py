@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..mla.spec import MLASpec
-from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .latent import (
     balanced_factors,
     kv_balance,
@@ -22,6 +21,7 @@ from .latent import (
     whitened_factors,
     wide_kv_rows,
 )
+from .layer_weights import AttentionWeights, RopePlan, output_weights, query_weights
 from .methods import MethodConfig
 from .rope_pairs import merged_plan
 from .shared_key import rope_weights

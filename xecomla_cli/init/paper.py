@@ -18,7 +18,8 @@ import torch
 from ..choices import KvSvdRows, values
 from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
-from .common import AttentionWeights, RopePlan, output_weights, pad_rank, query_weights, repeat_heads, truncated_svd
+from .layer_weights import AttentionWeights, RopePlan, output_weights, query_weights, repeat_heads
+from .svd import pad_rank, truncated_svd
 
 KV_SVD_ROWS = values(KvSvdRows)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..layerwise import Chunk, attention_on
-from .common import single_thread
+from ..threads import single_thread
 
 
 def attention_head_outputs(attn, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
-from .common import RopePlan
+from .layer_weights import RopePlan
 from .methods import ROPE_CONTEXT, MethodConfig
 from .paper import paper_rope_plan
 from .stats import LayerStats

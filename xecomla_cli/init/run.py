@@ -14,8 +14,9 @@ from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD
 from ..engines import rank_for_width
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
+from ..mla.kv_spectrum import layer_singular_values
 from ..mla.spec import attention_shape
-from ..outputs import claim, fault_point
+from ..outputs import claim, default_output, fault_point
 from ..sources import input_paths, load_model
 from ..text.calibration import (
     DEFAULT_CALIB_TOKENS,
@@ -25,7 +26,6 @@ from ..text.calibration import (
     teacher_blocks,
     teacher_calibration_ids,
 )
-from .common import layer_singular_values
 from .convert import calibration_steps, convert_model
 from .methods import MethodConfig, parse_method
 from .paper import KV_SVD_ROWS
@@ -94,13 +94,11 @@ class InitOptions:
         """The data-aware latent is always fitted on the kept rows only."""
         return self.kv_svd_rows if self.method_config.is_paper else "nope-v"
 
-    def default_output(self, source: str) -> Path:
-        """runs/<source>-mla-r64[-method] (no method suffix for the default method)."""
-        name = Path(source.rstrip("/")).name or source
-        name = name.removesuffix(".gguf").replace("/", "-")
+    def output_suffix(self) -> str:
+        """mla-r64[-method] (no method suffix for the default method): runs/<source>-mla-r64."""
         budget = f"r{self.kv_rank}" if self.kv_rank else f"e{self.energy:g}" if self.energy else f"w{self.latent_width}"
         method = "" if self.method == DEFAULT_METHOD else "-" + self.method_name.replace("+", "-")
-        return Path("runs") / f"{name}-mla-{budget}{method}"
+        return f"mla-{budget}{method}"
 
 
 def run_init(
@@ -114,7 +112,7 @@ def run_init(
 
     ``progress(description, total)`` makes a progress bar, ``status(message)`` shows a spinner."""
     start = time.perf_counter()
-    out = opts.output or opts.default_output(source)
+    out = opts.output or default_output(source, opts.output_suffix(), parent=Path("runs"))
     inputs = [*input_paths(source), *([] if opts.calib_data in (None, TEACHER, SHAKESPEARE) else [opts.calib_data])]
     with claim(out, inputs=inputs, force=opts.force):  # before loading: one writer, inputs untouched
         return _convert_and_save(source, opts, out, start, progress, status)

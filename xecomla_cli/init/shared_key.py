@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import single_thread
+from ..threads import single_thread
 from .stats import LayerStats
 
 

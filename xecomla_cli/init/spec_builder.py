@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import XecomlaError
+from ..mla.kv_spectrum import rank_for_energy
 from ..mla.rope import rope_type, unscaled_pairs
 from ..mla.spec import MLASpec, attention_shape, source_biases
-from .common import rank_for_energy
 from .engine_ready import default_rope_span
 from .methods import parse_method
 

@@ -22,9 +22,9 @@ import torch
 
 from ..mla.rope import mla_inv_freq
 from ..mla.spec import MLASpec
-from .common import AttentionWeights, RopePlan, output_weights, query_weights
 from .freqfold import FoldedKeys, fold_candidates, freqfold_keys
 from .latent import balanced_factors, kv_balance, whitened_factors
+from .layer_weights import AttentionWeights, RopePlan, output_weights, query_weights
 from .methods import ROPE_CONTEXT, MethodConfig
 from .rope_pairs import drop_pairs
 from .stats import LayerStats

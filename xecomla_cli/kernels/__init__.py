@@ -40,20 +40,10 @@ def decode_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
 
 
-def mla_decode_auto(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    seq_lens: torch.Tensor | None,
-    sm_scale: float,
-    *,
-    mask: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    return_lse: bool = False,
-):
-    """Absorbed MLA decode on the backend for q_lat's device: out [B, H, r] (and lse [B, H] fp32)."""
+def mla_decode_auto(q_lat: torch.Tensor, *args, **kwargs):
+    """Absorbed MLA decode on the backend for q_lat's device: out [B, H, r] (and lse [B, H] fp32).
+
+    The arguments are every backend's, passed on unchanged (their one description: ``reference.py``)."""
     backend = decode_backend(q_lat.device)
     if backend == "triton":
         from .mla_decode import mla_decode as impl
@@ -61,15 +51,4 @@ def mla_decode_auto(
         impl = mla_decode_torch
     else:
         impl = mla_decode_reference
-    return impl(
-        q_lat,
-        q_rope,
-        kv,
-        k_rope,
-        seq_lens,
-        sm_scale,
-        mask=mask,
-        block_table=block_table,
-        num_splits=num_splits,
-        return_lse=return_lse,
-    )
+    return impl(q_lat, *args, **kwargs)

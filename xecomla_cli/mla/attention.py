@@ -12,7 +12,7 @@ Per token x (hidden d), with H heads of value dim h, n no-RoPE and p RoPE query/
 Only ``c`` and ``RoPE(k_rope)`` are cached: r + p values per token per layer, as that layer's
 "keys" and "values" in the model's ordinary transformers cache. Where that cache would give the
 layer a plain ``DynamicLayer`` (which copies itself at every step), the layer's slot gets a
-``GrowingLayer`` instead: preallocated, written in place (``cache.py``).
+``GrowingLayer`` instead: preallocated, written in place (``kv_cache.py``).
 
 Prefill and training expand K/V and use the model's attention backend (SDPA, eager…).
 Decoding (one new token, with a cache) uses the absorbed form, which never expands the cache:
@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .cache import static_seq_lens, use_growing_layer
 from .decode import OutputAbsorption, latent_attention, output_absorption_pays, up_project
+from .kv_cache import static_seq_lens, use_growing_layer
 from .rope import apply_rope, rope_cos_sin
-from .spec import attention_shape
+from .spec import attention_shape, layer_sliding_window
 
 
 class LatentRMSNorm(nn.Module):
@@ -85,7 +85,7 @@ class MLAAttention(nn.Module):
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
         self.num_key_value_groups = 1  # K/V are expanded to all heads before the backend
-        self.sliding_window = getattr(config, "sliding_window", None) if self._uses_sliding_window() else None
+        self.sliding_window = layer_sliding_window(config, layer_idx)
         H, h, d = self.num_heads, self.head_dim, config.hidden_size
 
         if q_rank is None:
@@ -111,12 +111,6 @@ class MLAAttention(nn.Module):
         super()._apply(fn, recurse)
         self._buffers["rope_inv_freq"] = inv_freq.to(device=self.rope_inv_freq.device, dtype=torch.float32)
         return self
-
-    def _uses_sliding_window(self) -> bool:
-        layer_types = getattr(self.config, "layer_types", None)
-        if layer_types is not None:
-            return layer_types[self.layer_idx] == "sliding_attention"
-        return getattr(self.config, "sliding_window", None) is not None
 
     # ---- projections ----------------------------------------------------------------------
     def project_q(self, x: torch.Tensor) -> torch.Tensor:

@@ -170,3 +170,16 @@ def attention_kind(num_heads: int, num_kv_heads: int) -> str:
     if num_kv_heads == 1:
         return "MQA"
     return "GQA"
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of one layer's attention in tokens, None where the layer attends to all
+    positions: ``layer_types`` says per layer where the config has it (Qwen2, Mistral in recent
+    transformers), else ``sliding_window`` holds for every layer; ``use_sliding_window: false`` turns it off."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return window

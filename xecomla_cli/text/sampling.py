@@ -8,7 +8,7 @@ Per step, for the rows still unfinished (B, 1):
 
 What makes it fast, measured in ``bench/sampling.py`` against the first sampler:
 
-* **in-place cache writes.** Every layer's slot holds a ``GrowingLayer`` (``mla/cache.py``):
+* **in-place cache writes.** Every layer's slot holds a ``GrowingLayer`` (``mla/kv_cache.py``):
   preallocated buffers written in place, where transformers' ``DynamicLayer`` copies the whole
   cache with ``torch.cat`` at each step. MLA layers cache their latent (r + p values per token) and
   decode through the absorbed path without expanding it.
@@ -112,7 +112,7 @@ def in_place_cache(model):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from ..mla.cache import GrowingLayer
+    from ..mla.kv_cache import GrowingLayer
 
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_root
+from ..cache_dir import cache_root
 from ..errors import XecomlaError
 from .chat import has_chat_template, left_pad, stop_ids, trim_at_stop, user_header
 from .sampling import sample

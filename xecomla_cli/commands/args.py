@@ -1,24 +1,17 @@
-"""What every command shares: argument and option types, reading '-' from stdin, printing results.
+"""The arguments and options several commands share, as ``Annotated`` types, and how a command reads
+them: '-' from stdin, comma-separated integer lists.
 
-Options shared by several commands are declared once here, as ``Annotated`` types; a command's
-own options are declared inline in its signature (as in Typer's docs).
-
-Commands import from here (never from ``cli``): stdout carries only results (an output
-directory, or JSON with --json) so stages chain in pipes; progress and tables go to stderr.
+A command's own options are declared inline in its signature (as in Typer's docs). Commands
+import from here (never from ``cli``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .. import console
 from ..errors import XecomlaError
 
 SourceArg = Annotated[
@@ -64,22 +57,6 @@ def read_arg(value: str) -> str:
     return lines[-1]
 
 
-def emit(result) -> None:
-    """Write a result to stdout: a path as one line, anything else as JSON."""
-    if isinstance(result, (str, Path)):
-        print(str(result), flush=True)
-    else:
-        print(json.dumps(result, indent=2, default=str), flush=True)
-
-
-def load(source: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
-    """Load a source with a spinner on stderr."""
-    from ..sources import load_model
-
-    with console.status(f"loading {source}"):
-        return load_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle)
-
-
 def parse_ints(text: str, name: str) -> list[int]:
     """'64,128' -> [64, 128], with one clear error for anything else."""
     try:
@@ -89,26 +66,3 @@ def parse_ints(text: str, name: str) -> list[int]:
     if not values or min(values) < 1:
         raise XecomlaError(f"{name} '{text}' must list positive integers")
     return values
-
-
-@contextlib.contextmanager
-def progress_bars() -> Iterator[Callable[[str, int], Callable[..., None]]]:
-    """A factory ``bar(description, total) -> advance(n=1)`` of progress bars on stderr.
-
-    The display starts with the first bar, so spinners (``console.status``) may run before it."""
-    progress = console.make_progress()
-    started = False
-
-    def bar(description: str, total: int) -> Callable[..., None]:
-        nonlocal started
-        if not started:
-            progress.start()
-            started = True
-        task = progress.add_task(description, total=total)
-        return lambda n=1: progress.advance(task, n)
-
-    try:
-        yield bar
-    finally:
-        if started:
-            progress.stop()

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from .engines import VLLM_CAPTION, engine_support
-from .init.common import energy_curve, layer_singular_values, rank_for_energy
-from .loaded import model_dtype_name
-from .mla.rebuild import decoder_layers
-from .mla.spec import MLASpec, attention_kind, attention_shape, source_biases
+from ..engines import VLLM_CAPTION, engine_support
+from ..loaded import model_dtype_name
+from ..mla.kv_spectrum import energy_curve, layer_singular_values, rank_for_energy
+from ..mla.rebuild import decoder_layers
+from ..mla.spec import MLASpec, attention_kind, attention_shape, source_biases
 
 DEFAULT_RANKS = (32, 64, 96, 128, 192, 256, 384, 512)
 DELTAS = (0.90, 0.95, 0.99)

@@ -1,4 +1,5 @@
-"""Shared pieces of every initialisation: a layer's original weights, the RoPE plan, SVD helpers.
+"""A layer's original attention weights, the RoPE plan, and the query / output projections that
+every initialisation builds from them the same way.
 
 Shapes (per layer): d hidden, H query heads, G KV heads, h head dim, p RoPE dims, n = h - p,
 r latent rank. Weight matrices are (out, in) as in ``nn.Linear``.
@@ -6,12 +7,11 @@ r latent rank. Weight matrices are (out, in) as in ``nn.Linear``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from ..mla.rebuild import decoder_layers
+from .svd import truncated_svd
 
 
 @dataclass
@@ -69,70 +69,10 @@ class RopePlan:
     drop: torch.Tensor | None = None
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run small LAPACK calls on one thread: these matrices gain nothing from threads, and OpenMP
-    threads spinning against other busy processes made an SVD 30x slower on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_r (rows, r), S_r (r,), V_rᵀ (r, cols) of a matrix, computed in fp32."""
-    with single_thread():
-        u, s, vt = torch.linalg.svd(m.detach().float(), full_matrices=False)
-    return u[:, :rank].float(), s[:rank].float(), vt[:rank].float()
-
-
-def pad_rank(u, s, vt, rank: int):
-    """Zero-pad truncated SVD factors to `rank` components (zero singular values)."""
-    extra = rank - s.numel()
-    if extra <= 0:
-        return u, s, vt
-    return (
-        torch.cat([u, u.new_zeros(u.shape[0], extra)], 1),
-        torch.cat([s, s.new_zeros(extra)]),
-        torch.cat([vt, vt.new_zeros(extra, vt.shape[1])]),
-    )
-
-
 def repeat_heads(w: torch.Tensor, num_kv_heads: int, num_heads: int) -> torch.Tensor:
     """(G·h, …) -> (H, h, …): KV head g serves query heads g·H/G … (g+1)·H/G − 1 (HF repeat_kv)."""
     w = w.view(num_kv_heads, -1, *w.shape[1:])
     return w.repeat_interleave(num_heads // num_kv_heads, dim=0)
-
-
-def stacked_kv_singular_values(wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
-    """Singular values of [W_k; W_v]. Repeating KV heads to all query heads scales them all by
-    sqrt(H/G), so this gives the same energy fractions as the paper's repeated stack."""
-    with single_thread():
-        return torch.linalg.svdvals(torch.cat([wk, wv]).detach().float())
-
-
-def energy_curve(s: torch.Tensor) -> torch.Tensor:
-    """Cumulative fraction of squared singular values kept at rank 1, 2, …"""
-    e = (s.double() ** 2).cumsum(0)
-    return (e / e[-1]).float()
-
-
-def rank_for_energy(s: torch.Tensor, delta: float, multiple: int = 8) -> int:
-    """Smallest rank whose energy reaches δ, rounded up to a multiple of 8 (capped at len(s))."""
-    curve = energy_curve(s)
-    r = int(torch.searchsorted(curve, torch.tensor(delta - 1e-7)).item()) + 1
-    r = -(-r // multiple) * multiple
-    return min(r, s.numel())
-
-
-def layer_singular_values(model) -> dict[int, torch.Tensor]:
-    """Per layer, singular values of the stacked [W_k; W_v] (for energy-based ranks)."""
-    return {
-        i: stacked_kv_singular_values(layer.self_attn.k_proj.weight.float(), layer.self_attn.v_proj.weight.float())
-        for i, layer in enumerate(decoder_layers(model))
-    }
 
 
 def query_weights(sd: dict[str, torch.Tensor], wq: torch.Tensor, bq: torch.Tensor | None, q_rank: int | None) -> None:
