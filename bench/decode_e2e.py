@@ -40,27 +40,27 @@ from transformers.cache_utils import DynamicLayer
 
 from xecomla_cli.mla.kv_cache import GrowingLayer
 
-
-def llama_shape(vocab: int, d: int, ffn: int, layers: int, H: int, G: int, theta: float, max_pos: int) -> dict:
-    """A LlamaConfig's arguments: head dim 64, tied embeddings."""
-    return dict(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        head_dim=64,
-        num_attention_heads=H,
-        num_key_value_heads=G,
-        rope_theta=theta,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=True,
-    )
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_configs  # noqa: E402
 
 SHAPES = {  # name: (the original's config, the MLA rank r; p = h / 2)
-    "llama-3.2-1b": (llama_shape(128256, 2048, 8192, 16, 32, 8, 500000.0, 131072), 128),
-    "smollm2-135m": (llama_shape(49152, 576, 1536, 30, 9, 3, 100000.0, 8192), 64),
-    "tiny": (llama_shape(512, 64, 128, 2, 4, 2, 10000.0, 1024) | dict(head_dim=16), 16),
+    "llama-3.2-1b": (real_configs.fields("llama-3.2-1b", rope_parameters=real_configs.DEFAULT_ROPE_500K), 128),
+    "smollm2-135m": (real_configs.fields("smollm2-135m"), 64),
+    "tiny": (
+        real_configs.fields(
+            "smollm2-135m",
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            max_position_embeddings=1024,
+        ),
+        16,
+    ),
 }
 VARIANTS = ("original", "original_growing", "mla", "mla_reference")
 TINY = dict(shape="tiny", mla=None, contexts="32", batches="2", new_tokens=4, repeats=1, static_at="2x32")

@@ -30,33 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import real_configs  # noqa: E402
 
 SHAPES = {
-    # name: LlamaConfig fields
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-    ),
+    # name: config fields (bench/real_configs.py); Llama's llama3 RoPE scaling does not change the speed
+    "llama-3.2-1b": real_configs.fields("llama-3.2-1b", rope_parameters=real_configs.DEFAULT_ROPE_500K),
+    "smollm2-135m": real_configs.fields("smollm2-135m"),
     "tiny": dict(
         vocab_size=512,
         hidden_size=64,

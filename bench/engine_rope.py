@@ -35,51 +35,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import real_configs  # noqa: E402
 
 from xecomla_cli.init import build_spec, convert_model  # noqa: E402
 from xecomla_cli.layerwise import LayerRunner, attention_on  # noqa: E402
 from xecomla_cli.mla.rebuild import decoder_layers  # noqa: E402
 
-LLAMA3 = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-SHAPES = {  # the real configs' per-layer sizes
-    "llama-3.2-1b": dict(
-        family="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        rope_parameters=LLAMA3,
-        max_position_embeddings=131072,
-        kv_rank=128,
-    ),  # fmt: skip
-    "qwen2.5-0.5b": dict(
-        family="qwen2",
-        hidden_size=896,
-        intermediate_size=4864,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        head_dim=64,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        max_position_embeddings=32768,
-        kv_rank=128,
-    ),  # fmt: skip
-}
+SHAPES = ("llama-3.2-1b", "qwen2.5-0.5b")  # real shapes (bench/real_configs.py) this bench converts
 
 
-def random_model(shape: dict, layers: int, vocab: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def random_model(shape: str, layers: int, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM
 
-    kw = {k: v for k, v in shape.items() if k not in ("family", "kv_rank")}
-    cls = LlamaConfig if shape["family"] == "llama" else Qwen2Config
-    config = cls(**kw, num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=True)
+    config = real_configs.config(shape, num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -132,8 +102,8 @@ def convert(original, kv_rank: int, rope_dim: int, calib: torch.Tensor, **choice
 
 
 def run_shape(args) -> dict:
-    shape = SHAPES[args.model]
-    original = random_model(shape, args.layers, args.vocab)
+    shape = real_configs.fields(args.model)
+    original = random_model(args.model, args.layers, args.vocab)
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.calib_blocks, 512), generator=gen)
     held = torch.randint(0, args.vocab, (2, args.eval_len), generator=gen)
