@@ -194,18 +194,31 @@ def tensor_groups(view) -> list[tuple[int | None, list[str]]]:
     return [(None, first), *layers, (None, [n for n in top if n not in first])]
 
 
-def deepseek_groups(loaded, plan: ExportPlan) -> Iterator[dict[str, torch.Tensor]]:
+def deepseek_groups(loaded, plan: ExportPlan, lm_head: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The checkpoint's weights in the DeepSeek-V3 layout, in export dtype, one group at a time (the embeddings,
-    each decoder layer, the final norm and lm_head): memory of one layer when ``loaded`` is on disk.
+    each decoder layer, the final norm and lm_head unless not ``lm_head``): memory of one layer when ``loaded`` is
+    on disk.
 
     fp32 math, then the cast; the identity emulations use the constants C the plan holds (``emulation_constants``)."""
     view = model_view(loaded)
     dtype = parse_dtype(plan.dtype)
     for i, names in tensor_groups(view):
-        group = {name: view.tensor(name) for name in names}
         if i is not None:
-            group.update(attention_tensors(view.layer(i).self_attn, plan, view.spec, i))
-        yield {k: v.to(dtype).contiguous() for k, v in group.items()}
+            yield layer_group(view, plan, i, names)
+            continue
+        yield {name: view.tensor(name).to(dtype).contiguous() for name in names if lm_head or name != "lm_head.weight"}
+
+
+def layer_group(loaded, plan: ExportPlan, i: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Decoder layer i in the DeepSeek-V3 layout, in export dtype: its copied tensors (``names``, else all of the
+    layer's), then its attention."""
+    view = model_view(loaded)
+    dtype = parse_dtype(plan.dtype)
+    if names is None:
+        names = dict(tensor_groups(view)[1 : view.num_layers + 1])[i]
+    group = {name: view.tensor(name) for name in names}
+    group.update(attention_tensors(view.layer(i).self_attn, plan, view.spec, i))
+    return {k: v.to(dtype).contiguous() for k, v in group.items()}
 
 
 def deepseek_layout(loaded, plan: ExportPlan) -> list[list[tuple[str, tuple[int, ...]]]]:
