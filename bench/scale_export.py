@@ -54,7 +54,8 @@ def measure(tree: Path, model: Path, run: str, python: str) -> dict:
         return found.group(1).strip() if found else ""
 
     h, m_, s = ([0, 0, *field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")])[-3:]
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("\t")]
+    skip = ("\t", "Command exited", "Command being timed")
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(skip)]
     return {
         "run": run,
         "model": str(model),

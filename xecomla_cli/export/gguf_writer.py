@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from ..errors import XecomlaError
 from .gguf_tokenizer import TokenizerMeta
+from .shards import one_by_one
 
 
 class OutType(str, Enum):
@@ -110,14 +111,16 @@ def write_gguf(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    stream = ((k, v) for group in groups for k, v in group.items())
+    stream = one_by_one(groups)
     for tensor_name, shape in layout:
         got = next(stream, None)
         if got is None or got[0] != tensor_name or tuple(got[1].shape) != tuple(shape):
             seen = "nothing" if got is None else f"{got[0]} {tuple(got[1].shape)}"
             raise XecomlaError(f"GGUF export: expected {tensor_name} {tuple(shape)}, got {seen}: report this")
         stored, _ = encode(tensor_name, got[1], outtype)
+        del got
         writer.write_tensor_data(stored)
+        del stored  # before the next tensor (the next layer) is made
     if next(stream, None) is not None:
         raise XecomlaError("GGUF export: more tensors than its layout: report this")
     writer.close()

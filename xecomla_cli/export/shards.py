@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +25,16 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def one_by_one(groups: Iterable[dict]) -> Iterator[tuple[str, object]]:
+    """(name, tensor) of each group in turn, each taken out of its group as it is given: once the caller drops it,
+    nothing holds it (a plain nested loop would keep the previous group alive while the next one is made)."""
+    for group in groups:
+        while group:
+            name = next(iter(group))
+            yield name, group.pop(name)
+        del group
 
 
 def plan_shards(layout: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_bytes: int) -> list[list[int]]:
@@ -68,7 +78,7 @@ def write_shards(
     files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     shard_of = {k: s for s, members in enumerate(shards) for k in members}
     handles: dict[int, object] = {}
-    stream = ((name, t) for group in groups for name, t in group.items())
+    stream = one_by_one(groups)
     try:
         for k, (name, shape) in enumerate(layout):
             got = next(stream, None)
@@ -85,6 +95,7 @@ def write_shards(
                 handles = {s: open(directory / files[s], "wb")}  # noqa: SIM115 (closed below)
                 handles[s].write(_header([layout[j] for j in shards[s]], dtype))
             handles[s].write(got[1].contiguous().view(torch.uint8).numpy().data)
+            del got  # before the next tensor (the next layer) is made
         if next(stream, None) is not None:
             raise XecomlaError("export: more tensors than its layout: report this with the checkpoint's xecomla.json")
     finally:

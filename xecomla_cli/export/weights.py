@@ -206,7 +206,7 @@ def deepseek_groups(loaded, plan: ExportPlan, lm_head: bool = True) -> Iterator[
         if i is not None:
             yield layer_group(view, plan, i, names)
             continue
-        yield {name: view.tensor(name).to(dtype).contiguous() for name in names if lm_head or name != "lm_head.weight"}
+        yield {name: view.tensor(name, dtype).contiguous() for name in names if lm_head or name != "lm_head.weight"}
 
 
 def layer_group(loaded, plan: ExportPlan, i: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -216,9 +216,10 @@ def layer_group(loaded, plan: ExportPlan, i: int, names: list[str] | None = None
     dtype = parse_dtype(plan.dtype)
     if names is None:
         names = dict(tensor_groups(view)[1 : view.num_layers + 1])[i]
-    group = {name: view.tensor(name) for name in names}
-    group.update(attention_tensors(view.layer(i).self_attn, plan, view.spec, i))
-    return {k: v.to(dtype).contiguous() for k, v in group.items()}
+    group = {name: view.tensor(name, dtype) for name in names}  # as fp32 then cast: a cast from the stored dtype
+    attention = attention_tensors(view.layer(i).self_attn, plan, view.spec, i)
+    group.update({k: v.to(dtype) for k, v in attention.items()})
+    return {k: v.contiguous() for k, v in group.items()}
 
 
 def deepseek_layout(loaded, plan: ExportPlan) -> list[list[tuple[str, tuple[int, ...]]]]:
