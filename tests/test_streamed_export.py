@@ -188,3 +188,17 @@ def test_inspect_reads_a_checkpoint_of_an_original_model_and_refuses_an_mla_one(
     assert json.dumps(inspect_source(str(ckpt), ranks=[8])) == json.dumps(inspect(load_model(str(ckpt)), ranks=[8]))
     with pytest.raises(XecomlaError, match="is an MLA checkpoint"):
         inspect_source(str(make_ckpt(tmp_path, "mla")))
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_encoding_by_rows_equals_encoding_at_once(monkeypatch, outtype):
+    from gguf import quants
+
+    from xecomla_cli.export import gguf_writer
+
+    data = np.random.default_rng(0).standard_normal((100, 64)).astype(np.float32)
+    whole, qtype = gguf_writer.encode("blk.0.attn_q.weight", data, outtype)
+    monkeypatch.setattr(gguf_writer, "ENCODE_ROWS", 7)
+    by_rows, _ = gguf_writer.encode("blk.0.attn_q.weight", data, outtype)
+    assert by_rows.dtype == whole.dtype and np.array_equal(by_rows.view(np.uint8), whole.view(np.uint8))
+    assert np.array_equal(whole.view(np.uint8), quants.quantize(data, qtype).view(np.uint8))

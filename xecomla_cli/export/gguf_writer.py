@@ -64,12 +64,23 @@ def stored_nbytes(shape: tuple[int, ...], qtype) -> int:
     return n // block * size
 
 
+ENCODE_ROWS = 16384  # rows encoded at a time: the encoder's temporaries stay small beside a 128k-row embedding
+
+
 def encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, object]:
-    """(stored bytes or array, ggml type) of one tensor."""
+    """(stored bytes or array, ggml type) of one tensor, encoded ``ENCODE_ROWS`` rows at a time (every type
+    encodes rows independently: blocks run along the last dim)."""
     from gguf import quants
 
     qtype = tensor_qtype(name, data.shape, outtype)
-    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype), qtype
+    if data.ndim < 2 or data.shape[0] <= ENCODE_ROWS:
+        return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype), qtype
+    first = quants.quantize(np.ascontiguousarray(data[:ENCODE_ROWS], dtype=np.float32), qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:ENCODE_ROWS] = first
+    for a in range(ENCODE_ROWS, data.shape[0], ENCODE_ROWS):
+        out[a : a + ENCODE_ROWS] = quants.quantize(np.ascontiguousarray(data[a : a + ENCODE_ROWS], np.float32), qtype)
+    return out, qtype
 
 
 def rounded(name: str, data: np.ndarray, outtype: OutType) -> np.ndarray:
