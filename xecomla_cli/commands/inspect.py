@@ -9,6 +9,7 @@ import typer
 from .. import console, tables
 from ..errors import XecomlaError
 from ..inspection import inspect as inspect_model
+from ..inspection import inspect_source
 from .args import AllowPickleOpt, JsonOpt, RopeDimOpt, SourceArg, parse_ints, read_arg
 from .display import emit, load
 
@@ -27,9 +28,14 @@ def inspect_command(
     rank_list = parse_ints(ranks, "--ranks") if ranks else None
     if context < 1 or batch < 1:
         raise XecomlaError("--context and --batch must be at least 1")
-    loaded = load(read_arg(source), allow_pickle=allow_pickle)
-    with console.status("SVD of every layer's stacked K/V"):
-        report = inspect_model(loaded, ranks=rank_list, rope_dim=rope_dim, context=context, batch=batch)
+    source = read_arg(source)
+    options = dict(ranks=rank_list, rope_dim=rope_dim, context=context, batch=batch)
+    with console.status("SVD of every layer's stacked K/V, one layer at a time"):
+        report = inspect_source(source, allow_pickle=allow_pickle, **options)
+    if report is None:  # pickle weights, or a GGUF whose cache could not be written: in memory
+        loaded = load(source, allow_pickle=allow_pickle)
+        with console.status("SVD of every layer's stacked K/V"):
+            report = inspect_model(loaded, **options)
     console.err.print(tables.architecture_table(report))
     console.err.print(tables.budget_table(report, per_layer))
     console.err.print(tables.energy_rank_table(report))

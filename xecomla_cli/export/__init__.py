@@ -34,11 +34,13 @@ xecomla`` writes our own format instead.
 
 The package, in the order an export runs:
 
+    model_view                what an export reads: a checkpoint on disk (one layer at a time) or a model in memory
     records.ExportPlan        every choice an export makes (and ExportResult, what it produced)
     plan.plan_export          the ExportPlan: every choice, or one line saying why not
     rope.rope_choice          the RoPE frequencies DeepSeek-V3's rotary embedding must reproduce
     config.deepseek_config    config.json
-    weights                   the weights in the DeepSeek-V3 layout, the identity-emulation constants
+    weights                   the weights in the DeepSeek-V3 layout (one layer at a time), the emulation constants
+    shards                    safetensors shards written tensor by tensor, each header first
     verify.verify_export      stock transformers must reproduce our logits before the rename
     write.export_checkpoint   the atomic write (plus card.render_card, the README.md)
     hub.push_to_hub           the upload

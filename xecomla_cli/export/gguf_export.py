@@ -17,6 +17,7 @@ The file is written into a temporary sibling directory, loaded and checked by ll
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -26,13 +27,16 @@ from typing import Any
 
 import torch
 
+from ..checkpoint_on_disk import CheckpointOnDisk
 from ..errors import XecomlaError
 from ..mla.spec import source_biases
 from .config import rope_parameters
-from .gguf_tensors import GGUF_ALTERNATIVE, deepseek2_params, deepseek2_tensors, llama_tensors
+from .gguf_tensors import GGUF_ALTERNATIVE, deepseek2_groups, deepseek2_layout, deepseek2_params, llama_tensors
 from .gguf_tokenizer import tokenizer_metadata
 from .gguf_verify import verify_gguf
 from .gguf_writer import OutType, write_gguf
+from .model_view import InMemory, model_view
+from .verify import VERIFY_MAX_PARAMETERS, not_verified_note
 
 
 @dataclass
@@ -133,32 +137,80 @@ def check_before_loading(source: str, pad_ranks: bool) -> None:
         check_gguf_mla(read_spec(meta, resolved.directory), config, pad_ranks)
 
 
-def _deepseek2(loaded, pad_ranks: bool):
+def _deepseek2(view, pad_ranks: bool):
+    """deepseek2's (layout, tensor groups, keys, cached values per layer, notes), the weights read one layer at a
+    time as the file is written."""
     from . import plan_export
-    from .weights import deepseek_state_dict
 
-    check_gguf_mla(loaded.spec, loaded.config, pad_ranks)
-    plan = plan_export(loaded, dtype="float32", pad_ranks=pad_ranks, portable=True)
-    theta = plan.rope_theta or float(rope_parameters(loaded.config).get("rope_theta", 10000.0))
+    check_gguf_mla(view.spec, view.config, pad_ranks)
+    plan = plan_export(view, dtype="float32", pad_ranks=pad_ranks, portable=True)
+    theta = plan.rope_theta or float(rope_parameters(view.config).get("rope_theta", 10000.0))
     inv_freq = 1.0 / theta ** (torch.arange(0, plan.rope_dim, 2, dtype=torch.float64) / plan.rope_dim)
-    for i, layer in enumerate(loaded.model.model.layers):
-        ours = layer.self_attn.rope_inv_freq.double().cpu()
+    for i in range(view.num_layers):
+        ours = view.rope(i)[0].double()
         if not torch.allclose(ours, inv_freq, rtol=1e-6, atol=0):
             raise XecomlaError(
                 f"layer {i}'s RoPE frequencies are not theta^(-2i/p) for one theta, which is all "
                 f"llama.cpp's deepseek2 computes; {GGUF_ALTERNATIVE}"
             )
-    state = deepseek_state_dict(loaded, plan)
-    tensors = deepseek2_tensors(loaded, plan, state)
+    layout = deepseek2_layout(view, plan)
     notes = [n for n in plan.notes if "vLLM" not in n]
-    return tensors, deepseek2_params(loaded, plan, theta), plan.kv_lora_rank + plan.rope_dim, notes
+    keys = deepseek2_params(view, plan, theta)
+    return layout, deepseek2_groups(view, plan), keys, plan.kv_lora_rank + plan.rope_dim, notes
 
 
-def _eos_id(loaded) -> int | None:
+def _llama(loaded):
+    """llama's (layout, tensor groups, keys, cached values per layer, notes) of an original model in memory."""
+    config = loaded.config
+    if getattr(config, "mlp_bias", False):
+        raise XecomlaError(f"the MLP has biases, which llama.cpp's llama arch does not load; {GGUF_ALTERNATIVE}")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        raise XecomlaError(
+            f"the model attends through a {window}-token sliding window, which llama.cpp's llama "
+            f"arch does not apply; {GGUF_ALTERNATIVE}"
+        )
+    tensors, keys = llama_tensors(loaded)
+    layout = [(name, tuple(t.shape)) for name, t in tensors.items()]
+    return layout, [tensors], keys, 2 * config.num_key_value_heads * keys["key_length"], []
+
+
+def _eos_id(src) -> int | None:
     """The generation config's end-of-sequence token when it names one (what transformers stops on)."""
-    gen = getattr(loaded.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
+    model = getattr(src, "model", None)
+    if model is not None:
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+    else:
+        path = Path(src.directory) / "generation_config.json"
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
     return eos if isinstance(eos, int) else None
+
+
+def _open(source: str, pad_ranks: bool):
+    """An MLA checkpoint opened on disk (its refusals decided from xecomla.json and config.json first), else the
+    source loaded in memory (an original model: llama arch)."""
+    from ..checkpoint_on_disk import open_checkpoint
+    from ..sources import load_model, resolve
+
+    check_before_loading(source, pad_ranks)
+    resolved = resolve(source)
+    if resolved.is_checkpoint:
+        ckpt = open_checkpoint(resolved.directory)
+        if ckpt.spec is not None:
+            return ckpt
+    return load_model(source, dtype="float32", device="cpu")
+
+
+def _in_memory(src):
+    """The model in memory, for the verification: loaded now when ``src`` is a checkpoint on disk."""
+    from ..checkpoint import load_checkpoint
+
+    if isinstance(src, InMemory):
+        return src.loaded
+    if isinstance(src, CheckpointOnDisk):
+        return load_checkpoint(src.directory, dtype="float32", device="cpu")
+    return src
 
 
 def export_gguf(
@@ -172,49 +224,30 @@ def export_gguf(
     threads: int = 2,
     loaded=None,
 ) -> GGUFResult:
-    """Write ``output`` (default ``default_gguf_output``): deepseek2 for an MLA checkpoint, llama for an original."""
-    from ..sources import load_model
-
+    """Write ``output`` (default ``default_gguf_output``): deepseek2 for an MLA checkpoint (read one layer at a time
+    and written as it is read), llama for an original (in memory)."""
     outtype = OutType(outtype)
     out = Path(output) if output is not None else default_gguf_output(source, outtype)
     if out.suffix != ".gguf":
         raise XecomlaError(f"the GGUF output '{out}' should end in .gguf (llama.cpp loads one file)")
     if out.exists() and not force:
         raise XecomlaError(f"output '{out}' already exists: pass --force to replace it, or choose another -o")
-    if loaded is None:
-        check_before_loading(source, pad_ranks)
-        loaded = load_model(source, dtype="float32", device="cpu")
-    if loaded.spec is not None:
-        arch = "deepseek2"
-        tensors, keys, values, notes = _deepseek2(loaded, pad_ranks)
-    else:
-        arch = "llama"
-        config = loaded.config
-        if getattr(config, "mlp_bias", False):
-            raise XecomlaError(f"the MLP has biases, which llama.cpp's llama arch does not load; {GGUF_ALTERNATIVE}")
-        window = getattr(config, "sliding_window", None)
-        if (
-            window is not None
-            and getattr(config, "use_sliding_window", True)
-            and window < config.max_position_embeddings
-        ):
-            raise XecomlaError(
-                f"the model attends through a {window}-token sliding window, which llama.cpp's llama "
-                f"arch does not apply; {GGUF_ALTERNATIVE}"
-            )
-        tensors, keys = llama_tensors(loaded)
-        hd = keys["key_length"]
-        values, notes = 2 * config.num_key_value_heads * hd, []
-    tokenizer = tokenizer_metadata(loaded.tokenizer, loaded.config.vocab_size, _eos_id(loaded))
-    name = f"{Path(loaded.source).name} ({'xecomla MLA' if arch == 'deepseek2' else 'original'})"
+    src = model_view(loaded) if loaded is not None and loaded.spec is not None else loaded or _open(source, pad_ranks)
+    arch = "deepseek2" if src.spec is not None else "llama"
+    layout, groups, keys, values, notes = _deepseek2(src, pad_ranks) if arch == "deepseek2" else _llama(src)
+    tokenizer = tokenizer_metadata(src.tokenizer, src.config.vocab_size, _eos_id(getattr(src, "loaded", src)))
+    name = f"{Path(src.source).name} ({'xecomla MLA' if arch == 'deepseek2' else 'original'})"
+    check = verify and (arch == "llama" or src.parameters() <= VERIFY_MAX_PARAMETERS)
+    if verify and not check:
+        notes.append(not_verified_note(src.parameters()))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        types = write_gguf(tmp / out.name, arch, keys, tensors, tokenizer, outtype, name)
-        del tensors
-        report = verify_gguf(tmp / out.name, loaded, outtype, threads=threads) if verify else None
+        types = write_gguf(tmp / out.name, arch, keys, layout, groups, tokenizer, outtype, name)
+        del groups
+        report = verify_gguf(tmp / out.name, _in_memory(src), outtype, threads=threads) if check else None
         os.replace(tmp / out.name, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

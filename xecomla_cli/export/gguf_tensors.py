@@ -2,8 +2,8 @@
 original (unconverted) Llama / Mistral / Qwen2 model.
 
 deepseek2, per layer (H heads, head dim h = n + p, latent rank R, GGUF shapes in torch order, the
-reverse of ggml's ``ne``); the weights come from the DeepSeek-V3 layout (``weights.deepseek_state_dict``),
-whose RoPE rows are already interleaved pairs, which is llama.cpp's ``LLAMA_ROPE_TYPE_NORM`` for deepseek2:
+reverse of ggml's ``ne``); the weights come from the DeepSeek-V3 layout (``weights.deepseek_groups``, one layer
+at a time), whose RoPE rows are already interleaved pairs, which is llama.cpp's ``LLAMA_ROPE_TYPE_NORM`` for deepseek2:
 
     blk.i.attn_q            (H·(n + p), d)   q_proj, scaled so that llama.cpp's 1/sqrt(n + p) is our 1/sqrt(h)
     blk.i.attn_kv_a_mqa     (R + p, d)       [c | k_rope]; the c rows scaled by alpha (below)
@@ -23,12 +23,15 @@ converter does the same), optional q/k/v biases, ``rope_freqs`` when the RoPE is
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import XecomlaError
 from .config import rope_parameters
+from .model_view import model_view
+from .weights import deepseek_groups, layer_group, tensor_groups
 
 GGUF_ALTERNATIVE = "export --format hf (DeepSeek-V3 layout for transformers) instead"
 
@@ -60,32 +63,76 @@ def latent_alpha(eps_model: float, eps_latent: float, rank: int, padded_rank: in
     return math.sqrt(eps_model * padded_rank / (eps_latent * rank))
 
 
-def deepseek2_tensors(loaded, plan, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """GGUF tensors of an MLA checkpoint from its DeepSeek-V3 state dict (``deepseek_state_dict``)."""
-    spec = loaded.spec
-    config = loaded.config
+def deepseek2_layer(spec, config, plan, i: int, group: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Decoder layer i's GGUF tensors from its DeepSeek-V3 tensors (``weights.layer_group``)."""
+    from ..mla.attention import LatentRMSNorm
+
     H, n, h, R = spec.num_heads, spec.nope_dim, spec.head_dim, plan.kv_lora_rank
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out = common_tensors(state, spec.num_layers, tied)
-    for i, layer in enumerate(loaded.model.model.layers):
-        a = layer.self_attn
-        src = f"model.layers.{i}.self_attn."
-        alpha = latent_alpha(config.rms_norm_eps, a.kv_a_layernorm.variance_epsilon, a.kv_rank, R)
-        kv_a = state[src + "kv_a_proj_with_mqa.weight"].clone()
-        kv_a[:R] *= alpha
-        kv_b = state[src + "kv_b_proj.weight"].view(H, n + h, R)
-        k_b, v_b = kv_b.split([n, h], dim=1)
-        out.update(
-            {
-                f"blk.{i}.attn_q.weight": _np(state[src + "q_proj.weight"]),
-                f"blk.{i}.attn_kv_a_mqa.weight": _np(kv_a),
-                f"blk.{i}.attn_kv_a_norm.weight": _np(state[src + "kv_a_layernorm.weight"]),
-                f"blk.{i}.attn_k_b.weight": _np(k_b.transpose(1, 2)),
-                f"blk.{i}.attn_v_b.weight": _np(v_b),
-                f"blk.{i}.attn_output.weight": _np(state[src + "o_proj.weight"]),
-            }
-        )
+    src = f"model.layers.{i}."
+    eps_latent = LatentRMSNorm(1).variance_epsilon  # every MLA layer's latent norm
+    alpha = latent_alpha(config.rms_norm_eps, eps_latent, int(spec.kv_ranks[i]), R)
+    kv_a = group[src + "self_attn.kv_a_proj_with_mqa.weight"].clone()
+    kv_a[:R] *= alpha
+    kv_b = group[src + "self_attn.kv_b_proj.weight"].view(H, n + h, R)
+    k_b, v_b = kv_b.split([n, h], dim=1)
+    out = {
+        f"blk.{i}.attn_norm.weight": _np(group[src + "input_layernorm.weight"]),
+        f"blk.{i}.ffn_norm.weight": _np(group[src + "post_attention_layernorm.weight"]),
+    }
+    for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+        out[f"blk.{i}.{theirs}.weight"] = _np(group[f"{src}mlp.{ours}.weight"])
+    a = src + "self_attn."
+    out.update(
+        {
+            f"blk.{i}.attn_q.weight": _np(group[a + "q_proj.weight"]),
+            f"blk.{i}.attn_kv_a_mqa.weight": _np(kv_a),
+            f"blk.{i}.attn_kv_a_norm.weight": _np(group[a + "kv_a_layernorm.weight"]),
+            f"blk.{i}.attn_k_b.weight": _np(k_b.transpose(1, 2)),
+            f"blk.{i}.attn_v_b.weight": _np(v_b),
+            f"blk.{i}.attn_output.weight": _np(group[a + "o_proj.weight"]),
+        }
+    )
     return out
+
+
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def deepseek2_groups(loaded, plan) -> Iterator[dict[str, np.ndarray]]:
+    """The GGUF tensors of an MLA checkpoint (LoadedModel or on disk), one group at a time (the embeddings, each
+    decoder layer, the output norm and head): memory of one layer when the checkpoint is on disk."""
+    view = model_view(loaded)
+    tied = bool(getattr(view.config, "tie_word_embeddings", False))
+    groups = deepseek_groups(view, plan, lm_head=not tied)
+    for layer, _ in tensor_groups(view):
+        group = next(groups)
+        if layer is not None:
+            yield deepseek2_layer(view.spec, view.config, plan, layer, group)
+        else:
+            yield {TOP_NAMES[k]: _np(t) for k, t in group.items()}
+
+
+def deepseek2_layout(loaded, plan) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor ``deepseek2_groups`` yields, in order, reading layer 0 only (every layer has
+    its shapes: one kv_lora_rank)."""
+    view = model_view(loaded)
+    tied = bool(getattr(view.config, "tie_word_embeddings", False))
+    first = deepseek2_layer(view.spec, view.config, plan, 0, layer_group(view, plan, 0))
+    layout = []
+    for layer, names in tensor_groups(view):
+        if layer is not None:
+            layout += [(k.replace("blk.0.", f"blk.{layer}.", 1), v.shape) for k, v in first.items()]
+            continue
+        for name in names:
+            if name == "lm_head.weight" and tied:
+                continue
+            shape = view.shape("model.embed_tokens.weight" if name == "lm_head.weight" else name)
+            layout.append((TOP_NAMES[name], shape))
+    return layout
 
 
 def deepseek2_params(loaded, plan, rope_theta: float) -> dict:

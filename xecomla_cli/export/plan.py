@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import XecomlaError
-from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec, layer_sliding_window
+from .model_view import model_view
 from .records import ExportPlan
 from .rope import rope_choice
 from .weights import emulation_constants
@@ -25,40 +25,18 @@ ALTERNATIVE = "export with --format xecomla (our own format) instead"
 def plan_export(
     loaded, *, dtype: str = "float32", pad_ranks: bool = False, portable: bool = False, latent_width: int | None = None
 ) -> ExportPlan:
-    """Decide the mapping, or raise one clear line saying why the layout cannot hold it exactly."""
+    """Decide the mapping, or raise one clear line saying why the layout cannot hold it exactly.
+
+    ``loaded``: a LoadedModel or a checkpoint on disk (``model_view``). Every refusal the config and spec decide
+    (``check_config``) comes first; then the RoPE frequencies (tiny tensors) and, for the identity emulations
+    only, one layer at a time."""
+    loaded = model_view(loaded)
     spec: MLASpec | None = loaded.spec
-    if spec is None:
-        raise XecomlaError("this checkpoint has no MLA layers (it is an original model): run init-svd first")
-    check_architecture(loaded, spec)
+    check_config(loaded, spec, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
     ranks = [int(r) for r in spec.kv_ranks]
-    R = max(ranks)
+    R, padded = _latent_rank(spec, pad_ranks, latent_width)
     latent = "norm" if spec.latent_norm else "identity"
     extra = 1 if latent == "identity" else 0
-    if latent_width is not None:  # pad every layer so that kv_lora_rank + qk_rope_head_dim = latent_width
-        need = R + extra + spec.rope_dim
-        if latent_width < need:
-            raise XecomlaError(
-                f"--latent-width {latent_width} is below this checkpoint's {need} cached values per layer "
-                f"(r={R}{' + 1 constant channel' if extra else ''} + p={spec.rope_dim})"
-            )
-        R = latent_width - spec.rope_dim - extra
-        pad_ranks = True
-    padded = [i for i, r in enumerate(ranks) if r != R]
-    if padded and not pad_ranks:
-        raise XecomlaError(
-            f"layers have different latent ranks ({_rank_summary(ranks)}) but the DeepSeek-V3 layout has one "
-            f"kv_lora_rank: pass --pad-ranks to pad every layer to r={R} with zero channels (exact, but the "
-            f"cache grows to {R + extra + spec.rope_dim} values per layer), or {ALTERNATIVE}"
-        )
-    if dtype not in WEIGHT_DTYPES:
-        raise XecomlaError(f"export --dtype {dtype} is not supported: use float32 or bfloat16")
-    if latent == "identity" and portable:
-        raise XecomlaError(
-            "this checkpoint has no latent norm (init-svd --no-latent-norm), so the export emulates DeepSeek-V3's "
-            "mandatory kv_a_layernorm with an attention bias, which vLLM, SGLang and llama.cpp drop: --portable "
-            "needs a checkpoint made without --no-latent-norm (init-svd's default); without --portable the export "
-            "is exact in transformers"
-        )
 
     attention_bias = latent == "identity"
     if spec.q_rank is None:
@@ -78,17 +56,60 @@ def plan_export(
         dtype=dtype,
         padded_layers=padded,
     )
-    rope_theta, rope_type, rope_notes = rope_choice(loaded, plan)
-    latent_constants, q_constants = emulation_constants(loaded, plan)
-    decided = replace(
-        plan, rope_theta=rope_theta, rope_type=rope_type, latent_constants=latent_constants, q_constants=q_constants
-    )
+    rope_theta, rope_type, rope_notes = rope_choice(loaded, plan)  # reads the RoPE frequencies only
     if portable and rope_type != "default":
         raise XecomlaError(
             "--portable: this checkpoint keeps its source's scaled RoPE (init-svd --rope-frequencies source), which "
             "vLLM and SGLang rewrite to their YaRN: re-init with --rope-frequencies default (the default)"
         )
+    latent_constants, q_constants = emulation_constants(loaded, plan)  # the identity emulations: layer by layer
+    decided = replace(
+        plan, rope_theta=rope_theta, rope_type=rope_type, latent_constants=latent_constants, q_constants=q_constants
+    )
     return replace(decided, notes=rope_notes + _notes(decided, spec, max(ranks)))
+
+
+def check_config(
+    loaded, spec: MLASpec | None, *, dtype: str, pad_ranks: bool, portable: bool, latent_width: int | None
+) -> None:
+    """Every refusal the spec, the config and the tensor names decide: nothing is read but headers."""
+    if spec is None:
+        raise XecomlaError("this checkpoint has no MLA layers (it is an original model): run init-svd first")
+    check_architecture(loaded, spec)
+    _latent_rank(spec, pad_ranks, latent_width)
+    if dtype not in WEIGHT_DTYPES:
+        raise XecomlaError(f"export --dtype {dtype} is not supported: use float32 or bfloat16")
+    if not spec.latent_norm and portable:
+        raise XecomlaError(
+            "this checkpoint has no latent norm (init-svd --no-latent-norm), so the export emulates DeepSeek-V3's "
+            "mandatory kv_a_layernorm with an attention bias, which vLLM, SGLang and llama.cpp drop: --portable "
+            "needs a checkpoint made without --no-latent-norm (init-svd's default); without --portable the export "
+            "is exact in transformers"
+        )
+
+
+def _latent_rank(spec: MLASpec, pad_ranks: bool, latent_width: int | None) -> tuple[int, list[int]]:
+    """(R, padded layers): the exported latent rank and the layers padded to it, or one line saying why not."""
+    ranks = [int(r) for r in spec.kv_ranks]
+    R = max(ranks)
+    extra = 0 if spec.latent_norm else 1
+    if latent_width is not None:  # pad every layer so that kv_lora_rank + qk_rope_head_dim = latent_width
+        need = R + extra + spec.rope_dim
+        if latent_width < need:
+            raise XecomlaError(
+                f"--latent-width {latent_width} is below this checkpoint's {need} cached values per layer "
+                f"(r={R}{' + 1 constant channel' if extra else ''} + p={spec.rope_dim})"
+            )
+        R = latent_width - spec.rope_dim - extra
+        pad_ranks = True
+    padded = [i for i, r in enumerate(ranks) if r != R]
+    if padded and not pad_ranks:
+        raise XecomlaError(
+            f"layers have different latent ranks ({_rank_summary(ranks)}) but the DeepSeek-V3 layout has one "
+            f"kv_lora_rank: pass --pad-ranks to pad every layer to r={R} with zero channels (exact, but the "
+            f"cache grows to {R + extra + spec.rope_dim} values per layer), or {ALTERNATIVE}"
+        )
+    return R, padded
 
 
 def check_architecture(loaded, spec: MLASpec) -> None:
@@ -114,7 +135,7 @@ def check_architecture(loaded, spec: MLASpec) -> None:
             f"the model uses sliding-window attention ({window} tokens < {config.max_position_embeddings} "
             f"positions), which the DeepSeek-V3 layout lacks; {ALTERNATIVE}"
         )
-    biases = _attention_biases(loaded.model)
+    biases = _attention_biases(model_view(loaded))
     if biases:
         raise XecomlaError(
             f"the attention has biases ({', '.join(biases)}; {loaded.family}) that the DeepSeek-V3 layout cannot "
@@ -147,13 +168,11 @@ def _notes(plan: ExportPlan, spec: MLASpec, max_rank: int) -> list[str]:
     return notes
 
 
-def _attention_biases(model) -> list[str]:
-    names: set[str] = set()
-    for layer in decoder_layers(model):
-        for name, _ in layer.self_attn.named_parameters():
-            if name.endswith(".bias"):
-                names.add(name)
-    return sorted(names)
+def _attention_biases(view) -> list[str]:
+    """The attention's bias parameters ('q_proj.bias', ...), from the architecture's names (nothing is read)."""
+    return sorted(
+        {name.split(".self_attn.")[1] for name in view.names() if ".self_attn." in name and name.endswith(".bias")}
+    )
 
 
 def _ranges(items: list[int]) -> str:

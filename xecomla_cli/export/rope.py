@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from ..errors import XecomlaError
-from ..mla.rebuild import decoder_layers
 from ..mla.rope import default_inv_freq
 from .config import deepseek_config, rope_parameters
+from .model_view import model_view
 from .records import ExportPlan
 
 
@@ -31,12 +31,10 @@ def deepseek_rope(config_dsv3) -> tuple[torch.Tensor, float]:
     return rotary.inv_freq.float().cpu(), float(rotary.attention_scaling)
 
 
-def frequencies_match(attns: list, inv_freq: torch.Tensor) -> bool:
+def frequencies_match(freqs: list[torch.Tensor], inv_freq: torch.Tensor) -> bool:
     """Every layer's RoPE frequencies equal ``inv_freq`` to 1e-6 relative."""
     return all(
-        a.rope_inv_freq.shape == inv_freq.shape
-        and torch.allclose(a.rope_inv_freq.float().cpu(), inv_freq, rtol=1e-6, atol=0)
-        for a in attns
+        f.shape == inv_freq.shape and torch.allclose(f.float().cpu(), inv_freq, rtol=1e-6, atol=0) for f in freqs
     )
 
 
@@ -64,16 +62,18 @@ def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, str | None, lis
     (what llama.cpp, vLLM and SGLang all read exactly), (None, None) for the base model's own
     rope_parameters (a scaled source's frequencies kept: exact in transformers only) — and notes on
     what the export keeps; or one line naming the first layer whose frequencies the config cannot express."""
-    attns = [layer.self_attn for layer in decoder_layers(loaded.model)]
+    loaded = model_view(loaded)
+    ropes = [loaded.rope(i) for i in range(loaded.num_layers)]  # (inv_freq (p/2,), attention scaling) per layer
+    freqs = [f for f, _ in ropes]
     base = rope_parameters(loaded.config)
     source_type, theta = base.get("rope_type", "default"), float(base.get("rope_theta", 10000.0))
     h = loaded.spec.head_dim
-    found = default_theta(attns[0].rope_inv_freq, theta, h)
-    if found is not None and all(default_theta(a.rope_inv_freq, theta, h) == found for a in attns):
-        for i, attn in enumerate(attns):
-            if abs(float(attn.rope_attention_scaling) - 1.0) > 1e-7:
+    found = default_theta(freqs[0], theta, h)
+    if found is not None and all(default_theta(f, theta, h) == found for f in freqs):
+        for i, (_, scaling) in enumerate(ropes):
+            if abs(scaling - 1.0) > 1e-7:
                 raise XecomlaError(
-                    f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} has no place in default RoPE; "
+                    f"layer {i}'s RoPE attention scaling {scaling} has no place in default RoPE; "
                     "export with --format xecomla instead"
                 )
         notes = []
@@ -90,12 +90,11 @@ def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, str | None, lis
     for source_theta in (None, theta ** (plan.rope_dim / h)):
         config = deepseek_config(loaded, replace(plan, rope_theta=source_theta, rope_type=None))
         candidates[source_theta] = deepseek_rope(config)
-    matching = [t for t, (inv_freq, _) in candidates.items() if frequencies_match(attns, inv_freq)]
+    matching = [t for t, (inv_freq, _) in candidates.items() if frequencies_match(freqs, inv_freq)]
     source_theta = matching[0] if matching else None  # else the errors below name the first layer that differs
     inv_freq, scaling = candidates[source_theta]
-    for i, attn in enumerate(attns):
-        if not frequencies_match([attn], inv_freq):
-            ours = attn.rope_inv_freq.float().cpu()
+    for i, (ours, ours_scaling) in enumerate(ropes):
+        if not frequencies_match([ours], inv_freq):
             worst = (ours - inv_freq).abs().max().item() if ours.shape == inv_freq.shape else float("nan")
             raise XecomlaError(
                 f"layer {i}'s RoPE frequencies differ from those DeepSeek-V3 computes from the base model's "
@@ -103,9 +102,9 @@ def rope_choice(loaded, plan: ExportPlan) -> tuple[float | None, str | None, lis
                 "and are not default RoPE either: this init keeps per-layer frequencies the layout cannot express "
                 "(init with --method transmla, deepseek or fast-pairs to export), or use --format xecomla"
             )
-        if abs(float(attn.rope_attention_scaling) - scaling) > 1e-7:
+        if abs(ours_scaling - scaling) > 1e-7:
             raise XecomlaError(
-                f"layer {i}'s RoPE attention scaling {attn.rope_attention_scaling} differs from DeepSeek-V3's "
+                f"layer {i}'s RoPE attention scaling {ours_scaling} differs from DeepSeek-V3's "
                 f"{scaling} for these rope_parameters; export with --format xecomla instead"
             )
     return source_theta, None, [SOURCE_ROPE_NOTE.format(kind=source_type)]

@@ -16,6 +16,9 @@ from .records import ExportPlan
 # `verify_export` widens it to the model's own numerical noise. Mapping errors show up as O(1)
 # differences; rounding alone gives ~1e-6 on tiny models and ~1e-4 on the 30-layer demo.
 VERIFY_RTOL = {"float32": 1e-3, "bfloat16": 2e-3}
+# The verification holds the checkpoint's model and the export's whole, in fp32 (plus a copy for a bf16 export):
+# about 12 bytes per parameter. Above this many parameters the export is written unverified, with a note saying so.
+VERIFY_MAX_PARAMETERS = 500_000_000
 VERIFY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Shall I compare thee to a summer's day? "
     "Multi-head latent attention caches one small vector per token."
@@ -27,6 +30,15 @@ def verify_inputs(tokenizer, vocab_size: int, length: int = 48) -> torch.Tensor:
     if ids.shape[1] < 8:
         ids = torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     return ids
+
+
+def not_verified_note(parameters: int) -> str:
+    """The plan's note when a model is too large for ``verify_export``."""
+    return (
+        f"not verified: {parameters / 1e9:.2f}B parameters, above the verification's "
+        f"{VERIFY_MAX_PARAMETERS / 1e9:.1f}B "
+        "(it holds the checkpoint's model and the export's whole, in fp32); --no-verify silences this note"
+    )
 
 
 @torch.no_grad()

@@ -17,13 +17,14 @@ real channels, which the norm weight w undoes (``identity_constant``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
 from ..errors import XecomlaError
 from ..loaded import parse_dtype
-from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec
+from .model_view import model_view
 from .records import ExportPlan
 
 # C² must exceed the latent's squared norm by this factor (2^24 is fp32's relative precision).
@@ -87,10 +88,15 @@ def norm_weight(C: float, channels: int, dtype: torch.dtype) -> float:
 
 def emulation_constants(loaded, plan: ExportPlan) -> tuple[list[float], list[float]]:
     """The constants C of the identity emulations, per layer: (latent ``identity``, queries ``lora-identity``);
-    empty where the plan uses neither. Part of the plan: the weights read them from it."""
+    empty where the plan uses neither. Part of the plan: the weights read them from it. Reads one layer at a
+    time, and none when the plan uses neither."""
     dtype = parse_dtype(plan.dtype)
     latent, queries = [], []
-    for layer in decoder_layers(loaded.model):
+    if plan.latent != "identity" and plan.queries != "lora-identity":
+        return latent, queries
+    view = model_view(loaded)
+    for i in range(view.num_layers):
+        layer = view.layer(i)
         a, ln_w = layer.self_attn, _tensor(layer.input_layernorm.weight)
         if plan.latent == "identity":
             w_c = _tensor(a.kv_a_proj_with_mqa.weight)[: a.kv_rank]
@@ -158,30 +164,82 @@ def latent_weights(a, plan: ExportPlan, spec: MLASpec, layer: int, dtype: torch.
     return out
 
 
-def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights in the DeepSeek-V3 layout (fp32 math, cast to the export dtype).
-
-    The identity emulations use the constants C the plan holds (``emulation_constants``)."""
-    spec: MLASpec = loaded.spec
-    model = loaded.model
+def attention_tensors(a, plan: ExportPlan, spec: MLASpec, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's attention in the DeepSeek-V3 layout (fp32), full names."""
     dtype = parse_dtype(plan.dtype)
-    state = {
-        name: _tensor(t)
-        for name, t in model.state_dict().items()
-        if ".self_attn." not in name and not name.endswith("rotary_emb.inv_freq")
+    weights = {
+        **query_weights(a, plan, spec, i, dtype),
+        **latent_weights(a, plan, spec, i, dtype),
+        "o_proj.weight": _tensor(a.o_proj.weight),
     }
-    if getattr(model.config, "tie_word_embeddings", False):  # also written untied: vLLM's DeepSeek ignores the tie
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    if plan.attention_bias:
+        weights["o_proj.bias"] = torch.zeros(a.o_proj.weight.shape[0])
+    return {f"model.layers.{i}.self_attn.{k}": v for k, v in weights.items()}
 
-    for i, layer in enumerate(decoder_layers(model)):
-        a = layer.self_attn
-        prefix = f"model.layers.{i}.self_attn."
-        weights = {
-            **query_weights(a, plan, spec, i, dtype),
-            **latent_weights(a, plan, spec, i, dtype),
-            "o_proj.weight": _tensor(a.o_proj.weight),
-        }
-        if plan.attention_bias:
-            weights["o_proj.bias"] = torch.zeros(a.o_proj.weight.shape[0])
-        state.update({prefix + k: v for k, v in weights.items()})
-    return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+def _kept(name: str) -> bool:
+    """A tensor the export copies as it is: everything but the attention and the rotary embedding's buffer."""
+    return ".self_attn." not in name and not name.endswith("rotary_emb.inv_freq")
+
+
+def tensor_groups(view) -> list[tuple[int | None, list[str]]]:
+    """The copied tensors in write order, grouped: (None, embeddings), (i, layer i's), (None, final norm, lm_head).
+    lm_head is always written (vLLM's DeepSeek ignores the tie)."""
+    names = [n for n in view.names() if _kept(n)]
+    layers = [(i, [n for n in names if n.startswith(f"model.layers.{i}.")]) for i in range(view.num_layers)]
+    top = [n for n in names if not n.startswith("model.layers.")]
+    if "lm_head.weight" not in top:
+        top.append("lm_head.weight")
+    first = [n for n in top if n.startswith("model.embed_tokens.")]
+    return [(None, first), *layers, (None, [n for n in top if n not in first])]
+
+
+def deepseek_groups(loaded, plan: ExportPlan, lm_head: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """The checkpoint's weights in the DeepSeek-V3 layout, in export dtype, one group at a time (the embeddings,
+    each decoder layer, the final norm and lm_head unless not ``lm_head``): memory of one layer when ``loaded`` is
+    on disk.
+
+    fp32 math, then the cast; the identity emulations use the constants C the plan holds (``emulation_constants``)."""
+    view = model_view(loaded)
+    dtype = parse_dtype(plan.dtype)
+    for i, names in tensor_groups(view):
+        if i is not None:
+            yield layer_group(view, plan, i, names)
+            continue
+        yield {name: view.tensor(name, dtype).contiguous() for name in names if lm_head or name != "lm_head.weight"}
+
+
+def layer_group(loaded, plan: ExportPlan, i: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Decoder layer i in the DeepSeek-V3 layout, in export dtype: its copied tensors (``names``, else all of the
+    layer's), then its attention."""
+    view = model_view(loaded)
+    dtype = parse_dtype(plan.dtype)
+    if names is None:
+        names = dict(tensor_groups(view)[1 : view.num_layers + 1])[i]
+    group = {name: view.tensor(name, dtype) for name in names}  # as fp32 then cast: a cast from the stored dtype
+    attention = attention_tensors(view.layer(i).self_attn, plan, view.spec, i)
+    group.update({k: v.to(dtype) for k, v in attention.items()})
+    return {k: v.contiguous() for k, v in group.items()}
+
+
+def deepseek_layout(loaded, plan: ExportPlan) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The (name, shape) of every tensor ``deepseek_groups`` yields, in its order, reading one layer (every layer's
+    attention has layer 0's shapes: the plan gives every layer one kv_lora_rank)."""
+    view = model_view(loaded)
+    attention = attention_tensors(view.layer(0).self_attn, plan, view.spec, 0) if view.num_layers else {}
+    shapes = [(name.split(".self_attn.")[1], tuple(t.shape)) for name, t in attention.items()]
+    layout = []
+    for i, names in tensor_groups(view):
+        group = [(n, view.shape("model.embed_tokens.weight" if n == "lm_head.weight" else n)) for n in names]
+        if i is not None:
+            group += [(f"model.layers.{i}.self_attn.{n}", shape) for n, shape in shapes]
+        layout.append(group)
+    return layout
+
+
+def deepseek_state_dict(loaded, plan: ExportPlan) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights in the DeepSeek-V3 layout (fp32 math, cast to the export dtype), all at once."""
+    state: dict[str, torch.Tensor] = {}
+    for group in deepseek_groups(loaded, plan):
+        state.update(group)
+    return state

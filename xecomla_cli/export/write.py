@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import MAX_SHARD_SIZE, atomic_directory, command_line, load_checkpoint, read_meta
+from ..checkpoint_on_disk import open_checkpoint
 from ..engines import engine_support
 from ..errors import XecomlaError
+from ..loaded import parse_dtype
 from ..mla.spec import MLASpec
 from ..outputs import claim, default_output
 from .card import lineage, render_card
 from .config import deepseek_config
+from .model_view import InMemory, model_view
 from .plan import WEIGHT_DTYPES, plan_export
 from .records import ExportPlan, ExportResult
-from .verify import verify_export
-from .weights import deepseek_state_dict
+from .shards import write_shards
+from .verify import VERIFY_MAX_PARAMETERS, not_verified_note, verify_export
+from .weights import deepseek_groups, deepseek_layout
 
 FORMATS = ("hf", "xecomla")
 EXPORT_DTYPES = ("auto", *WEIGHT_DTYPES)
@@ -51,8 +55,9 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write the export directory atomically (verified before it is renamed into place).
 
-    ``out_dir`` defaults to ``<checkpoint>-hf`` (``-xecomla``) beside the checkpoint; ``loaded`` reuses a model already
-    loaded from ``ckpt_dir`` (fp32, cpu)."""
+    ``out_dir`` defaults to ``<checkpoint>-hf`` (``-xecomla``) beside the checkpoint. The checkpoint is read one
+    decoder layer at a time and the weights written as they come (memory of one layer, not of the model); ``loaded``
+    reads a model already loaded from ``ckpt_dir`` (fp32, cpu) instead."""
     if fmt not in FORMATS:
         raise XecomlaError(f"unknown --format '{fmt}': choose hf (DeepSeek-V3 layout) or xecomla")
     if dtype not in EXPORT_DTYPES:
@@ -76,12 +81,12 @@ def _export(ckpt_dir, out_dir, meta, fmt, dtype, pad_ranks, portable, latent_wid
     if dtype == "auto":
         dtype = meta.get("dtype", "float32")
         dtype = dtype if dtype in WEIGHT_DTYPES else "float32"
-    loaded = loaded or load_checkpoint(ckpt_dir, dtype="float32", device="cpu")
-    plan = plan_export(loaded, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
-    result = _export_deepseek(ckpt_dir, out_dir, meta, command, loaded, plan, verify=verify, force=force)
-    rope_type = plan.rope_type or (getattr(loaded.config, "rope_parameters", None) or {}).get("rope_type")
+    source = model_view(loaded) if loaded is not None else open_checkpoint(ckpt_dir)
+    plan = plan_export(source, dtype=dtype, pad_ranks=pad_ranks, portable=portable, latent_width=latent_width)
+    result = _export_deepseek(ckpt_dir, out_dir, meta, command, source, plan, verify=verify, force=force)
+    rope_type = plan.rope_type or (getattr(source.config, "rope_parameters", None) or {}).get("rope_type")
     rows = engine_support(
-        loaded.spec, kv_lora_rank=plan.kv_lora_rank, attention_bias=plan.attention_bias, rope_type=rope_type
+        source.spec, kv_lora_rank=plan.kv_lora_rank, attention_bias=plan.attention_bias, rope_type=rope_type
     )
     result.engines = [r.to_dict() for r in rows]
     return result
@@ -102,25 +107,32 @@ def _export_own(ckpt_dir: Path, out_dir: Path, meta: dict, command: str, force: 
 
 
 def _export_deepseek(
-    ckpt_dir: Path, out_dir: Path, meta: dict, command: str, loaded, plan: ExportPlan, *, verify: bool, force: bool
+    ckpt_dir: Path, out_dir: Path, meta: dict, command: str, source, plan: ExportPlan, *, verify: bool, force: bool
 ) -> ExportResult:
-    """--format hf: weights, config and tokenizer in the DeepSeek-V3 layout, verified, with a model card."""
-    from huggingface_hub import save_torch_state_dict
+    """--format hf: weights (one layer at a time), config and tokenizer in the DeepSeek-V3 layout, verified, with
+    a model card."""
+    from huggingface_hub.serialization._base import parse_size_to_int
 
     history = lineage(ckpt_dir, meta)
-    config = deepseek_config(loaded, plan)
-    state = deepseek_state_dict(loaded, plan)
+    config = deepseek_config(source, plan)
     report: dict[str, Any] = {}
+    layout = [entry for group in deepseek_layout(source, plan) for entry in group]
+    parameters = source.parameters()
+    check = verify and parameters <= VERIFY_MAX_PARAMETERS
+    if verify and not check:
+        plan = replace(plan, notes=[*plan.notes, not_verified_note(parameters)])
 
     def write(tmp: Path) -> None:
-        save_torch_state_dict(state, tmp, max_shard_size=MAX_SHARD_SIZE)
+        shard_bytes = parse_size_to_int(MAX_SHARD_SIZE)
+        write_shards(tmp, layout, deepseek_groups(source, plan), parse_dtype(plan.dtype), shard_bytes)
         config.save_pretrained(tmp)
-        _generation_config(ckpt_dir, loaded).save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        _generation_config(ckpt_dir, source.config).save_pretrained(tmp)
+        source.tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_META_FILE).write_text(json.dumps(_export_meta(meta, plan, command), indent=2) + "\n")
-        if verify:
+        if check:
+            loaded = source.loaded if isinstance(source, InMemory) else load_checkpoint(ckpt_dir, dtype="float32")
             report.update(verify_export(tmp, loaded, plan))
-        card = render_card(meta, loaded.spec, plan, history, command, "hf", report or None)
+        card = render_card(meta, source.spec, plan, history, command, "hf", report or None)
         (tmp / "README.md").write_text(card)
 
     path = atomic_directory(out_dir, write, force=force)
@@ -137,12 +149,12 @@ def _export_command(ckpt_dir: Path) -> str:
     return " ".join(words)
 
 
-def _generation_config(ckpt_dir: Path, loaded):
+def _generation_config(ckpt_dir: Path, config):
     from transformers import GenerationConfig
 
     if (ckpt_dir / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(ckpt_dir)
-    return GenerationConfig.from_model_config(loaded.config)
+    return GenerationConfig.from_model_config(config)
 
 
 def _export_meta(meta: dict, plan: ExportPlan, command: str) -> dict:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..engines import VLLM_CAPTION, engine_support
-from ..loaded import model_dtype_name
+from ..loaded import dtype_name, model_dtype_name
 from ..mla.kv_spectrum import energy_curve, layer_singular_values, rank_for_energy
 from ..mla.rebuild import decoder_layers
 from ..mla.spec import MLASpec, attention_kind, attention_shape, source_biases
@@ -20,7 +20,9 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def architecture(model, family: str) -> dict[str, Any]:
+def architecture(model, family: str, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The source's architecture, from its config and its (possibly meta-device) model: nothing is read but
+    shapes; ``dtype`` (the weights' on disk) instead of the model's own."""
     config = model.config
     shape = attention_shape(config)
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -34,7 +36,7 @@ def architecture(model, family: str) -> dict[str, Any]:
         "qkv_bias": getattr(decoder_layers(model)[0].self_attn.q_proj, "bias", None) is not None,
         "vocab_size": config.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": model_dtype_name(model),
+        "dtype": dtype_name(dtype) if dtype is not None else model_dtype_name(model),
     }
 
 
@@ -102,20 +104,26 @@ def engines_by_rank(config, arch: dict[str, Any], ranks: list[int], rope_dim: in
 
 
 def inspect(loaded, *, ranks=None, rope_dim=None, context: int = 8192, batch: int = 1) -> dict[str, Any]:
-    """The full report as a JSON-ready dict."""
+    """The full report as a JSON-ready dict, of a model in memory (a LoadedModel)."""
     model = loaded.model
     arch = architecture(model, loaded.family)
-    dtype = next(model.parameters()).dtype
+    return report(loaded.source, model.config, arch, layer_singular_values(model), ranks, rope_dim, context, batch)
+
+
+def report(
+    source: str, config, arch: dict[str, Any], sv: dict[int, torch.Tensor], ranks, rope_dim, context: int, batch: int
+) -> dict[str, Any]:
+    """The report from the architecture and each layer's singular values (in memory or read layer by layer)."""
+    dtype = getattr(torch, arch["dtype"])
     p = rope_dim if rope_dim is not None else arch["head_dim"] // 2
-    sv = layer_singular_values(model)
     ranks = sorted(set(ranks or DEFAULT_RANKS))
-    original = MLASpec.for_config(model.config, p, [None] * arch["num_layers"])
+    original = MLASpec.for_config(config, p, [None] * arch["num_layers"])
     return {
-        "source": loaded.source,
+        "source": source,
         "architecture": arch,
         "kv_cache": kv_cache(original, dtype, context, batch),
         "rope_dim": p,
-        "budget": budget_rows(model.config, sv, ranks, p, dtype, context, batch),
+        "budget": budget_rows(config, sv, ranks, p, dtype, context, batch),
         "rank_for_energy": {str(d): [rank_for_energy(sv[i], d) for i in sorted(sv)] for d in DELTAS},
-        "engines": engines_by_rank(model.config, arch, ranks, p),
+        "engines": engines_by_rank(config, arch, ranks, p),
     }
