@@ -144,3 +144,34 @@ def engines_table(rows: list[dict[str, Any]], title: str) -> Table:
         values = "-" if r["values_per_token"] is None else f"{r['values_per_token']:,}"
         t.add_row(r["engine"], values, _engine_cell(r), r["note"])
     return t
+
+
+def memory_plan_table(plan: dict[str, Any]) -> Table:
+    """distill --plan: the memory of one process, row by row, the two moments of a step and the verdict."""
+    mem = plan["memory"]
+    gib = 2**30
+    shards = f"{plan['processes']} process(es), " + ("FSDP" if plan["fsdp"] else "DDP" if plan["processes"] > 1 else "")
+    title = (
+        f"distill --plan: {plan['student']} from {plan['teacher']} on {plan['device']}; {shards.rstrip(', ')}; "
+        f"{plan['precision']}, {plan['micro_batch']} x {plan['seq_len']} tokens per forward, "
+        f"{plan['accumulation']} micro batch(es) per step"
+    )
+    t = Table(title=title, title_justify="left")
+    t.add_column("per process")
+    t.add_column("GiB", justify="right")
+    t.add_column("how")
+    for name, value in mem["rows"].items():
+        if value:
+            t.add_row(name, f"{value / gib:,.2f}", mem["formulas"][name])
+    t.add_section()
+    t.add_row("end of forward", f"{mem['end_of_forward'] / gib:,.2f}", "weights, optimizer, activations, KD loss")
+    t.add_row("optimizer step", f"{mem['optimizer_step'] / gib:,.2f}", "weights, optimizer, gradients")
+    where = "" if mem["device"] == "cpu" else " (host RAM, not the GPU)"
+    t.add_row("loading the student", f"{mem['loading'] / gib:,.2f}", f"its safetensors + the fp32 model{where}")
+    t.add_row("[bold]peak[/]", f"[bold]{mem['peak'] / gib:,.2f}[/]", mem["peak_moment"])
+    if plan["device_memory"] is None:
+        t.caption = f"{plan['device']}"
+    else:
+        verdict = "[green]fits[/]" if plan["fits"] else "[red]does not fit[/]"
+        t.caption = f"{verdict}: {mem['peak'] / gib:,.2f} of {plan['device_memory'] / gib:,.2f} GiB ({plan['device']})"
+    return t

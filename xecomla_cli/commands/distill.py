@@ -45,6 +45,8 @@ OPTION_MODES = {  # the options a mode uses; the others (teacher, steps, batch s
             "log_every",
             "fsdp",
             "compile",
+            "plan",
+            "plan_processes",
         ),
         (KD,),
     ),  # fmt: skip
@@ -69,6 +71,10 @@ SAVE_EVERY_HELP = "save a resumable state every N steps (0: never; 50 with --dpo
 PREFS_HELP = (
     "'teacher' (pairs built offline: the teacher's answer chosen, the student's rejected), a .jsonl file "
     "of prompt/chosen/rejected (or ultrafeedback chat messages), or hf:NAME[:SPLIT]."
+)
+PLAN_HELP = (
+    "print the memory one process of this run needs (weights, gradients, AdamW, activations, the KD loss's "
+    "logits; per device, against its memory) and exit: no weights are loaded, nothing is written."
 )
 PRECISION, LOCAL_INPUTS, DIVERGENCE = Precision(D.precision), LocalInputs(L.inputs), Divergence(P.divergence)
 
@@ -199,6 +205,10 @@ def distill_command(
     ] = P.student_fraction,
     new_tokens: Annotated[int, mode_option("--new-tokens", "most tokens of a sampled answer.")] = P.new_tokens,
     allow_pickle: AllowPickleOpt = False,
+    plan: Annotated[bool, mode_option("--plan", PLAN_HELP)] = False,
+    plan_processes: Annotated[
+        int | None, mode_option("--plan-processes", "--plan for N processes (default: torchrun's WORLD_SIZE, else 1).")
+    ] = None,
 ) -> None:
     """Distil a checkpoint from a teacher: KL(teacher ‖ student) on next-token distributions, layer by layer (--local), or with DPO (--dpo) or on-policy distillation (--on-policy) after KD.
 
@@ -223,6 +233,9 @@ def distill_command(
         new_tokens=new_tokens,
     )  # fmt: skip
     path = read_arg(ckpt)
+    if plan or plan_processes is not None:
+        show_plan(path, kd_config(args), plan, plan_processes, as_json)
+        return
     if mode in (DPO, ON_POLICY):
         given_names = frozenset(f.name for f in dataclasses.fields(DistillArgs) if given(ctx, f.name))
         cfg = policy_config(args, "dpo" if mode == DPO else "on-policy", given_names)
@@ -318,6 +331,22 @@ def policy_config(a: DistillArgs, mode: str, given_names: frozenset[str]) -> Pol
         precision=resolve_precision(a.precision.value, parse_device(a.device)), device=a.device,
         save_every=pick("save_every", a.save_every, P.save_every), seed=a.seed,
     )  # fmt: skip
+
+
+def show_plan(path: str, options: DistillConfig, plan: bool, processes: int | None, as_json: bool) -> None:
+    """--plan: the memory table on stderr (the numbers as JSON on stdout with --json)."""
+    from .. import console, tables
+    from ..distill.model_sizes import plan_distill
+
+    if not plan:
+        raise XecomlaError("--plan-processes sizes a --plan: add --plan")
+    world = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise XecomlaError(f"--plan-processes {world}: give at least 1")
+    result = plan_distill(path, options, world=world, device=options.device)
+    console.err.print(tables.memory_plan_table(result.to_dict()))
+    if as_json:
+        emit(result.to_dict())
 
 
 def run_mode(*, local: bool, dpo: bool, on_policy: bool) -> str:
