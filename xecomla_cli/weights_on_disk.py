@@ -2,8 +2,11 @@
 of a whole model.
 
 A directory holds ``model.safetensors``, or shards listed by ``model.safetensors.index.json`` (Hugging
-Face's layout, and xecomla's checkpoints). Each file is opened once with ``safetensors.safe_open``,
-which memory-maps it: a tensor costs memory only when it is read, in the dtype it has on disk.
+Face's layout, and xecomla's checkpoints). Each file is opened once with ``safetensors.safe_open``
+(which checks its header and gives shapes and dtypes); a tensor is read with ``os.pread`` into memory
+of its own, in the dtype it has on disk, and costs memory only while it is held. (Reading through the
+memory map instead would leave every page read in the process's resident set until the file is
+closed: 2.0 GB after reading every layer of a 2.5 GB model once, which a streamed stage must not keep.)
 
     weights = WeightsOnDisk(directory)
     weights.names                                  # every tensor name, in file order
@@ -15,6 +18,7 @@ which memory-maps it: a tensor costs memory only when it is read, in the dtype i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,6 +60,8 @@ class WeightsOnDisk:
         self.label = label or f"'{self.directory}'"
         self._handles = {}
         self._file_of: dict[str, str] = {}
+        self._data_start: dict[str, int] = {}  # file -> byte offset of its data (after the header)
+        self._headers: dict[str, dict] = {}  # file -> its header: name -> {"data_offsets": [a, b], ...}
         for file, names in weight_files(self.directory, self.label).items():
             path = self.directory / file
             if not path.is_file():
@@ -65,6 +71,10 @@ class WeightsOnDisk:
             except Exception as exc:  # safetensors raises its own error types for bad headers
                 raise XecomlaError(f"{self.label}: weights '{path}' are corrupt ({first_line(exc)})") from None
             self._handles[file] = handle
+            with open(path, "rb") as f:  # safe_open checked the header already
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[file] = json.loads(f.read(n))
+                self._data_start[file] = 8 + n
             for name in names if names is not None else handle.keys():
                 self._file_of[name] = file
 
@@ -81,10 +91,42 @@ class WeightsOnDisk:
         return self._handles[self._file_of[name]].get_slice(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor as stored (its dtype on disk)."""
-        if name not in self._file_of:
-            raise XecomlaError(f"{self.label} has no tensor '{name}': it does not match its config")
-        return self._handles[self._file_of[name]].get_tensor(name)
+        """One tensor as stored (its dtype on disk), read into memory of its own."""
+        sl = self._slice(name)
+        start, stop = self._offsets(name)
+        return self._read(self._file_of[name], start, stop - start, tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+
+    def _offsets(self, name: str) -> tuple[int, int]:
+        """The tensor's byte range in its file, from the header."""
+        file = self._file_of[name]
+        a, b = self._headers[file][name]["data_offsets"]
+        base = self._data_start[file]
+        return base + a, base + b
+
+    def _read(self, file: str, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        fd = os.open(self.directory / file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [buf[done : min(nbytes, done + (1 << 30))]], offset + done)
+                if got <= 0:
+                    raise XecomlaError(f"{self.label}: weights '{self.directory / file}' are truncated")
+                done += got
+        finally:
+            os.close(fd)
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of one tensor, as stored (only those rows are read)."""
+        shape = self.shape(name)
+        start, stop = max(0, start), min(shape[0], stop)
+        row = self.dtype(name).itemsize * (self.numel(name) // max(shape[0], 1))
+        first, _ = self._offsets(name)
+        return self._read(
+            self._file_of[name], first + start * row, (stop - start) * row, (stop - start, *shape[1:]), self.dtype(name)
+        )
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """{name: tensor} of every tensor whose name starts with ``prefix`` (one layer: 'model.layers.3.')."""
