@@ -4,12 +4,11 @@ checkpoint's shards (``weights_writer``). The result is the in-memory conversion
 
 1. **Calibration** (data-aware methods, the latent norm, folded biases): the calibration batch's
    hidden states go through the original layers (``layerwise``), each layer read, run and dropped.
-   At each converted layer its statistics and attention inputs are taken; TransMLA's fold search
-   (``freqfold`` with no fold) runs its candidate folds side by side, each on its own copy of the
-   first ``FREQFOLD_SEARCH_TOKENS`` tokens through the layers converted at full rank with that fold,
-   and scores them at the end (the search's rule then picks from these scores, as the in-memory
-   search that stops early does).
-2. **Ranks** (``budget``): each layer's energies, then the budgeted ranks.
+   At each converted layer its statistics and attention inputs are taken.
+2. **Fold search** (TransMLA's ``freqfold`` with no fold): per fold tried, in the in-memory search's
+   order and with its stopping rule, one more pass over the layers with the first
+   ``FREQFOLD_SEARCH_TOKENS`` tokens through the layers converted at full rank with that fold.
+   **Ranks** (``budget``): each layer's energies, then the budgeted ranks.
 3. **Conversion**: each converted layer's MLA from its attention weights and statistics, cast to the
    checkpoint's dtype and written; every other tensor (embeddings, norms, MLP, the output head, the
    layers not converted) is copied from the source file, never through fp32 when the dtypes agree.
@@ -72,25 +71,29 @@ class Spill:
     def put(self, i: int, stats: LayerStats | None, inputs: list[torch.Tensor] | None) -> None:
         from safetensors.torch import save_file
 
-        t = {}
         if stats is not None:
-            t.update(n=torch.tensor([stats.n]), xx=stats.xx, q_norm=stats.q_norm, k_norm=stats.k_norm)
-        for k, x in enumerate(inputs or []):
-            t[f"inputs.{k}"] = x.cpu().contiguous()
-        save_file(t, self.directory / f"layer{i}.safetensors")
+            t = dict(n=torch.tensor([stats.n]), xx=stats.xx, q_norm=stats.q_norm, k_norm=stats.k_norm)
+            save_file(t, self.directory / f"stats{i}.safetensors")
+        if inputs is not None:
+            save_file({str(k): x.contiguous() for k, x in enumerate(inputs)}, self.directory / f"inputs{i}.safetensors")
 
-    def get(self, i: int) -> tuple[LayerStats | None, list[torch.Tensor] | None]:
+    def stats(self, i: int) -> LayerStats | None:
         from safetensors.torch import load_file
 
-        path = self.directory / f"layer{i}.safetensors"
+        path = self.directory / f"stats{i}.safetensors"
         if not path.is_file():
-            return None, None
+            return None
         t = load_file(path)
-        stats = LayerStats(int(t["n"][0]), t["xx"], t["q_norm"], t["k_norm"]) if "xx" in t else None
-        k = sorted(int(n.split(".")[1]) for n in t if n.startswith("inputs."))
-        inputs = [t[f"inputs.{j}"] for j in k] or None
-        path.unlink()
-        return stats, inputs
+        return LayerStats(int(t["n"][0]), t["xx"], t["q_norm"], t["k_norm"])
+
+    def inputs(self, i: int) -> list[torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.directory / f"inputs{i}.safetensors"
+        if not path.is_file():
+            return None
+        t = load_file(path)
+        return [t[str(k)] for k in range(len(t))]
 
 
 def convert_streamed(
@@ -122,34 +125,25 @@ def convert_streamed(
             if not deferred:
                 writer = ShardedWriter(directory, output_tensors(source, spec, dtype))
             if calibrates:
-                runner, losses = calibrate(source, spec, cfg, calib_ids, spill, writer, dtype, record, tick)
+                runner = calibrate(source, spec, cfg, calib_ids, spill, writer, dtype, record, tick)
                 if cfg.freqfold == 0:
-                    current = {}
-
-                    def convert_all(full, fold):
-                        current["fold"] = fold
-                        return lambda: None
-
-                    fold, tried = search_freqfold(spec, convert_all, lambda: losses[current["fold"]])
-                    for _ in losses:
-                        tick(-1)
+                    fold, tried = search_fold(source, spec, cfg, calib_ids, spill, tick)
                     found["freqfold"] = {"fold": fold, "calibration_loss": tried}
                     cfg = replace(cfg, freqfold=fold)
             if cfg.budget:
                 energies = {}
                 for i in layers:
-                    stats, inputs = spill.get(i)
                     attn = source.materialise(i, attention_only=True).self_attn
-                    energies[i] = attention_energy(source.config, attn, spec, cfg, stats)
+                    energies[i] = attention_energy(source.config, attn, spec, cfg, spill.stats(i))
                     source.release(i)
-                    spill.put(i, stats, inputs)
                 spec = budget_spec(spec, energies)
             if deferred:
                 writer = ShardedWriter(directory, output_tensors(source, spec, dtype))
                 for i in layers:
-                    stats, inputs = spill.get(i)
                     old = source.materialise(i, attention_only=True).self_attn
-                    write_layer(source, spec, cfg, i, old, stats, inputs, runner, writer, dtype, record)
+                    write_layer(
+                        source, spec, cfg, i, old, spill.stats(i), spill.inputs(i), runner, writer, dtype, record
+                    )
                     source.release(i)
                     tick(i)
             elif not calibrates:
@@ -172,54 +166,69 @@ def convert_streamed(
     return replace(spec, rope_attention_scaling=scaling.pop(), rope_pairs=record["pairs"] or None, **found)
 
 
-def calibrate(source, spec, cfg, calib_ids, spill, writer, dtype, record, tick):
-    """Step 1 (module docstring): the calibration walk over the original layers, with the fold search's
-    streams beside it. Returns the calibration runner (its chunks' positions, masks and RoPE, for
-    ``refit``) and the search's loss per candidate fold ({} without a search)."""
+def calibrate(source, spec, cfg, calib_ids, spill, writer, dtype, record, tick) -> LayerRunner:
+    """Step 1 (module docstring): the calibration walk over the original layers. Returns the runner
+    (its chunks' positions, masks and RoPE, for ``refit``)."""
     layers = spec.converted_layers
-    embed, rotary = source.embedder(), source.rotary_emb()
-    runner = LayerRunner.from_parts(source.config, embed, rotary, source.layers, calib_ids, source.device)
-    streams: dict[int, LayerRunner] = {}
-    B = min(calib_ids.shape[0], -(-FREQFOLD_SEARCH_TOKENS // calib_ids.shape[1]))
-    search_ids = calib_ids[:B]
-    if cfg.freqfold == 0:
-        for fold in fold_candidates(spec.head_dim, spec.rope_dim, spec.rope_span):
-            streams[fold] = LayerRunner.from_parts(
-                source.config, embed, rotary, source.layers, search_ids, source.device, MICRO_BATCH
-            )
-    del embed  # the embedding table
-    full = full_rank_spec(spec)
-    last = source.num_layers - 1 if streams else max(layers)
-    for i in range(last + 1):
+    runner = LayerRunner.from_parts(
+        source.config, source.embedder(), source.rotary_emb(), source.layers, calib_ids, source.device
+    )
+    for i in range(max(layers) + 1):
         layer = source.materialise(i)
         if i in layers:
             stats = on_cpu(layer_stats(runner, i)) if not cfg.is_paper or spec.biases_folded else None
             inputs = None
             if cfg.refit or spec.latent_norm or spec.biases_folded:
                 inputs = [x.cpu() for x in runner.attention_inputs(i)]
-            for fold, stream in streams.items():
-                original = layer.self_attn
-                layer.self_attn = build_attention(
-                    source.config, original, full, i, replace(cfg, freqfold=fold), stats
-                ).attn
-                stream.advance(i)
-                layer.self_attn = original
             tick(i)
             if writer is None:
                 spill.put(i, stats, inputs)
             else:  # converted at once (no search, no budget)
                 write_layer(source, spec, cfg, i, layer.self_attn, stats, inputs, runner, writer, dtype, record)
                 tick(i)
-        else:
-            for stream in streams.values():
-                stream.advance(i)
         if i < max(layers):
             runner.advance(i)
         source.release(i)
     for c in runner.chunks:
         c.h = None  # what refit reads of the chunks: positions, masks, RoPE
-    losses = {fold: stream_loss(source, stream, search_ids) for fold, stream in streams.items()}
-    return runner, losses
+    return runner
+
+
+def search_fold(source, spec, cfg, calib_ids, spill, tick) -> tuple[int, dict[int, float]]:
+    """TransMLA's fold search (``transmla.search_freqfold``, the in-memory search's rule and order): per
+    fold tried, one pass of its first ``FREQFOLD_SEARCH_TOKENS`` tokens through every layer, the
+    converted ones at full rank with that fold (from their statistics on disk), then the output head."""
+    B = min(calib_ids.shape[0], -(-FREQFOLD_SEARCH_TOKENS // calib_ids.shape[1]))
+    ids = calib_ids[:B]
+    full = full_rank_spec(spec)
+    current = {}
+
+    def convert_all(_full, fold):
+        current["fold"] = fold
+        return lambda: None
+
+    def loss() -> float:
+        fold_cfg = replace(cfg, freqfold=current["fold"])
+        stream = LayerRunner.from_parts(
+            source.config, source.embedder(), source.rotary_emb(), source.layers, ids, source.device, MICRO_BATCH
+        )
+        for i in range(source.num_layers):
+            layer = source.materialise(i)
+            if i in spec.converted_layers:
+                original = layer.self_attn
+                layer.self_attn = build_attention(source.config, original, full, i, fold_cfg, spill.stats(i)).attn
+                stream.advance(i)
+                layer.self_attn = original
+            else:
+                stream.advance(i)
+            source.release(i)
+        tick(-1)
+        return stream_loss(source, stream, ids)
+
+    fold, tried = search_freqfold(spec, convert_all, loss)
+    for _ in range(len(fold_candidates(spec.head_dim, spec.rope_dim, spec.rope_span)) - len(tried)):
+        tick(-1)  # folds not tried
+    return fold, tried
 
 
 def on_cpu(stats: LayerStats) -> LayerStats:
