@@ -120,6 +120,35 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_meta(
+    *, stage: str, dtype: str, spec: MLASpec | None, source: str, parent: str | None, metrics, extra
+) -> dict[str, Any]:
+    """The ``xecomla.json`` of a checkpoint being written."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "xecomla_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "parent": parent,
+        "command": command_line(),
+        "dtype": dtype,
+        "mla": spec.to_dict() if spec is not None else None,
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+
+
+def write_side_files(tmp: Path, config, generation_config, tokenizer, meta: dict[str, Any]) -> None:
+    """Everything of a checkpoint but its weights: config, generation config, tokenizer, xecomla.json."""
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def save_checkpoint(
     out_dir: str | Path,
     *,
@@ -135,31 +164,48 @@ def save_checkpoint(
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a stage checkpoint atomically and return its path."""
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "stage": stage,
-        "xecomla_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "parent": parent,
-        "command": command_line(),
-        "dtype": model_dtype_name(model),
-        "mla": spec.to_dict() if spec is not None else None,
-        "metrics": metrics or {},
-        **(extra or {}),
-    }
+    meta = checkpoint_meta(
+        stage=stage,
+        dtype=model_dtype_name(model),
+        spec=spec,
+        source=source,
+        parent=parent,
+        metrics=metrics,
+        extra=extra,
+    )
 
     def write(tmp: Path) -> None:
         write_weights(model, tmp)
-        config = model.config
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_side_files(tmp, model.config, getattr(model, "generation_config", None), tokenizer, meta)
         if write_extra is not None:
             write_extra(tmp)
+
+    return atomic_directory(Path(out_dir), write, force=force)
+
+
+def save_streamed_checkpoint(
+    out_dir: str | Path,
+    *,
+    write_weights: Callable[[Path], tuple[MLASpec | None, dict[str, Any]]],
+    config,
+    generation_config,
+    tokenizer,
+    stage: str,
+    dtype: str,
+    source: str,
+    parent: str | None = None,
+    force: bool = False,
+) -> Path:
+    """``save_checkpoint`` for a model that is never whole in memory: ``write_weights(tmp)`` writes the
+    weights into the temporary directory itself (``weights_writer``) and returns the spec and metrics
+    to record. The same files, written atomically the same way."""
+
+    def write(tmp: Path) -> None:
+        spec, metrics = write_weights(tmp)
+        meta = checkpoint_meta(
+            stage=stage, dtype=dtype, spec=spec, source=source, parent=parent, metrics=metrics, extra=None
+        )
+        write_side_files(tmp, config, generation_config, tokenizer, meta)
 
     return atomic_directory(Path(out_dir), write, force=force)
 

@@ -34,23 +34,39 @@ class LayerRunner:
     """The batch's hidden states, pushed through the decoder one layer at a time."""
 
     def __init__(self, model, input_ids: torch.Tensor, micro_batch: int = MICRO_BATCH):
+        inner = model.model
+        device = next(model.parameters()).device
+        self._embed(
+            model.config, inner.embed_tokens, inner.rotary_emb, decoder_layers(model), input_ids, device, micro_batch
+        )
+        self.model = model
+
+    @classmethod
+    def from_parts(
+        cls, config, embed, rotary_emb, layers, input_ids: torch.Tensor, device, micro_batch: int = MICRO_BATCH
+    ) -> LayerRunner:
+        """A runner over a decoder held in parts (``init.layer_source``: one layer materialised at a time):
+        ``embed(ids)`` -> (B, T, d), the model's rotary embedding, and the layers (indexed when run)."""
+        runner = cls.__new__(cls)
+        runner._embed(config, embed, rotary_emb, layers, input_ids, device, micro_batch)
+        runner.model = None
+        return runner
+
+    def _embed(self, config, embed, rotary_emb, layers, input_ids: torch.Tensor, device, micro_batch: int) -> None:
         from transformers.masking_utils import create_causal_mask
 
-        self.model = model
-        device = next(model.parameters()).device
         ids = input_ids.to(device)
-        self.layers = decoder_layers(model)
-        inner = model.model
+        self.layers = layers
         self.chunks: list[Chunk] = []
         with torch.no_grad():
             for b in range(0, ids.shape[0], micro_batch):
                 part = ids[b : b + micro_batch]
-                h = inner.embed_tokens(part)
+                h = embed(part)
                 pos = torch.arange(part.shape[1], device=device).unsqueeze(0).expand(part.shape[0], -1)
                 mask = create_causal_mask(
-                    config=model.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
+                    config=config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
                 )
-                self.chunks.append(Chunk(h, pos, mask, inner.rotary_emb(h, position_ids=pos)))
+                self.chunks.append(Chunk(h, pos, mask, rotary_emb(h, position_ids=pos)))
         self.tokens = int(ids.numel())
 
     @torch.no_grad()

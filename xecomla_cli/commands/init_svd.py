@@ -10,7 +10,7 @@ import typer
 from .. import console
 from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD, AttentionBias, KvSvdRows, RopeFrequencies
 from ..errors import XecomlaError
-from .args import AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, RopeDimOpt, SourceArg, read_arg
+from .args import AllowPickleOpt, DeviceOpt, ForceOpt, RopeDimOpt, SourceArg, read_arg
 from .display import emit, progress_bars
 
 METHOD_HELP = (
@@ -117,7 +117,14 @@ def init_svd_command(
         Path | None,
         typer.Option("--output", "-o", help="Output checkpoint directory (default: runs/<source>-mla-<rank>)."),
     ] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="The checkpoint's dtype: auto (the source's: bf16 in, bf16 out; the math is fp32 per layer), float32, "
+            "bfloat16 or float16.",
+        ),
+    ] = "auto",
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,

@@ -66,8 +66,21 @@ def build_layer(
     inputs: list[torch.Tensor] | None = None,
 ) -> ConvertedLayer:
     """``convert_layer``, with what the layer's conversion found for the spec's record."""
+    return build_attention(model.config, decoder_layers(model)[layer].self_attn, spec, layer, method, stats, inputs)
+
+
+def build_attention(
+    config,
+    old,
+    spec: MLASpec,
+    layer: int,
+    method: MethodConfig | str = "paper",
+    stats: LayerStats | None = None,
+    inputs: list[torch.Tensor] | None = None,
+) -> ConvertedLayer:
+    """The MLA of layer ``layer`` of a model of this ``config`` from its original attention module ``old``
+    (all a layer's conversion reads: what the streamed init (``init.streamed``) holds of one layer)."""
     cfg = parse_method(method) if isinstance(method, str) else method
-    old = decoder_layers(model)[layer].self_attn
     w = AttentionWeights.of(old)
     u = None
     if spec.biases_folded and w.bq is not None:  # bias-free for the engines (``init.engine_ready``)
@@ -81,9 +94,9 @@ def build_layer(
     pairs = None
     built = data_rank_spec(spec, layer)  # with a latent norm: rank r - 1, the last channel is the norm channel's
     if cfg.freqfold is not None:
-        sd, plan = transmla_state_dict(model, w, built, layer, cfg, stats)
+        sd, plan = transmla_state_dict(config, w, built, layer, cfg, stats)
     else:
-        plans = layer_plans(model, built, cfg, stats, ROPE_CONTEXT)
+        plans = layer_plans(config, built, cfg, stats, ROPE_CONTEXT)
         plan = merged_plan(plans)
         if cfg.is_paper:
             sd = paper_state_dict(w, built, layer, plan, spec.kv_svd_rows)
@@ -96,11 +109,19 @@ def build_layer(
         fold_state_biases(sd, u, spec.nope_dim, spec.head_dim)
     if spec.latent_norm:
         add_norm_channel(sd, inputs, spec.kv_ranks[layer])
-    new = new_mla_attention(model.config, spec, layer, has_qkv_bias(old) and u is None, has_o_bias(old))
+    new = new_mla_attention(config, spec, layer, has_qkv_bias(old) and u is None, has_o_bias(old))
     new.load_state_dict(sd)
     new.rope_attention_scaling = plan.attention_scaling
     new.train(old.training)
     return ConvertedLayer(new.to(device=old.o_proj.weight.device, dtype=old.o_proj.weight.dtype), pairs)
+
+
+def bias_fold_error(config, old, spec: MLASpec, layer: int, cfg, stats, inputs, built: ConvertedLayer) -> float:
+    """What folding a biased layer's biases costs against its exact biased MLA (on half the calibration
+    blocks): the attention output's relative error (``MLASpec.bias_fold``)."""
+    exact = build_attention(config, old, replace(spec, attention_bias="kept"), layer, cfg, stats, inputs)
+    held = inputs[len(inputs) // 2 :] or inputs
+    return round(attention_error(built.attn, exact.attn, held), 6)
 
 
 def convert_model(
@@ -162,9 +183,7 @@ def convert_model(
         old = decoder_layers(model)[i].self_attn
         built = build_layer(model, spec, i, cfg, stats.get(i), inputs.get(i))
         if spec.biases_folded and i in inputs:  # what folding costs against the exact biased layer (half the tokens)
-            exact = build_layer(model, replace(spec, attention_bias="kept"), i, cfg, stats.get(i), inputs[i])
-            held = inputs[i][len(inputs[i]) // 2 :] or inputs[i]
-            bias_errors[str(i)] = round(attention_error(built.attn, exact.attn, held), 6)
+            bias_errors[str(i)] = bias_fold_error(model.config, old, spec, i, cfg, stats.get(i), inputs[i], built)
         if cfg.refit:
             refit_output(old, built.attn, inputs[i], runner.chunks)
         inputs.pop(i, None)
@@ -196,14 +215,24 @@ def swap_layers(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerS
 
 def budgeted_spec(model, spec: MLASpec, cfg: MethodConfig, stats: dict[int, LayerStats]) -> MLASpec:
     """``spec`` with per-layer ranks of the same total (``budget``): layers x its average rank."""
+    energies = {
+        i: attention_energy(model.config, decoder_layers(model)[i].self_attn, spec, cfg, stats[i])
+        for i in spec.converted_layers
+    }
+    return budget_spec(spec, energies)
+
+
+def attention_energy(config, attn, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
+    """Output-energy eigenvalues of one original attention's latent rows (what ``budget`` allocates by)."""
+    w = AttentionWeights.of(attn)
+    if cfg.freqfold is not None:
+        return transmla_energy(config, w, spec, cfg, stats)
+    return layer_energy(w, spec, layer_plans(config, spec, cfg, stats, ROPE_CONTEXT), cfg, stats)
+
+
+def budget_spec(spec: MLASpec, energies: dict[int, torch.Tensor]) -> MLASpec:
+    """``spec`` with the budgeted per-layer ranks for these per-layer energies (``attention_energy``)."""
     layers = spec.converted_layers
-    energies = {}
-    for i in layers:
-        w = AttentionWeights.of(decoder_layers(model)[i].self_attn)
-        if cfg.freqfold is not None:
-            energies[i] = transmla_energy(model, w, spec, cfg, stats[i])
-        else:
-            energies[i] = layer_energy(w, spec, layer_plans(model, spec, cfg, stats[i], ROPE_CONTEXT), cfg, stats[i])
     if spec.rank_budget is not None:  # budgeted already: keep its total
         rank = spec.rank_budget // len(layers)
     else:

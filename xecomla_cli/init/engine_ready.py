@@ -112,10 +112,10 @@ def attention_error(folded, exact, blocks: list[torch.Tensor], max_blocks: int =
     num = den = 0.0
     with torch.no_grad():
         for x in blocks[:max_blocks]:
-            x = x.to(exact.o_proj.weight.dtype)
+            x = x.to(device=exact.o_proj.weight.device, dtype=exact.o_proj.weight.dtype)
             T = x.shape[1]
-            pos = torch.arange(T).unsqueeze(0).expand(x.shape[0], -1)
-            mask = torch.full((T, T), float("-inf"), dtype=x.dtype).triu(1)[None, None]  # causal
+            pos = torch.arange(T, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+            mask = torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]  # causal
             o = exact(x, attention_mask=mask, position_ids=pos)[0].double()
             o_f = folded(x, attention_mask=mask, position_ids=pos)[0].double()
             num += float((o_f - o).pow(2).sum())

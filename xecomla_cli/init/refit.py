@@ -33,7 +33,7 @@ def refit_output(old, new, inputs: list[torch.Tensor], chunks: list[Chunk], ridg
     """
     A = B = None
     for x, chunk in zip(inputs, chunks, strict=True):
-        x = x.to(new.o_proj.weight.dtype)
+        x = x.to(device=new.o_proj.weight.device, dtype=new.o_proj.weight.dtype)
         y = attention_head_outputs(old, x, chunk)
         y2 = attention_head_outputs(new, x, chunk)
         A = y.T @ y2 if A is None else A + y.T @ y2

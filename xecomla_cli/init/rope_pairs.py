@@ -58,24 +58,23 @@ def uniform_pairs(head_dim: int, rope_dim: int) -> torch.Tensor:
     return torch.arange(0, head_dim // 2, max(head_dim // rope_dim, 1))[: rope_dim // 2]
 
 
-def layer_plan(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
-    """The RoPE plan of one layer for ``cfg`` (paper plan when no pair selection)."""
-    return slice_plan(model.config, spec, cfg, stats, spec.num_heads, spec.num_kv_heads, spec.rope_dim, context)
+def layer_plan(config, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
+    """The RoPE plan of one layer of a model of this ``config`` for ``cfg`` (paper plan when no pair selection)."""
+    return slice_plan(config, spec, cfg, stats, spec.num_heads, spec.num_kv_heads, spec.rope_dim, context)
 
 
-def layer_plans(model, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
+def layer_plans(config, spec: MLASpec, cfg: MethodConfig, stats: LayerStats | None, context: int = ROPE_CONTEXT):
     """One RoPE plan per RoPE key slice (``spec.rope_groups`` of them; one for a shared key).
 
     Slice s serves KV heads s·G/S … (s+1)·G/S − 1 and their query heads; its p_g/2 pairs are chosen
     from those heads' statistics alone."""
     S = spec.rope_groups
     if S == 1:
-        return [layer_plan(model, spec, cfg, stats, context)]
+        return [layer_plan(config, spec, cfg, stats, context)]
     H, G = spec.num_heads // S, spec.num_kv_heads // S
     p = spec.group_rope_dim
     return [
-        slice_plan(model.config, spec, cfg, None if stats is None else stats.heads(s, S), H, G, p, context)
-        for s in range(S)
+        slice_plan(config, spec, cfg, None if stats is None else stats.heads(s, S), H, G, p, context) for s in range(S)
     ]
 
 

@@ -1,23 +1,28 @@
-"""`init-svd` as one function: load the original model, build the spec, convert, save a checkpoint."""
+"""`init-svd` as one function: read the source's config (every refusal it decides comes first), build
+the spec, convert layer by layer from the files (``init.streamed``) and write the checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..checkpoint import save_checkpoint
+import torch
+
+from ..checkpoint import save_streamed_checkpoint
 from ..choices import DEFAULT_CALIB_DATA, DEFAULT_METHOD
 from ..engines import rank_for_width
 from ..errors import XecomlaError
-from ..loaded import parse_dtype
-from ..mla.kv_spectrum import layer_singular_values
-from ..mla.spec import attention_shape
+from ..loaded import dtype_name, first_line, parse_device, parse_dtype
+from ..mla.kv_spectrum import stacked_kv_singular_values
+from ..mla.rope import mla_inv_freq, rope_type
+from ..mla.spec import MLASpec, attention_shape, source_biases
 from ..outputs import claim, default_output, fault_point
-from ..sources import input_paths, load_model
+from ..sources import input_paths
 from ..text.calibration import (
     DEFAULT_CALIB_TOKENS,
     SHAKESPEARE,
@@ -26,10 +31,17 @@ from ..text.calibration import (
     teacher_blocks,
     teacher_calibration_ids,
 )
-from .convert import calibration_steps, convert_model
-from .methods import MethodConfig, parse_method
+from ..weights_on_disk import WeightsOnDisk
+from .convert import calibration_steps
+from .estimate import estimate_line
+from .latent import budget_ranks
+from .latent_norm import data_rank_spec
+from .layer_source import SourceModel
+from .methods import RANK_MULTIPLE, MethodConfig, parse_method
 from .paper import KV_SVD_ROWS
+from .source_files import SourceFiles
 from .spec_builder import build_spec, parse_layers, rope_dim_default
+from .streamed import convert_streamed
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total) -> advance(n)
 
@@ -53,7 +65,7 @@ class InitOptions:
     rope_span: int | None = None  # TransMLA's fold over the K fastest pairs
     attention_bias: str = "fold"  # 'fold' | 'keep' (q/k/v biases; a source with an output bias must keep)
     output: Path | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's: 'auto' keeps the source's (bf16 in, bf16 out)
     device: str = "cpu"
     force: bool = False
     allow_pickle: bool = False
@@ -120,17 +132,12 @@ def run_init(
 
 def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, progress, status) -> Path:
     cfg = opts.method_config
-    with status(f"loading {source}"):
-        loaded = load_model(source, dtype="float32", device=opts.device, allow_pickle=opts.allow_pickle)
-    fault_point("loaded")
-    model = loaded.model
-    if loaded.is_mla:
-        raise XecomlaError(f"'{source}' is already an MLA checkpoint: init-svd takes an original model")
-    layer_list = parse_layers(opts.layers, model.config.num_hidden_layers)
-    sv = layer_singular_values(model) if opts.energy is not None else None
+    src = SourceFiles(source, allow_pickle=opts.allow_pickle)  # the config only: refusals before any weight
+    config = src.config
+    layer_list = parse_layers(opts.layers, config.num_hidden_layers)
     kv_rank, rope_dim = opts.kv_rank, opts.rope_dim
     if opts.latent_width is not None:
-        shape = attention_shape(model.config)
+        shape = attention_shape(config)
         G, h = shape["num_kv_heads"], shape["head_dim"]
         kv_rank, rope_dim = rank_for_width(
             opts.latent_width,
@@ -139,53 +146,111 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
             rope_dim=opts.rope_dim,
             default_rope_dim=rope_dim_default(h, G if cfg.group_rope else 1),
         )
-    spec = build_spec(
-        model.config,
-        kv_rank=kv_rank,
-        energy=opts.energy,
+    spec_args = dict(
         rope_dim=rope_dim,
         q_rank=opts.q_rank,
         layers=layer_list,
         latent_norm=opts.latent_norm,
         method=opts.method_name,
         kv_rows=opts.kv_rows,
-        singular_values=sv,
         rope_frequencies=opts.rope_frequencies,
         rope_span=opts.rope_span,
         attention_bias=opts.attention_bias,
     )
+    check_spec(config, cfg, build_spec(config, kv_rank=kv_rank or max_rank(config), **spec_args))
+    with status(f"reading {source}"):
+        directory = src.weights_directory()  # a GGUF file is de-quantized (and cached) first
+    weights = WeightsOnDisk(directory, f"'{source}'")
+    dtype = weights.floating_dtype() if opts.dtype == "auto" else parse_dtype(opts.dtype)
+    data = (opts.calib_data or DEFAULT_CALIB_DATA) if opts.calibrates or spec_has_biases(config, opts) else None
+    console_line(estimate_line(config, weights, opts, cfg, data, layer_list, opts.device))
+    sv = disk_singular_values(weights, config.num_hidden_layers) if opts.energy is not None else None
+    spec = build_spec(config, kv_rank=kv_rank, energy=opts.energy, singular_values=sv, **spec_args)
     if opts.latent_width is not None:
         spec = replace(spec, latent_width=opts.latent_width)
+    tokenizer = src.tokenizer()
     calib_ids = None
-    if opts.calibrates or spec.biases_folded:
-        data = opts.calib_data or DEFAULT_CALIB_DATA
+    if data is not None:
         if data == TEACHER:
-            calib_ids = sampled_calibration(loaded, opts.calib_tokens, progress)
+            calib_ids = sampled_calibration(src, opts.calib_tokens, progress, status)
         else:
-            calib_ids = calibration_ids(loaded.tokenizer, data, opts.calib_tokens)
+            calib_ids = calibration_ids(tokenizer, data, opts.calib_tokens)
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
+    fault_point("loaded")
+    model = SourceModel(weights, config, parse_device(opts.device))
     steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
     advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
-    spec = convert_model(model, spec, cfg, calib_ids, progress=None if advance is None else lambda i: advance(1))
-    if opts.dtype != "float32":
-        model.to(parse_dtype(opts.dtype))
-    seconds = time.perf_counter() - start
-    path = save_checkpoint(
+
+    def write_weights(tmp: Path):
+        tick = None if advance is None else lambda i: advance(1)
+        done = convert_streamed(model, spec, cfg, calib_ids, tmp, dtype, progress=tick)
+        return done, {"init_seconds": round(time.perf_counter() - start, 2)}
+
+    config.dtype = dtype_name(dtype)
+    return save_streamed_checkpoint(
         out,
-        model=model,
-        tokenizer=loaded.tokenizer,
+        write_weights=write_weights,
+        config=config,
+        generation_config=src.generation_config(),
+        tokenizer=tokenizer,
         stage="init-svd",
-        spec=spec,
-        source=loaded.source,
-        parent=None,
-        metrics={"init_seconds": round(seconds, 2)},
+        dtype=dtype_name(dtype),
+        source=src.portable,
         force=opts.force,
     )
-    return path
 
 
-def sampled_calibration(loaded, tokens: int, progress: ProgressFactory | None):
-    """``--calib-data teacher``: calibration blocks the model writes itself (cached after the first run)."""
+def check_spec(config, cfg: MethodConfig, spec: MLASpec) -> None:
+    """The refusals the config and options decide that ``build_spec`` leaves to the conversion: the
+    latent norm's rank, the budget's smallest rank, a RoPE type no initialiser knows."""
+    for i in spec.converted_layers:
+        data_rank_spec(spec, i)
+    if cfg.budget and min(r for r in spec.kv_ranks if r is not None) < RANK_MULTIPLE:
+        budget_ranks({i: torch.ones(RANK_MULTIPLE) for i in spec.converted_layers}, min(spec.kv_ranks))
+    try:
+        mla_inv_freq(config, spec.head_dim, spec.rope_frequencies)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise XecomlaError(
+            f"the source's RoPE ({rope_type(config)}) cannot be converted ({first_line(exc)}): "
+            "xecomla converts default, linear, dynamic, YaRN and Llama 3 RoPE"
+        ) from None
+
+
+def max_rank(config) -> int:
+    """The largest rank ``build_spec`` takes for this config (a stand-in while the real ranks wait on the weights)."""
+    shape = attention_shape(config)
+    return min(2 * shape["num_heads"] * shape["head_dim"], shape["hidden_size"])
+
+
+def spec_has_biases(config, opts: InitOptions) -> bool:
+    """Whether the conversion folds q/k/v biases (which reads calibration text whatever the method)."""
+    return source_biases(config)[0] and opts.attention_bias == "fold"
+
+
+def disk_singular_values(weights: WeightsOnDisk, layers: int) -> dict[int, torch.Tensor]:
+    """``layer_singular_values`` from the files: per layer, the K and V projections only."""
+    out = {}
+    for i in range(layers):
+        p = f"model.layers.{i}.self_attn."
+        out[i] = stacked_kv_singular_values(
+            weights.get(p + "k_proj.weight").float(), weights.get(p + "v_proj.weight").float()
+        )
+    return out
+
+
+def console_line(line: str | None) -> None:
+    if line:
+        from .. import console
+
+        console.err.print(line, soft_wrap=True)  # one line, however wide
+
+
+def sampled_calibration(src, tokens: int, progress: ProgressFactory | None, status):
+    """``--calib-data teacher``: calibration blocks the model writes itself (cached after the first run).
+    The one step that needs the whole model: it is loaded for it (in bf16: the text is sampled from the
+    weights rounded to bf16 whatever the load, ``text.teacher``) and dropped after."""
+    with status("loading the model to sample calibration text"):
+        loaded = src.load(dtype="bfloat16")
     advance = progress("sampling calibration text from the model", teacher_blocks(tokens)) if progress else None
     done = [0]
 
@@ -194,4 +259,8 @@ def sampled_calibration(loaded, tokens: int, progress: ProgressFactory | None):
             advance(n - done[0])
             done[0] = n
 
-    return teacher_calibration_ids(loaded.model, loaded.tokenizer, tokens, progress=tick)
+    try:
+        return teacher_calibration_ids(loaded.model, loaded.tokenizer, tokens, progress=tick)
+    finally:
+        del loaded
+        gc.collect()

@@ -60,12 +60,13 @@ def bkv_alpha(w: AttentionWeights, f: FoldedKeys, stats: LayerStats) -> float:
 
 
 def transmla_state_dict(
-    model, w: AttentionWeights, spec: MLASpec, layer: int, cfg: MethodConfig, stats: LayerStats
+    config, w: AttentionWeights, spec: MLASpec, layer: int, cfg: MethodConfig, stats: LayerStats
 ) -> tuple[dict[str, torch.Tensor], RopePlan]:
-    """TransMLA's MLA weights of one layer as an ``MLAAttention`` state dict, and its RoPE plan."""
+    """TransMLA's MLA weights of one layer of a model of this ``config``, as an ``MLAAttention`` state
+    dict, and its RoPE plan."""
     H, G, h, p = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope_dim
     r, d = spec.kv_ranks[layer], spec.hidden_size
-    inv_freq, scaling = mla_inv_freq(model.config, h, spec.rope_frequencies)
+    inv_freq, scaling = mla_inv_freq(config, h, spec.rope_frequencies)
     f = fold_layer(w, spec, stats, cfg, inv_freq)
     bias = w.bk is not None
     sd: dict[str, torch.Tensor] = {}
@@ -93,9 +94,9 @@ def transmla_state_dict(
     return sd, plan
 
 
-def transmla_energy(model, w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
+def transmla_energy(config, w: AttentionWeights, spec: MLASpec, cfg: MethodConfig, stats: LayerStats) -> torch.Tensor:
     """Output-energy eigenvalues of a layer's latent rows (what ``budget`` allocates by)."""
-    f = fold_layer(w, spec, stats, cfg, mla_inv_freq(model.config, spec.head_dim, spec.rope_frequencies)[0])
+    f = fold_layer(w, spec, stats, cfg, mla_inv_freq(config, spec.head_dim, spec.rope_frequencies)[0])
     W, k_mask = residual_kv_rows(w, f, spec.num_kv_heads, spec.head_dim)
     alpha = bkv_alpha(w, f, stats) if cfg.balance else 1.0
     return balanced_factors(W, k_mask, stats.cov if cfg.whiten else None, 0, alpha)[2]

@@ -1,0 +1,105 @@
+"""What an init-svd run will cost, said before it starts (one line on stderr when it is long).
+
+Time is estimated from FLOPs and a rate measured now: a short timed probe (an fp32 matrix product
+of the model's width, ``probe_rate``) gives this machine's FLOP/s at this moment (other jobs on
+the cores included), and the run's work is counted in FLOPs:
+
+    calibration   2 · (one layer's parameters) · tokens · layers walked    (plus the attention scores)
+    fold search   each candidate fold: its 1024 tokens through every layer and the output head
+    teacher text  2 · (all parameters) per sampled token
+
+each divided by the probe's rate times how much of it that step reaches (``*_EFFICIENCY``, measured
+on this machine's 2 cores: the demo samples at ~200 tokens/s where the probe gives ~40 GFLOP/s, the
+streamed calibration of a Llama-3.2-1B shape ran at ~0.6 of the probe's rate). Memory is counted from
+the shapes: one decoder layer in fp32 (and its copy as read), the embedding table as stored, the
+calibration hidden states and one layer's statistics; sampling teacher text needs the whole model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..mla.spec import attention_shape
+from ..text.calibration import DEFAULT_SEQ_LEN, TEACHER, teacher_blocks
+from ..weights_on_disk import WeightsOnDisk
+from .convert import FREQFOLD_SEARCH_TOKENS
+from .freqfold import fold_candidates
+
+CALIB_EFFICIENCY = 0.6  # the calibration pass's FLOP/s over the probe's
+SAMPLING_EFFICIENCY = 0.25  # teacher sampling's (batch 32, a token at a time) over the probe's
+LONG_SECONDS = 60  # the line is printed for runs expected to take longer (teacher sampling included)
+BASE_BYTES = 600 * 2**20  # Python, torch and transformers themselves
+BIG_MODEL = 1e9  # parameters above which sampling teacher text on a CPU deserves a word
+
+
+def probe_rate(width: int, device: torch.device) -> float:
+    """FLOP/s of an fp32 (512, d) x (d, d) product on ``device`` now (best of 3 after a warm-up)."""
+    a = torch.randn(512, width, device=device)
+    b = torch.randn(width, width, device=device)
+    best = float("inf")
+    for k in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if k:
+            best = min(best, time.perf_counter() - t)
+    return 2 * 512 * width * width / max(best, 1e-9)
+
+
+def layer_parameters(weights: WeightsOnDisk, layer: int = 0) -> int:
+    prefix = f"model.layers.{layer}."
+    return sum(weights.numel(n) for n in weights.names if n.startswith(prefix))
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def estimate_line(config, weights: WeightsOnDisk, opts, cfg, data: str | None, layers, device) -> str | None:
+    """The cost line for this run, or None for a short one (see the module docstring)."""
+    shape = attention_shape(config)
+    d, L, h = shape["hidden_size"], shape["num_layers"], shape["head_dim"]
+    params = sum(weights.numel(n) for n in weights.names)
+    per_layer = layer_parameters(weights)
+    ffn = getattr(config, "intermediate_size", 4 * d)
+    vocab = config.vocab_size
+    dev = torch.device(device) if device != "auto" else torch.device("cpu")
+    rate = probe_rate(d, dev if dev.type != "cuda" or torch.cuda.is_available() else torch.device("cpu"))
+    seconds = 0.0
+    peak = BASE_BYTES + 2 * per_layer * 4 + vocab * d * weights.floating_dtype().itemsize
+    if data is not None:
+        tokens = opts.calib_tokens
+        T = min(DEFAULT_SEQ_LEN, tokens)
+        walked = max(layers or range(L)) + 1
+        flops = (2 * per_layer + 4 * T * d) * tokens * walked
+        if cfg.freqfold == 0:
+            folds = len(fold_candidates(h, opts.rope_dim or h // 2, opts.rope_span))
+            flops += folds * ((2 * per_layer + 4 * T * d) * L + 2 * vocab * d) * FREQFOLD_SEARCH_TOKENS
+            walked = L
+        seconds += flops / (rate * CALIB_EFFICIENCY)
+        # hidden states, one layer's MLP activations (a chunk of 4 blocks), attention inputs (fp16), statistics
+        peak += tokens * d * 4 * 2 + 4 * T * ffn * 4 * 3 + tokens * d * 2 + 2 * (d + 1) ** 2 * 8
+    line = (
+        f"init-svd: {params / 1e9:.2f}B parameters, {L} layers; expect ~{duration(seconds)} "
+        f"(from FLOPs at {rate / 1e9:.0f} GFLOP/s, a probe of this machine now) and a peak of ~{gb(peak)}"
+    )
+    if data == TEACHER:
+        sampled = teacher_blocks(opts.calib_tokens) * min(DEFAULT_SEQ_LEN, opts.calib_tokens)
+        per_s = rate * SAMPLING_EFFICIENCY / (2 * params)
+        seconds += sampled / per_s
+        line += (
+            f"; --calib-data teacher samples {sampled:,} tokens from the model itself unless cached "
+            f"(~{duration(sampled / per_s)} at ~{per_s:.0f} tokens/s, the whole model in memory: ~{gb(8 * params)})"
+        )
+        if params > BIG_MODEL and dev.type == "cpu":
+            line += ": on a CPU pass --calib-data FILE (a .txt or .jsonl of your own text) instead"
+    return line if seconds > LONG_SECONDS else None
