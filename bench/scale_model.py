@@ -36,10 +36,9 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
-ROPE = {
+ROPE = {  # Llama 3.x's scaling; the factor per shape (32 for 3.2-1B, 8 for 3.1-8B)
     "rope_type": "llama3",
     "rope_theta": 500000.0,
-    "factor": 32.0 if True else 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,

@@ -12,7 +12,8 @@ each divided by the probe's rate times how much of it that step reaches (``*_EFF
 on this machine's 2 cores: the demo samples at ~200 tokens/s where the probe gives ~40 GFLOP/s, the
 streamed calibration of a Llama-3.2-1B shape ran at ~0.6 of the probe's rate). Memory is counted from
 the shapes: one decoder layer in fp32 (and its copy as read), the embedding table as stored, the
-calibration hidden states and one layer's statistics; sampling teacher text needs the whole model.
+calibration hidden states and one layer's statistics; sampling teacher text needs the whole model
+(bf16, and the sampler's fp32 copy: 6 bytes a parameter).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def estimate_line(config, weights: WeightsOnDisk, opts, cfg, data: str | None, layers, device) -> str | None:
+def estimate_line(
+    config, weights: WeightsOnDisk, opts, cfg, data: str | None, layers, device: torch.device
+) -> str | None:
     """The cost line for this run, or None for a short one (see the module docstring)."""
     shape = attention_shape(config)
     d, L, h = shape["hidden_size"], shape["num_layers"], shape["head_dim"]
@@ -72,8 +75,8 @@ def estimate_line(config, weights: WeightsOnDisk, opts, cfg, data: str | None, l
     per_layer = layer_parameters(weights)
     ffn = getattr(config, "intermediate_size", 4 * d)
     vocab = config.vocab_size
-    dev = torch.device(device) if device != "auto" else torch.device("cpu")
-    rate = probe_rate(d, dev if dev.type != "cuda" or torch.cuda.is_available() else torch.device("cpu"))
+    dev = device
+    rate = probe_rate(d, dev)
     seconds = 0.0
     peak = BASE_BYTES + 2 * per_layer * 4 + vocab * d * weights.floating_dtype().itemsize
     if data is not None:
@@ -98,7 +101,7 @@ def estimate_line(config, weights: WeightsOnDisk, opts, cfg, data: str | None, l
         seconds += sampled / per_s
         line += (
             f"; --calib-data teacher samples {sampled:,} tokens from the model itself unless cached "
-            f"(~{duration(sampled / per_s)} at ~{per_s:.0f} tokens/s, the whole model in memory: ~{gb(8 * params)})"
+            f"(~{duration(sampled / per_s)} at ~{per_s:.0f} tokens/s, the whole model in memory: ~{gb(6 * params)})"
         )
         if params > BIG_MODEL and dev.type == "cpu":
             line += ": on a CPU pass --calib-data FILE (a .txt or .jsonl of your own text) instead"

@@ -134,6 +134,7 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
     cfg = opts.method_config
     src = SourceFiles(source, allow_pickle=opts.allow_pickle)  # the config only: refusals before any weight
     config = src.config
+    device = parse_device(opts.device)
     layer_list = parse_layers(opts.layers, config.num_hidden_layers)
     kv_rank, rope_dim = opts.kv_rank, opts.rope_dim
     if opts.latent_width is not None:
@@ -163,7 +164,7 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
     weights = WeightsOnDisk(directory, f"'{source}'")
     dtype = weights.floating_dtype() if opts.dtype == "auto" else parse_dtype(opts.dtype)
     data = (opts.calib_data or DEFAULT_CALIB_DATA) if opts.calibrates or spec_has_biases(config, opts) else None
-    console_line(estimate_line(config, weights, opts, cfg, data, layer_list, opts.device))
+    console_line(estimate_line(config, weights, opts, cfg, data, layer_list, device))
     sv = disk_singular_values(weights, config.num_hidden_layers) if opts.energy is not None else None
     spec = build_spec(config, kv_rank=kv_rank, energy=opts.energy, singular_values=sv, **spec_args)
     if opts.latent_width is not None:
@@ -177,7 +178,7 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
             calib_ids = calibration_ids(tokenizer, data, opts.calib_tokens)
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
     fault_point("loaded")
-    model = SourceModel(weights, config, parse_device(opts.device))
+    model = SourceModel(weights, config, device)
     steps = len(spec.converted_layers) + calibration_steps(spec, cfg)
     advance = progress("SVD init" if cfg.is_paper else f"{opts.method_name} init", steps) if progress else None
 
