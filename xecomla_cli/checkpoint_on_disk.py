@@ -1,7 +1,7 @@
 """A stage checkpoint opened without loading its weights: what the streamed stages (inspect, export) read
 instead of a whole model (``checkpoint.load_checkpoint``).
 
-The config, the spec and xecomla.json are read at once; tensors are read from the memory-mapped safetensors
+The config, the spec and xecomla.json are read at once; tensors are read from the safetensors files
 (``weights_on_disk.WeightsOnDisk``) when asked for; ``layer(i)`` builds decoder layer i alone, with its weights,
 from an architecture held on the meta device (no memory):
 

@@ -1,6 +1,6 @@
 """``inspect`` without loading the model: the architecture from the config (a meta-device model gives names,
 shapes and the parameter count), the dtype from the safetensors headers, and each layer's stacked K/V read
-alone from the memory-mapped weights (memory: one layer's k_proj and v_proj).
+alone from the safetensors files (memory: one layer's k_proj and v_proj).
 
 Sources: an HF directory, a Hub id (its local snapshot), ``demo`` / a .gguf file (its de-quantized cache
 directory, made by one ordinary load the first time), a stage checkpoint of an original model. An MLA
