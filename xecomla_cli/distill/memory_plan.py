@@ -161,7 +161,7 @@ def layer_activations(layer: LayerShape, step: StepShape) -> int:
         attention      SDPA's saved state: flash / memory-efficient kernels keep v (N·H·(n+h)·c, a view
                        of the up-projection), the output N·H·h·a and the log-sum-exp N·H·4; the math
                        kernel (CPU, n+p ≠ h: no fused kernel takes unequal head dims) keeps a copy of v
-                       N·H·h·a and the probabilities B·H·T²·a
+                       N·H·h·a (one block: the up-projection it views) and the probabilities B·H·T²·a
 
     a: the attention's dtype (fp32 on CPU, where autocast leaves SDPA in fp32; c on GPU).
     An original (GQA) layer: q N·H·h, k and v N·G·h each, out and log-sum-exp, its linears' inputs.
@@ -178,10 +178,12 @@ def layer_activations(layer: LayerShape, step: StepShape) -> int:
     else:
         total += n_tok * (r + p) * c
     total += 2 * n_tok * H * qk * a
+    nope = qk - p
     if math_attention(layer, step):
-        total += n_tok * H * h * a + step.micro_batch * H * step.seq_len**2 * a
+        # v: a view of the up-projection when one block makes it viewable, else a copy
+        v = n_tok * H * (nope + h) * c if step.micro_batch == 1 else n_tok * H * h * a
+        total += v + step.micro_batch * H * step.seq_len**2 * a
     else:
-        nope = qk - p
         total += n_tok * H * (nope + h) * c + n_tok * H * h * a + n_tok * H * FP32
     return total
 
