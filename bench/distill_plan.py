@@ -191,6 +191,7 @@ def main() -> None:
                 "plan_moments_mib": {
                     "end_of_forward": round(mem["end_of_forward"] / mib, 1),
                     "optimizer_step": round(mem["optimizer_step"] / mib, 1),
+                    "backward": round(mem["backward"] / mib, 1),
                     "loading": round(mem["loading"] / mib, 1),
                 },
                 "plan_peak_mib": round(mem["peak"] / mib, 1),

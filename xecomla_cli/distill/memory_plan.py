@@ -13,11 +13,13 @@ Per process, S = N under --fsdp with N processes (the shards), else 1; c = 2 byt
     activations       Σ layers (below) + the final norm + bf16 weight copies
     KD loss           chunk buffers + head gradient + hidden-state gradient (kd_loss.py)
 
-The peak is the larger of two moments of a step:
+The peak is the largest of these moments of a step:
 
     end of forward    persistent + activations + KD loss + teacher hidden (+ gradients when
                       the step accumulates over several micro batches)
     optimizer step    persistent + gradients + the optimizer's temporaries
+    backward          with activation checkpointing: persistent + gradients + the layer inputs
+                      kept + one recomputed layer's activations
 
 where persistent = the weights, the optimizer state, the DDP buckets and the validation cache;
 and on the host, loading the student (its safetensors bytes + the fp32 model) may be higher.
@@ -113,12 +115,15 @@ class MemoryPlan:
     rows: tuple[Row, ...]
     end_of_forward: int
     optimizer_step: int
+    backward: int  # with checkpointed layers: all gradients while one layer is recomputed (0: none)
     loading: int  # host memory while the student loads
     device: str  # cpu | cuda: on a GPU the loading happens in host memory, not on the device
 
     @property
     def moments(self) -> dict[str, int]:
         moments = {"end of forward": self.end_of_forward, "optimizer step": self.optimizer_step}
+        if self.backward:
+            moments["backward (recomputing a layer)"] = self.backward
         if self.device == "cpu":
             moments["loading the student"] = self.loading
         return moments
@@ -140,6 +145,7 @@ class MemoryPlan:
             "formulas": {r.name: r.formula for r in self.rows},
             "end_of_forward": self.end_of_forward,
             "optimizer_step": self.optimizer_step,
+            "backward": self.backward,
             "loading": self.loading,
             "device": self.device,
             "peak": self.peak,
@@ -207,6 +213,17 @@ def activations(model: ModelSizes, step: StepShape) -> int:
         if step.precision == "bf16":
             total += 2 * layer.linear_weights
     return total
+
+
+def recomputed_layer(model: ModelSizes, step: StepShape) -> int:
+    """With activation checkpointing, the backward pass recomputes one checkpointed layer at a time:
+    the layer inputs kept (k·N·d·4) and the largest such layer's full activations (bf16: + its weight copies)."""
+    k = min(step.checkpointed_layers, len(model.layers))
+    if k == 0:
+        return 0
+    copies = 2 if step.precision == "bf16" else 0
+    full = max(layer_activations(layer, step) + copies * layer.linear_weights for layer in model.layers[:k])
+    return k * step.tokens * model.hidden * FP32 + full
 
 
 def kd_loss_bytes(model: ModelSizes, teacher: ModelSizes, step: StepShape) -> int:
@@ -301,5 +318,7 @@ def plan_memory(
     if step.accumulation > 1:
         forward += b["gradients"]
     optimizer = persistent + b["gradients"] + b["optimizer temporaries"]
+    recompute = recomputed_layer(model, step)
+    backward = persistent + b["gradients"] + recompute if recompute else 0
     loading = runtime + stored_bytes + model.params * FP32
-    return MemoryPlan(tuple(rows), forward, optimizer, loading, step.device)
+    return MemoryPlan(tuple(rows), forward, optimizer, backward, loading, step.device)
