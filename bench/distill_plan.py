@@ -8,6 +8,7 @@ Runs, each in its own process, with the distill options after `--`:
   plan       `xecomla distill ... --plan --json` (nothing loaded): the predicted peak per process
   baseline   what the run holds before any model: python, the imports, the student's checkpoint
              metadata, the tokenizer and the packed data (--data, --seq-len, the budget's tokens)
+  loading    the student and the teacher loaded as the run loads them, nothing else
   run        the run itself (-o a temporary directory, --save-every 0)
 
 and reads each child's peak resident memory (ru_maxrss from wait4, what `/usr/bin/time -v` prints
@@ -157,16 +158,37 @@ def layer_check() -> list[dict]:
     return rows
 
 
+def loading(args: list[str]) -> None:
+    """The run's loading alone: the student and the teacher, as the recipe loads them (then exit)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ckpt")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--teacher", default=None)
+    a, _ = parser.parse_known_args(args)
+    import torch
+
+    from xecomla_cli.checkpoint import read_checkpoint_info
+    from xecomla_cli.distill.config import resolve_precision
+    from xecomla_cli.distill.models import load_models
+
+    info = read_checkpoint_info(a.ckpt)
+    bf16 = resolve_precision(a.precision, torch.device("cpu")) == "bf16"
+    load_models(info, a.teacher or info.source, torch.device("cpu"), teacher_dtype="bfloat16" if bf16 else "float32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loading", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layers", action="store_true", help="check the per-layer activation formula alone")
     parser.add_argument("distill_args", nargs=argparse.REMAINDER)
     a = parser.parse_args()
     args = [x for x in a.distill_args if x != "--"]
     if a.baseline:
         return baseline(args)
+    if a.loading:
+        return loading(args)
     if a.layers:
         print(json.dumps({"layers": layer_check()}, indent=2))
         return
@@ -175,6 +197,7 @@ def main() -> None:
     _, plan_s, plan_out = child([*cli, "--plan", "--json"], a.threads, capture=True)
     plan = json.loads(plan_out)
     base_rss, _, base_out = child([py, __file__, "--baseline", "--", *args], a.threads, capture=True)
+    load_rss, _, _ = child([py, __file__, "--loading", "--", *args], a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         run_rss, run_s, _ = child([*cli, "-o", f"{tmp}/out", "--save-every", "0"], a.threads)
     mem = plan["memory"]
@@ -198,6 +221,7 @@ def main() -> None:
                 "plan_peak_moment": mem["peak_moment"],
                 "measured_peak_mib": round(run_rss / mib, 1),
                 "measured_baseline_mib": round(base_rss / mib, 1),
+                "measured_loading_mib": round(load_rss / mib, 1),
                 "baseline_data": json.loads(base_out),
                 "plan_over_measured": round(mem["peak"] / run_rss, 3),
                 "plan_over_measured_without_baseline": round((mem["peak"] - runtime) / (run_rss - base_rss), 3),

@@ -169,7 +169,9 @@ def memory_plan_table(plan: dict[str, Any]) -> Table:
     if mem["backward"]:
         t.add_row("backward", f"{mem['backward'] / gib:,.2f}", "weights, optimizer, gradients, a recomputed layer")
     where = "" if mem["device"] == "cpu" else " (host RAM, not the GPU)"
-    t.add_row("loading the student", f"{mem['loading'] / gib:,.2f}", f"its safetensors + the fp32 model{where}")
+    t.add_row(
+        "loading the models", f"{mem['loading'] / gib:,.2f}", f"a model's file + its weights, and the student's{where}"
+    )
     t.add_row("[bold]peak[/]", f"[bold]{mem['peak'] / gib:,.2f}[/]", mem["peak_moment"])
     if plan["device_memory"] is None:
         t.caption = f"{plan['device']}"

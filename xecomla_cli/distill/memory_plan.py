@@ -22,7 +22,9 @@ The peak is the largest of these moments of a step:
                       kept + one recomputed layer's activations
 
 where persistent = the weights, the optimizer state, the DDP buckets and the validation cache;
-and on the host, loading the student (its safetensors bytes + the fp32 model) may be higher.
+and on the host, loading the models may be higher: the student's safetensors read whole and copied
+into its fp32 model, then beside it the teacher's weights (and, when its file is in another dtype,
+the file's pages: memory-mapped, read and converted).
 """
 
 from __future__ import annotations
@@ -110,13 +112,13 @@ class Row:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The rows, the two moments of a step and the loading peak, per process."""
+    """The rows, the moments of a step and the loading peak, per process."""
 
     rows: tuple[Row, ...]
     end_of_forward: int
     optimizer_step: int
     backward: int  # with checkpointed layers: all gradients while one layer is recomputed (0: none)
-    loading: int  # host memory while the student loads
+    loading: int  # host memory while the models load
     device: str  # cpu | cuda: on a GPU the loading happens in host memory, not on the device
 
     @property
@@ -125,7 +127,7 @@ class MemoryPlan:
         if self.backward:
             moments["backward (recomputing a layer)"] = self.backward
         if self.device == "cpu":
-            moments["loading the student"] = self.loading
+            moments["loading the models"] = self.loading
         return moments
 
     @property
@@ -275,11 +277,18 @@ def fsdp_gathered(model: ModelSizes, teacher: ModelSizes, step: StepShape, t: in
 
 
 def plan_memory(
-    model: ModelSizes, teacher: ModelSizes, step: StepShape, *, stored_bytes: int, runtime: int = 0
+    model: ModelSizes,
+    teacher: ModelSizes,
+    step: StepShape,
+    *,
+    stored_bytes: int,
+    teacher_stored_bytes: int,
+    runtime: int = 0,
 ) -> MemoryPlan:
-    """The memory of one process of the run; `stored_bytes` are the student's safetensors bytes (read
-    whole, then copied into the fp32 model, when it loads), `runtime` what the process holds besides
-    (python, torch, the tokenizer and the data: measured, on CPU)."""
+    """The memory of one process of the run; `stored_bytes` are the student's file bytes (read whole,
+    then copied into the fp32 model), `teacher_stored_bytes` the teacher's file bytes resident beside
+    its weights while it loads, `runtime` what the process holds besides (python, torch, the tokenizer
+    and the data: measured, on CPU)."""
     S, c = step.shards, step.compute_bytes
     t = 2 if step.precision == "bf16" else FP32
     ddp = step.world > 1 and not step.fsdp
@@ -320,5 +329,7 @@ def plan_memory(
     optimizer = persistent + b["gradients"] + b["optimizer temporaries"]
     recompute = recomputed_layer(model, step)
     backward = persistent + b["gradients"] + recompute if recompute else 0
-    loading = runtime + stored_bytes + model.params * FP32
+    student_loads = stored_bytes + model.params * FP32
+    teacher_loads = model.params * FP32 + teacher_stored_bytes + teacher.params * t
+    loading = runtime + max(student_loads, teacher_loads)
     return MemoryPlan(tuple(rows), forward, optimizer, backward, loading, step.device)
