@@ -168,7 +168,7 @@ def memory_plan_table(plan: dict[str, Any]) -> Table:
     t.add_row("optimizer step", f"{mem['optimizer_step'] / gib:,.2f}", "weights, optimizer, gradients")
     if mem["backward"]:
         t.add_row("backward", f"{mem['backward'] / gib:,.2f}", "weights, optimizer, gradients, a recomputed layer")
-    where = "" if mem["device"] == "cpu" else " (host RAM, not the GPU)"
+    where = "" if mem["device"] == "cpu" else " (host RAM of each process, not the GPU)"
     t.add_row(
         "loading the models", f"{mem['loading'] / gib:,.2f}", f"a model's file + its weights, and the student's{where}"
     )

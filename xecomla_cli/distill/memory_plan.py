@@ -295,7 +295,11 @@ def plan_memory(
     n_tok = step.tokens
     rows = [
         Row("student weights", model.params * FP32 // S, f"P_s {model.params:,} x 4 / {S}"),
-        Row("teacher weights", teacher_bytes(teacher, step, t), f"P_t {teacher.params:,} x {t}"),
+        Row(
+            "teacher weights",
+            teacher_bytes(teacher, step, t),
+            f"P_t {teacher.params:,} x {t}" + (f", its layers / {step.world}" if step.fsdp else ""),
+        ),
         Row("gradients", model.trainable * FP32 // S, f"P_train {model.trainable:,} x 4 / {S}"),
         Row(
             "optimizer state",
