@@ -21,7 +21,7 @@ from test_distill import _cfg, student_ckpt, text_file  # noqa: F401  (shared fi
 from xecomla_cli.checkpoint import load_checkpoint
 from xecomla_cli.distill.config import resolve_config
 from xecomla_cli.distill.memory_plan import StepShape, activations, layer_activations
-from xecomla_cli.distill.model_sizes import plan_distill
+from xecomla_cli.distill.model_sizes import converted_bytes, plan_distill
 from xecomla_cli.distill.trainer import adamw, freeze_non_mla
 from xecomla_cli.errors import XecomlaError
 from xecomla_cli.sources import load_model
@@ -68,6 +68,19 @@ def test_a_bf16_run_holds_the_teacher_in_bf16(student_ckpt, text_file):  # noqa:
     teacher = load_model(plan.cfg.teacher, dtype="bfloat16").model
     assert plan.memory.row("teacher weights") == nbytes(teacher.parameters())
     assert plan.memory.row("student weights") == plan.student.params * 4  # fp32 master weights
+
+
+def test_loading_counts_a_teacher_file_in_another_dtype(student_ckpt, text_file):  # noqa: F811
+    from xecomla_cli.weights_on_disk import WeightsOnDisk
+
+    plan = plan_distill(student_ckpt, _cfg(text_file), world=1, device="cpu")
+    teacher_dir = plan.cfg.teacher  # the tiny teacher is saved in fp32
+    on_disk = WeightsOnDisk(teacher_dir)
+    assert on_disk.floating_dtype() == torch.float32
+    assert converted_bytes(on_disk.directory, torch.float32, plan.teacher.params) == 0  # loaded in place
+    assert converted_bytes(on_disk.directory, torch.bfloat16, plan.teacher.params) == on_disk.nbytes()
+    memory = plan.memory
+    assert memory.loading >= memory.row("runtime") + 2 * memory.row("student weights")  # its file + the model
 
 
 def test_fsdp_shards_over_n_processes_and_ddp_adds_its_buckets(student_ckpt, text_file):  # noqa: F811

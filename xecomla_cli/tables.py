@@ -166,8 +166,12 @@ def memory_plan_table(plan: dict[str, Any]) -> Table:
     t.add_section()
     t.add_row("end of forward", f"{mem['end_of_forward'] / gib:,.2f}", "weights, optimizer, activations, KD loss")
     t.add_row("optimizer step", f"{mem['optimizer_step'] / gib:,.2f}", "weights, optimizer, gradients")
-    where = "" if mem["device"] == "cpu" else " (host RAM, not the GPU)"
-    t.add_row("loading the student", f"{mem['loading'] / gib:,.2f}", f"its safetensors + the fp32 model{where}")
+    if mem["backward"]:
+        t.add_row("backward", f"{mem['backward'] / gib:,.2f}", "weights, optimizer, gradients, a recomputed layer")
+    where = "" if mem["device"] == "cpu" else " (host RAM of each process, not the GPU)"
+    t.add_row(
+        "loading the models", f"{mem['loading'] / gib:,.2f}", f"a model's file + its weights, and the student's{where}"
+    )
     t.add_row("[bold]peak[/]", f"[bold]{mem['peak'] / gib:,.2f}[/]", mem["peak_moment"])
     if plan["device_memory"] is None:
         t.caption = f"{plan['device']}"

@@ -13,14 +13,18 @@ Per process, S = N under --fsdp with N processes (the shards), else 1; c = 2 byt
     activations       Σ layers (below) + the final norm + bf16 weight copies
     KD loss           chunk buffers + head gradient + hidden-state gradient (kd_loss.py)
 
-The peak is the larger of two moments of a step:
+The peak is the largest of these moments of a step:
 
     end of forward    persistent + activations + KD loss + teacher hidden (+ gradients when
                       the step accumulates over several micro batches)
     optimizer step    persistent + gradients + the optimizer's temporaries
+    backward          with activation checkpointing: persistent + gradients + the layer inputs
+                      kept + one recomputed layer's activations
 
 where persistent = the weights, the optimizer state, the DDP buckets and the validation cache;
-and on the host, loading the student (its safetensors bytes + the fp32 model) may be higher.
+and on the host, loading the models may be higher: the student's safetensors read whole and copied
+into its fp32 model, then beside it the teacher's weights (and, when its file is in another dtype,
+the file's pages: memory-mapped, read and converted).
 """
 
 from __future__ import annotations
@@ -108,19 +112,22 @@ class Row:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The rows, the two moments of a step and the loading peak, per process."""
+    """The rows, the moments of a step and the loading peak, per process."""
 
     rows: tuple[Row, ...]
     end_of_forward: int
     optimizer_step: int
-    loading: int  # host memory while the student loads
+    backward: int  # with checkpointed layers: all gradients while one layer is recomputed (0: none)
+    loading: int  # host memory while the models load
     device: str  # cpu | cuda: on a GPU the loading happens in host memory, not on the device
 
     @property
     def moments(self) -> dict[str, int]:
         moments = {"end of forward": self.end_of_forward, "optimizer step": self.optimizer_step}
+        if self.backward:
+            moments["backward (recomputing a layer)"] = self.backward
         if self.device == "cpu":
-            moments["loading the student"] = self.loading
+            moments["loading the models"] = self.loading
         return moments
 
     @property
@@ -140,6 +147,7 @@ class MemoryPlan:
             "formulas": {r.name: r.formula for r in self.rows},
             "end_of_forward": self.end_of_forward,
             "optimizer_step": self.optimizer_step,
+            "backward": self.backward,
             "loading": self.loading,
             "device": self.device,
             "peak": self.peak,
@@ -161,7 +169,7 @@ def layer_activations(layer: LayerShape, step: StepShape) -> int:
         attention      SDPA's saved state: flash / memory-efficient kernels keep v (N·H·(n+h)·c, a view
                        of the up-projection), the output N·H·h·a and the log-sum-exp N·H·4; the math
                        kernel (CPU, n+p ≠ h: no fused kernel takes unequal head dims) keeps a copy of v
-                       N·H·h·a and the probabilities B·H·T²·a
+                       N·H·h·a (one block: the up-projection it views) and the probabilities B·H·T²·a
 
     a: the attention's dtype (fp32 on CPU, where autocast leaves SDPA in fp32; c on GPU).
     An original (GQA) layer: q N·H·h, k and v N·G·h each, out and log-sum-exp, its linears' inputs.
@@ -178,10 +186,12 @@ def layer_activations(layer: LayerShape, step: StepShape) -> int:
     else:
         total += n_tok * (r + p) * c
     total += 2 * n_tok * H * qk * a
+    nope = qk - p
     if math_attention(layer, step):
-        total += n_tok * H * h * a + step.micro_batch * H * step.seq_len**2 * a
+        # v: a view of the up-projection when one block makes it viewable, else a copy
+        v = n_tok * H * (nope + h) * c if step.micro_batch == 1 else n_tok * H * h * a
+        total += v + step.micro_batch * H * step.seq_len**2 * a
     else:
-        nope = qk - p
         total += n_tok * H * (nope + h) * c + n_tok * H * h * a + n_tok * H * FP32
     return total
 
@@ -205,6 +215,17 @@ def activations(model: ModelSizes, step: StepShape) -> int:
         if step.precision == "bf16":
             total += 2 * layer.linear_weights
     return total
+
+
+def recomputed_layer(model: ModelSizes, step: StepShape) -> int:
+    """With activation checkpointing, the backward pass recomputes one checkpointed layer at a time:
+    the layer inputs kept (k·N·d·4) and the largest such layer's full activations (bf16: + its weight copies)."""
+    k = min(step.checkpointed_layers, len(model.layers))
+    if k == 0:
+        return 0
+    copies = 2 if step.precision == "bf16" else 0
+    full = max(layer_activations(layer, step) + copies * layer.linear_weights for layer in model.layers[:k])
+    return k * step.tokens * model.hidden * FP32 + full
 
 
 def kd_loss_bytes(model: ModelSizes, teacher: ModelSizes, step: StepShape) -> int:
@@ -256,18 +277,29 @@ def fsdp_gathered(model: ModelSizes, teacher: ModelSizes, step: StepShape, t: in
 
 
 def plan_memory(
-    model: ModelSizes, teacher: ModelSizes, step: StepShape, *, stored_bytes: int, runtime: int = 0
+    model: ModelSizes,
+    teacher: ModelSizes,
+    step: StepShape,
+    *,
+    stored_bytes: int,
+    teacher_stored_bytes: int,
+    runtime: int = 0,
 ) -> MemoryPlan:
-    """The memory of one process of the run; `stored_bytes` are the student's safetensors bytes (read
-    whole, then copied into the fp32 model, when it loads), `runtime` what the process holds besides
-    (python, torch, the tokenizer and the data: measured, on CPU)."""
+    """The memory of one process of the run; `stored_bytes` are the student's file bytes (read whole,
+    then copied into the fp32 model), `teacher_stored_bytes` the teacher's file bytes resident beside
+    its weights while it loads, `runtime` what the process holds besides (python, torch, the tokenizer
+    and the data: measured, on CPU)."""
     S, c = step.shards, step.compute_bytes
     t = 2 if step.precision == "bf16" else FP32
     ddp = step.world > 1 and not step.fsdp
     n_tok = step.tokens
     rows = [
         Row("student weights", model.params * FP32 // S, f"P_s {model.params:,} x 4 / {S}"),
-        Row("teacher weights", teacher_bytes(teacher, step, t), f"P_t {teacher.params:,} x {t}"),
+        Row(
+            "teacher weights",
+            teacher_bytes(teacher, step, t),
+            f"P_t {teacher.params:,} x {t}" + (f", its layers / {step.world}" if step.fsdp else ""),
+        ),
         Row("gradients", model.trainable * FP32 // S, f"P_train {model.trainable:,} x 4 / {S}"),
         Row(
             "optimizer state",
@@ -299,5 +331,9 @@ def plan_memory(
     if step.accumulation > 1:
         forward += b["gradients"]
     optimizer = persistent + b["gradients"] + b["optimizer temporaries"]
-    loading = runtime + stored_bytes + model.params * FP32
-    return MemoryPlan(tuple(rows), forward, optimizer, loading, step.device)
+    recompute = recomputed_layer(model, step)
+    backward = persistent + b["gradients"] + recompute if recompute else 0
+    student_loads = stored_bytes + model.params * FP32
+    teacher_loads = model.params * FP32 + teacher_stored_bytes + teacher.params * t
+    loading = runtime + max(student_loads, teacher_loads)
+    return MemoryPlan(tuple(rows), forward, optimizer, backward, loading, step.device)

@@ -74,11 +74,16 @@ def plan_distill(ckpt: str | Path, options: DistillConfig, *, world: int, device
     if cfg.freeze_non_mla:
         freeze_non_mla(student_model)  # the run's own freezing: its error too
     student = model_sizes(student_model)
-    teacher = model_sizes(meta_teacher(cfg.teacher, cfg.allow_pickle))
+    teacher_model, teacher_files = meta_teacher(cfg.teacher, cfg.allow_pickle)
+    teacher = model_sizes(teacher_model)
     step = step_shape(cfg, dev, world, len(student.layers))
     stored = WeightsOnDisk(info.directory, f"checkpoint '{info.path}'").nbytes()
     runtime = process_rss() if dev.type == "cpu" else 0
-    memory = plan_memory(student, teacher, step, stored_bytes=stored, runtime=runtime)
+    teacher_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    teacher_stored = converted_bytes(teacher_files, teacher_dtype, teacher.params)
+    memory = plan_memory(
+        student, teacher, step, stored_bytes=stored, teacher_stored_bytes=teacher_stored, runtime=runtime
+    )
     available, label = device_memory(dev)
     return DistillPlan(info.path, cfg, step, student, teacher, memory, available, label)
 
@@ -122,34 +127,40 @@ def meta_student(info: CheckpointInfo) -> nn.Module:
     return model
 
 
-def meta_teacher(source: str, allow_pickle: bool) -> nn.Module:
-    """The teacher's architecture on the meta device, from its config only (no weights are read)."""
+def meta_teacher(source: str, allow_pickle: bool) -> tuple[nn.Module, Path | None]:
+    """The teacher's architecture on the meta device, from its config only (no weights are read), and
+    the directory of the safetensors it loads from (None: not on this machine yet)."""
     from transformers import AutoModelForCausalLM
 
-    from ..sources import resolve
+    from .. import dequantized
+    from ..sources import load_config, resolve
 
     path = Path(source).expanduser()
     if source != "demo" and not path.exists():
-        config = hub_config(source)
+        config, files = hub_config(source), None
     else:
         resolved = resolve(source, allow_pickle=allow_pickle)
         if resolved.is_checkpoint:
-            return meta_student(read_checkpoint_info(resolved.directory))
-        config = local_config(resolved)
+            return meta_student(read_checkpoint_info(resolved.directory)), resolved.directory
+        files = resolved.directory
+        if resolved.gguf_file:  # loaded from its de-quantized cache, when there is one
+            files = dequantized.cached(resolved.directory / resolved.gguf_file)
+        config = load_hf_config(files, f"'{source}'") if files else load_config(resolved)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config), files
 
 
-def local_config(resolved):
-    """A local source's config: its config.json, or a GGUF file's (its de-quantized cache when there is one)."""
-    from .. import dequantized
-    from ..sources import load_config
-
-    if resolved.gguf_file:
-        cached = dequantized.cached(resolved.directory / resolved.gguf_file)
-        if cached is not None:
-            return load_hf_config(cached, f"'{resolved.source}'")
-    return load_config(resolved)
+def converted_bytes(directory: Path | None, dtype: torch.dtype, params: int) -> int:
+    """The teacher's file bytes resident beside its weights while it loads: its safetensors when they
+    are in another dtype (read, then converted); none when they are already in `dtype` (measured: the
+    loaded weights are then those pages). Not on this machine yet: assume bf16 files (the Hub's usual)."""
+    try:
+        weights = WeightsOnDisk(directory) if directory is not None else None
+    except XecomlaError:
+        weights = None
+    if weights is None:
+        return 0 if dtype == torch.bfloat16 else params * 2
+    return 0 if weights.floating_dtype() == dtype else weights.nbytes()
 
 
 def hub_config(repo_id: str):
