@@ -161,10 +161,13 @@ def run_recipe(name: str, work: Path, res: dict, heldout: Path, prompts: dict, s
         if stage in done and (out / "xecomla.json").exists() and "lambada_ppl" in done[stage]:
             prev = str(out)
             continue
-        print(f"[recipe_curve] {name}/{stage} ...", file=sys.stderr, flush=True)
-        point = {"stage": stage, **run_stage(argv, prev, out)}
-        rec["points"] = [p for p in rec["points"] if p["stage"] != stage] + [point]
-        save()
+        if stage in done and (out / "xecomla.json").exists():
+            point = done[stage]  # trained and timed by an interrupted run: measure it only
+        else:
+            print(f"[recipe_curve] {name}/{stage} ...", file=sys.stderr, flush=True)
+            point = {"stage": stage, **run_stage(argv, prev, out)}
+            rec["points"] = [p for p in rec["points"] if p["stage"] != stage] + [point]
+            save()
         point.update(measure(str(out), heldout, prompts, res["teacher"]))
         brief = {k: v for k, v in point.items() if k not in ("answers", "samples")}
         print(f"[recipe_curve] {name}/{stage}: {json.dumps(brief)}", file=sys.stderr, flush=True)
@@ -205,13 +208,16 @@ def plot(res: dict, path: Path) -> None:
             pts = [p for p in curve(res, name) if key in p]
             if pts:
                 ax.plot([p["cum_cpu_min"] for p in pts], [p[key] for p in pts], marker="o", label=name)
-        teacher = res["teacher"].get(key)
+        teacher = 1.0 if key == "agreement" else res["teacher"].get(key)
         if teacher is not None:
             ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("cumulative CPU-minutes (1 thread)")
         if log:
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.05)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("demo 4x (--kv-rank 64): quality against CPU-minutes, one line per recipe", fontsize=11)
