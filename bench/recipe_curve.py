@@ -175,6 +175,10 @@ def run_recipe(name: str, work: Path, res: dict, heldout: Path, prompts: dict, s
         prev = str(out)
 
 
+def measured_stages(res: dict, name: str) -> list[str]:
+    return [p["stage"] for p in res["recipes"].get(name, {}).get("points", []) if "lambada_ppl" in p]
+
+
 def curve(res: dict, name: str) -> list[dict]:
     """A recipe's points with its parent's before them, cumulative CPU and wall minutes added."""
     parent = parent_of(name) if name in RECIPES else None
@@ -285,8 +289,8 @@ def main() -> None:
             save()
         for name in args.recipes.split(","):
             parent = parent_of(name)
-            if parent and parent[0] not in res["recipes"]:
-                raise SystemExit(f"recipe {name} starts from {parent[0]}: run that first")
+            if parent and parent[1] not in measured_stages(res, parent[0]):
+                raise SystemExit(f"recipe {name} starts from {':'.join(parent)}: run {parent[0]} first")
             run_recipe(name, args.work, res, heldout, prompts, save)
     if args.plot:
         plot(res, args.plot)
