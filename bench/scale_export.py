@@ -1,5 +1,5 @@
 """Wall time, CPU time and peak RSS of `xecomla inspect` and `xecomla export` (hf, gguf) on large random models
-(``bench/scale_model.py``), for one source tree, under ``/usr/bin/time -v``; one JSON line per run.
+(``bench/scale_checkpoint.py``), for one source tree, under ``/usr/bin/time -v``; one JSON line per run.
 
     python bench/scale_export.py --tree /path/to/worktree --label after --model /work/scale-export/l16 \\
         --runs inspect export gguf >> results.jsonl
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, required=True, help="the source tree whose xecomla_cli runs")
     ap.add_argument("--label", required=True)
-    ap.add_argument("--model", type=Path, action="append", required=True, help="a scale_model.py directory")
+    ap.add_argument("--model", type=Path, action="append", required=True, help="a scale_checkpoint.py directory")
     ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=["inspect", "export", "gguf"])
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args()
