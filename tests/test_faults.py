@@ -422,11 +422,17 @@ def test_pickle_weights_load_when_allowed(tiny, tmp_path):
 def test_disk_full_is_one_line_and_leaves_nothing(tiny, student, tmp_path, monkeypatch):
     import huggingface_hub
 
+    from xecomla_cli.weights_writer import ShardedWriter
+
     def full(state, directory, **kw):
         (Path(directory) / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
 
+    def full_shard(self, name, tensor):  # init-svd writes its shards tensor by tensor (weights_writer)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory / self.slots[name].file))
+
     monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full)
+    monkeypatch.setattr(ShardedWriter, "write", full_shard)
     before = tree_hash(tiny, student[0])
     one_line_error(xecomla("init-svd", tiny, "--kv-rank", "8", "-o", tmp_path / "x"), "no space left", "'")
     one_line_error(xecomla("export", student[0], "-o", tmp_path / "hf", "--no-verify"), "no space left")
