@@ -8,9 +8,11 @@ the cores included), and the run's work is counted in FLOPs:
     fold search   each candidate fold: its 1024 tokens through every layer and the output head
     teacher text  2 · (all parameters) per sampled token
 
-each divided by the probe's rate times how much of it that step reaches (``*_EFFICIENCY``, measured
-on this machine's 2 cores: the demo samples at ~200 tokens/s where the probe gives ~40 GFLOP/s, the
-streamed calibration of a Llama-3.2-1B shape ran at ~0.6 of the probe's rate). Memory is counted from
+each divided by the probe's rate times how much of it that step reaches (``*_EFFICIENCY``). The
+calibration's was measured: the 16-layer Llama-3.2-1B-shaped run of
+``docs/results/2026-12-07-streamed-init.md`` did 14 layers' calibration FLOPs at 0.8 of the rate its
+probe gave (on a shared, loaded machine). Sampling's is an assumption, not a measurement: batches of
+32 tokens a step reach less of a matrix product's rate, taken as a quarter. Memory is counted from
 the shapes: one decoder layer in fp32 (and its copy as read), the embedding table as stored, the
 calibration hidden states and one layer's statistics; sampling teacher text needs the whole model
 (bf16, and the sampler's fp32 copy: 6 bytes a parameter).
@@ -28,8 +30,8 @@ from ..weights_on_disk import WeightsOnDisk
 from .convert import FREQFOLD_SEARCH_TOKENS
 from .freqfold import fold_candidates
 
-CALIB_EFFICIENCY = 0.6  # the calibration pass's FLOP/s over the probe's
-SAMPLING_EFFICIENCY = 0.25  # teacher sampling's (batch 32, a token at a time) over the probe's
+CALIB_EFFICIENCY = 0.8  # the calibration pass's FLOP/s over the probe's (measured, see above)
+SAMPLING_EFFICIENCY = 0.25  # teacher sampling's (batch 32, a token at a time) over the probe's (assumed)
 LONG_SECONDS = 60  # the line is printed for runs expected to take longer (teacher sampling included)
 BASE_BYTES = 600 * 2**20  # Python, torch and transformers themselves
 BIG_MODEL = 1e9  # parameters above which sampling teacher text on a CPU deserves a word
