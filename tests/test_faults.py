@@ -422,6 +422,7 @@ def test_pickle_weights_load_when_allowed(tiny, tmp_path):
 def test_disk_full_is_one_line_and_leaves_nothing(tiny, student, tmp_path, monkeypatch):
     import huggingface_hub
 
+    from xecomla_cli.export import shards
     from xecomla_cli.weights_writer import ShardedWriter
 
     def full(state, directory, **kw):
@@ -433,6 +434,11 @@ def test_disk_full_is_one_line_and_leaves_nothing(tiny, student, tmp_path, monke
 
     monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full)
     monkeypatch.setattr(ShardedWriter, "write", full_shard)
+
+    def full_export_shard(entries, dtype):  # export writes its shards header first, tensor by tensor
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
+
+    monkeypatch.setattr(shards, "_header", full_export_shard)
     before = tree_hash(tiny, student[0])
     one_line_error(xecomla("init-svd", tiny, "--kv-rank", "8", "-o", tmp_path / "x"), "no space left", "'")
     one_line_error(xecomla("export", student[0], "-o", tmp_path / "hf", "--no-verify"), "no space left")
