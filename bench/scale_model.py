@@ -10,39 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        intermediate_size=8192,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-}
-ROPE = {  # Llama 3.x's scaling; the factor per shape (32 for 3.2-1B, 8 for 3.1-8B)
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import real_configs  # noqa: E402
+
+SHAPES = ("llama-3.2-1b", "llama-3.1-8b")  # bench/real_configs.py
 SHARD_BYTES = 2 << 30
 
 
@@ -90,15 +67,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--tokenizer", type=Path, default=None, help="a directory with tokenizer files (default: demo's)")
     args = ap.parse_args()
-    c = dict(SHAPES[args.shape])
-    if args.layers:
-        c["num_hidden_layers"] = args.layers
-    rope = dict(ROPE, factor=32.0 if args.shape == "llama-3.2-1b" else 8.0)
+    c = real_configs.fields(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
     config = LlamaConfig(
         **c,
         rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        rope_parameters=rope,
         dtype="bfloat16",
         bos_token_id=1,
         eos_token_id=2,
