@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import real_configs  # noqa: E402
 
 SHAPES = {
     # Llama-3.2-1B's config (tied embeddings) and Llama-3.1-8B's (untied).
@@ -25,14 +30,6 @@ SHAPES = {
     "llama-3.1-8b": dict(
         hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, inter=14336, vocab=128256, tied=False
     ),
-}
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
 }
 
 
@@ -46,7 +43,7 @@ def demo_tokenizer_dir() -> Path:
 
 
 def llama_config(s: dict, rope: str) -> dict:
-    params = dict(LLAMA3_ROPE) if rope == "llama3" else {"rope_type": "default", "rope_theta": 500000.0}
+    params = dict(real_configs.LLAMA3_ROPE) if rope == "llama3" else dict(real_configs.DEFAULT_ROPE_500K)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
