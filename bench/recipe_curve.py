@@ -44,6 +44,7 @@ CURVE_KEYS = ("stage", "cum_cpu_min", "cum_wall_min", "lambada_ppl", "heldout_pp
 LOCAL16 = ["distill", "{prev}", "--local", "--data", "teacher", "--tokens", "16k", "--local-inputs", "student"]
 KD32 = ["distill", "{prev}", "--data", "teacher", "--tokens", "32k", "--lr", "5e-5"]
 INIT = ["init-svd", "demo", "--kv-rank", "64"]
+ONPOL_1E4 = ["distill", "{prev}", "--on-policy", "--prompts", "64", "--lr", "1e-4"]
 RECIPES: dict[str, dict] = {
     "baseline": {
         "about": "make demo (2026-12-07): init-svd, --local 16k (4 epochs), KD 32k at lr 5e-5",
@@ -52,17 +53,70 @@ RECIPES: dict[str, dict] = {
     "onpol-1e-4": {
         "about": "baseline, then on-policy distillation (reverse KL, 64 prompts, 8 steps) at lr 1e-4",
         "from": "baseline:kd32k",
-        "stages": [("onpol", ["distill", "{prev}", "--on-policy", "--prompts", "64", "--lr", "1e-4"])],
+        "stages": [("onpol", ONPOL_1E4)],
     },
     "onpol-3e-4": {
         "about": "baseline, then on-policy distillation (reverse KL, 64 prompts, 8 steps) at lr 3e-4",
         "from": "baseline:kd32k",
         "stages": [("onpol", ["distill", "{prev}", "--on-policy", "--prompts", "64", "--lr", "3e-4"])],
     },
+    "seqkd-0.5": {
+        "about": "baseline's init and --local, then KD 32k on a mix: half the blocks the teacher's greedy answers "
+        "(sequence-level KD, --greedy-answers 0.5), half answers sampled at temperature 1.0",
+        "from": "baseline:local16k",
+        "stages": [("kd32k-greedy0.5", [*KD32, "--greedy-answers", "0.5"])],
+    },
+    "seqkd-1.0": {
+        "about": "baseline's init and --local, then KD 32k on the teacher's greedy answers only (--greedy-answers 1)",
+        "from": "baseline:local16k",
+        "stages": [("kd32k-greedy1", [*KD32, "--greedy-answers", "1"])],
+    },
+    "kd-bs2": {
+        "about": "baseline's init and --local, then KD 32k in batches of 2 blocks (32 steps instead of 8), lr 5e-5",
+        "from": "baseline:local16k",
+        "stages": [("kd32k-bs2", [*KD32, "--batch-size", "2"])],
+    },
+    "kd-bs2-1e-4": {
+        "about": "baseline's init and --local, then KD 32k in batches of 2 blocks (32 steps) at lr 1e-4",
+        "from": "baseline:local16k",
+        "stages": [
+            (
+                "kd32k-bs2-1e-4",
+                ["distill", "{prev}", "--data", "teacher", "--tokens", "32k", "--lr", "1e-4", "--batch-size", "2"],
+            )
+        ],
+    },
+    "onpol-mid": {
+        "about": "on-policy distillation (reverse KL, 64 prompts, 8 steps, lr 1e-4) between --local and KD 32k",
+        "from": "baseline:local16k",
+        "stages": [("onpol", ONPOL_1E4), ("kd32k", KD32)],
+    },
+    "onpol-jsd": {
+        "about": "baseline, then on-policy distillation with JSD (64 prompts, 8 steps, lr 1e-4)",
+        "from": "baseline:kd32k",
+        "stages": [("onpol-jsd", [*ONPOL_1E4, "--divergence", "jsd"])],
+    },
     "local-8ep": {
         "about": "baseline with --local at 8 epochs (16k tokens), then KD 32k at lr 5e-5",
         "from": "baseline:init",
         "stages": [("local16k-8ep", [*LOCAL16, "--local-epochs", "8"]), ("kd32k", KD32)],
+    },
+    "transmla": {
+        "about": "TransMLA's preset (freqfold+bkv) calibrated on the demo's Shakespeare, then the baseline's steps",
+        "stages": [
+            ("init", ["init-svd", "demo", "--kv-rank", "64", "--method", "transmla", "--calib-data", "shakespeare"]),
+            ("local16k", LOCAL16),
+            ("kd32k", KD32),
+        ],
+    },
+    "calib-mix": {
+        "about": "the default init calibrated on a mix (--calib-data teacher+shakespeare: 4,096 tokens of the "
+        "model's chat text, 4,096 of the plays), then the baseline's steps",
+        "stages": [
+            ("init", [*INIT, "--calib-data", "teacher+shakespeare"]),
+            ("local16k", LOCAL16),
+            ("kd32k", KD32),
+        ],
     },
     "rope-span16": {
         "about": "baseline with init-svd --rope-span 16",

@@ -18,6 +18,10 @@ for prompt in prompts:
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"]
-    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    # an explicit all-ones mask: one inferred from the pad token would hide the prompt's own special tokens
+    # (this tokenizer's EOS is <|im_start|>, and the pad may be <|im_end|>), and the chat headers with them
+    mask = torch.ones_like(ids)
+    pad = tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=pad)
     reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     print(f"  {prompt!r} -> {reply!r}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -232,3 +233,56 @@ def test_teacher_samples_cache_under_the_private_cache(private_cache):
     model, tokenizer = make_model("llama"), make_tokenizer()
     teacher_samples(model, tokenizer, 2, 8, batch_size=2, seed=11, chat=False)
     assert list((private_cache / "teacher-text").glob("plain-*.safetensors"))
+
+
+def test_greedy_answers_are_the_teachers_own(tokenizer):
+    """answer_temperature=0: each answer is what greedy generate gives the sampled question (seq-level KD)."""
+    from conftest import make_model
+
+    from xecomla_cli.text import teacher as teacher_text
+
+    model = make_model("llama").eval()
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(3)
+    for conv in teacher_text.chat_conversations(model, tokenizer, 2, 1.0, gen, answer_temperature=0.0):
+        cut = tokenizer.decode(conv).index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+        start = tokenizer(tokenizer.decode(conv)[:cut], add_special_tokens=False)["input_ids"]
+        answer = conv[len(start) : len(conv) - len(newline)]
+        x = torch.tensor([start])
+        want = model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=len(answer), pad_token_id=0
+        )
+        assert answer == want[0, len(start) :].tolist()
+
+
+def test_greedy_answer_blocks_mix_into_training_only(tokenizer, monkeypatch):
+    """--greedy-answers f: f of the training blocks from a second sample (own seed, greedy answers);
+    validation is always the first sample's; a text source or a plain teacher is refused."""
+    from pathlib import Path
+
+    from xecomla_cli.distill import DistillConfig, resolve_config
+    from xecomla_cli.distill import data as data_mod
+    from xecomla_cli.distill.dist import Dist
+
+    calls = []
+
+    def fake_samples(model, tok, n, seq_len, *, seed, answer_temperature, **kw):
+        calls.append((n, seed, answer_temperature))
+        return torch.full((n, seq_len), 0 if answer_temperature is None else 1)
+
+    monkeypatch.setattr(data_mod, "teacher_samples", fake_samples)
+    opts = DistillConfig(data="teacher", tokens=1024, seq_len=32, batch_size=4, val_tokens=64, greedy_answers=0.25)
+    cfg = resolve_config(opts, student_source="s", device=torch.device("cpu"))
+    got = data_mod.sample_teacher_data(cfg, tokenizer, None, Dist())
+    n_train = cfg.budget_blocks
+    assert calls[0] == (n_train + 2 - n_train // 4, 0, None) and calls[1][1:] == (data_mod.round_seed(0, -1), 0.0)
+    assert got.train.shape[0] == n_train and int(got.train[:, 0].sum()) == n_train // 4
+    assert int(got.val.sum()) == 0 and "greedy" in got.source
+    log = lambda _m: None  # noqa: E731
+    with pytest.raises(XecomlaError, match="--greedy-answers needs --data teacher"):
+        data_mod.prepare_data(
+            resolve_config(dataclasses.replace(opts, data="demo"), student_source="s", device=torch.device("cpu")),
+            tokenizer, None, Dist(), Path("/nonexistent/data.safetensors"), log,
+        )  # fmt: skip
+    with pytest.raises(XecomlaError, match="give 0 to 1"):
+        resolve_config(dataclasses.replace(opts, greedy_answers=1.5), student_source="s", device=torch.device("cpu"))

@@ -20,7 +20,12 @@ from xecomla_cli.init.shared_key import head_rotation, shared_key_fit
 from xecomla_cli.init.stats import LayerStats, attention_stats, layer_stats
 from xecomla_cli.layerwise import LayerRunner
 from xecomla_cli.mla.rope import apply_rope, rope_cos_sin
-from xecomla_cli.text.calibration import calibration_documents, calibration_ids, teacher_calibration_ids
+from xecomla_cli.text.calibration import (
+    calibration_documents,
+    calibration_ids,
+    calibration_parts,
+    teacher_calibration_ids,
+)
 from xecomla_cli.text.teacher import teacher_samples
 
 
@@ -304,6 +309,11 @@ def test_calibration_texts_and_ids(tmp_path):
     with pytest.raises(XecomlaError):
         calibration_ids(tok, tmp_path / "a.txt", tokens=5000, seq_len=5000)
     assert torch.equal(calibration_ids(tok, "shakespeare", tokens=256, seq_len=128), default)
+    assert calibration_parts("teacher+shakespeare") == ["teacher", "shakespeare"]
+    (tmp_path / "x+y.txt").write_text("a file whose name has a plus")
+    assert calibration_parts(str(tmp_path / "x+y.txt")) == [str(tmp_path / "x+y.txt")]
+    with pytest.raises(XecomlaError, match="join sources with one"):
+        calibration_parts("teacher++shakespeare")
 
 
 def test_teacher_calibration_is_the_models_own_text_apart_from_distills():

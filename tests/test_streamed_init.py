@@ -50,10 +50,13 @@ def in_memory_init(source: str, opts: InitOptions):
     calib = None
     if opts.calibrates or spec.biases_folded:
         data = opts.calib_data or DEFAULT_CALIB_DATA
-        if data == TEACHER:
-            calib = teacher_calibration_ids(model, loaded.tokenizer, opts.calib_tokens)
-        else:
-            calib = calibration_ids(loaded.tokenizer, data, opts.calib_tokens)
+        parts = [TEACHER, data[len(TEACHER) + 1 :]] if data.startswith(f"{TEACHER}+") else [data]  # the tests' mix
+        share = opts.calib_tokens // len(parts)
+        calib = torch.cat([
+            teacher_calibration_ids(model, loaded.tokenizer, share) if part == TEACHER
+            else calibration_ids(loaded.tokenizer, part, share)
+            for part in parts
+        ])  # fmt: skip
         spec = replace(spec, calibration={"data": data, "tokens": calib.numel()})
     spec = convert_model(model, spec, cfg, calib)
     if opts.dtype not in ("auto", "float32"):
@@ -108,6 +111,20 @@ def test_a_file_of_calibration_text_gives_the_same_checkpoint(tiny_model_dir, tm
     opts = InitOptions(output=tmp_path / "ck", kv_rank=8, calib_data=str(text), calib_tokens=256)
     path = run_init(src, opts)
     assert_same_checkpoint(path, *in_memory_init(src, opts))
+
+
+def test_a_calibration_mix_shares_the_tokens(tiny_model_dir, tmp_path):
+    """--calib-data teacher+FILE: half the tokens sampled from the model, half from the file, in that order."""
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join([TEXT * 8] * 6))
+    src = str(tiny_model_dir("llama"))
+    opts = InitOptions(output=tmp_path / "mix", kv_rank=8, calib_data=f"teacher+{text}", calib_tokens=256)
+    path = run_init(src, opts)
+    assert read_meta(path)["mla"]["calibration"] == {"data": f"teacher+{text}", "tokens": 256}
+    assert_same_checkpoint(path, *in_memory_init(src, opts))
+    alone = run_init(src, replace(opts, output=tmp_path / "file", calib_data=str(text)))
+    assert not torch.equal(read_weights(alone)["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+                           read_weights(path)["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])  # fmt: skip
 
 
 def test_a_bf16_source_gives_a_bf16_checkpoint(tmp_path):

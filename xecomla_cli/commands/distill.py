@@ -32,7 +32,9 @@ from .display import emit
 KD, LOCAL, DPO, ON_POLICY = "global KD", "--local", "--dpo", "--on-policy"
 OPTIMIZER = (KD, DPO, ON_POLICY)  # a full-model AdamW run
 OPTION_MODES = {  # the options a mode uses; the others (teacher, steps, batch size, seed, ...) are everyone's
-    **dict.fromkeys(("tokens", "data", "seq_len", "val_tokens", "allow_pickle", "sample_temperature"), (KD, LOCAL)),
+    **dict.fromkeys(
+        ("tokens", "data", "seq_len", "val_tokens", "allow_pickle", "sample_temperature", "greedy_answers"), (KD, LOCAL)
+    ),
     **dict.fromkeys(("micro_batch", "lr", "warmup", "weight_decay", "clip", "save_every", "resume"), OPTIMIZER),
     **dict.fromkeys(
         (
@@ -114,6 +116,15 @@ def distill_command(
     sample_temperature: Annotated[
         float, mode_option("--sample-temperature", "temperature of the teacher's sampling with --data teacher.")
     ] = D.sample_temperature,
+    greedy_answers: Annotated[
+        float,
+        mode_option(
+            "--greedy-answers",
+            "with --data teacher (a chat teacher): this fraction of the training blocks holds the teacher's greedy "
+            "answers to its sampled questions (sequence-level KD); the rest, and validation, answers sampled at "
+            "--sample-temperature.",
+        ),
+    ] = D.greedy_answers,
     batch_size: Annotated[
         int,
         typer.Option(
@@ -223,7 +234,8 @@ def distill_command(
     check_mode(ctx, mode)
     args = DistillArgs(
         teacher=teacher, data=data, tokens=tokens, steps=steps, seq_len=seq_len,
-        sample_temperature=sample_temperature, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+        sample_temperature=sample_temperature, greedy_answers=greedy_answers, batch_size=batch_size,
+        micro_batch=micro_batch, lr=lr,
         warmup=warmup, weight_decay=weight_decay, clip=clip, temperature=temperature, ce_weight=ce_weight,
         freeze_non_mla=freeze_non_mla, grad_checkpointing=grad_checkpointing, checkpoint_layers=checkpoint_layers,
         save_every=save_every, eval_every=eval_every, log_every=log_every, val_tokens=val_tokens, fsdp=fsdp,
@@ -259,6 +271,7 @@ class DistillArgs:
     steps: int | None
     seq_len: int
     sample_temperature: float
+    greedy_answers: float
     batch_size: int
     micro_batch: int | None
     lr: float
@@ -298,7 +311,8 @@ def kd_config(a: DistillArgs) -> DistillConfig:
 
     return DistillConfig(
         teacher=a.teacher, data=a.data, tokens=parse_count(a.tokens, "--tokens"), steps=a.steps, seq_len=a.seq_len,
-        sample_temperature=a.sample_temperature, batch_size=a.batch_size, micro_batch=a.micro_batch, lr=a.lr,
+        sample_temperature=a.sample_temperature, greedy_answers=a.greedy_answers, batch_size=a.batch_size,
+        micro_batch=a.micro_batch, lr=a.lr,
         warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, temperature=a.temperature, ce_weight=a.ce_weight,
         freeze_non_mla=a.freeze_non_mla, grad_checkpointing=a.grad_checkpointing,
         checkpoint_layers=a.checkpoint_layers, precision=a.precision.value, device=a.device, fsdp=a.fsdp,

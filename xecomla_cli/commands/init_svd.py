@@ -81,7 +81,8 @@ def init_svd_command(
             "--calib-data",
             help="Calibration text for data-aware methods and the latent norm: 'teacher' (text the model "
             "samples itself, cached), 'shakespeare' (a slice of the bundled public-domain plays), or a .txt, "
-            f".jsonl file or a directory (default: {DEFAULT_CALIB_DATA}).",
+            ".jsonl file or a directory; sources joined by '+' share the tokens evenly (teacher+shakespeare) "
+            f"(default: {DEFAULT_CALIB_DATA}).",
         ),
     ] = None,
     rope_frequencies: Annotated[

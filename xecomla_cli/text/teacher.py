@@ -62,9 +62,13 @@ def default_cache_dir() -> Path:
     return cache_root() / "teacher-text"
 
 
-def chat_conversations(model, tokenizer, batch: int, temperature: float, generator=None) -> list[list[int]]:
+def chat_conversations(
+    model, tokenizer, batch: int, temperature: float, generator=None, answer_temperature: float | None = None
+) -> list[list[int]]:
     """``batch`` conversations (token ids, in the chat template) written by the teacher: a user
-    message sampled after the user header, then the assistant's answer to it."""
+    message sampled after the user header at ``temperature``, then the assistant's answer to it at
+    ``answer_temperature`` (default: the same; 0: greedy, the teacher's own answer, as in
+    sequence-level KD)."""
     device = next(model.parameters()).device
     stop = stop_ids(tokenizer)
     header = tokenizer(user_header(tokenizer), add_special_tokens=False)["input_ids"]
@@ -79,7 +83,8 @@ def chat_conversations(model, tokenizer, batch: int, temperature: float, generat
     ]
     starts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
     ids, mask = left_pad(starts, stop[0], device)
-    answers = sample(model, ids, mask, ANSWER_TOKENS, stop, temperature, generator=generator).cpu()
+    answer_t = temperature if answer_temperature is None else answer_temperature
+    answers = sample(model, ids, mask, ANSWER_TOKENS, stop, answer_t, generator=generator).cpu()
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     return [s + trim_at_stop(a, stop) + newline for s, a in zip(starts, answers, strict=True)]
 
@@ -95,7 +100,9 @@ def plain_samples(model, tokenizer, batch: int, seq_len: int, temperature: float
     return rows.cpu().tolist()
 
 
-def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int, batch_size: int = 16) -> str:
+def cache_key(
+    model, kind: str, seq_len: int, temperature: float, seed: int, batch_size: int = 16, answer_temperature=None
+) -> str:
     """A key for the cache: the teacher's weights as text is sampled from them (rounded to bf16, so
     the same for any load dtype, file format or path), and the sampling settings (the batch size
     too: the rows of a batch share one stream of draws).
@@ -111,6 +118,8 @@ def cache_key(model, kind: str, seq_len: int, temperature: float, seed: int, bat
         h.update(json.dumps([name, list(p.shape), step]).encode())
         h.update(flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     settings = [CACHE_VERSION, kind, seq_len, float(temperature), seed, batch_size, model.config.vocab_size]
+    if answer_temperature is not None:  # answers at their own temperature (keys of the others unchanged)
+        settings.append(float(answer_temperature))
     h.update(json.dumps(settings).encode())
     return h.hexdigest()[:20]
 
@@ -150,15 +159,19 @@ def teacher_samples(
     temperature: float = 1.0,
     seed: int = 0,
     chat: bool | None = None,
+    answer_temperature: float | None = None,
     cache_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """(n_blocks, seq_len) token ids sampled from ``model``: chat turns when the tokenizer has a
-    chat template (``chat=None``), else plain text. Deterministic for the settings on a device,
-    whatever was asked before (rounds, above); cached."""
+    chat template (``chat=None``), else plain text. Chat answers at ``answer_temperature`` (default:
+    ``temperature``; 0: greedy). Deterministic for the settings on a device, whatever was asked
+    before (rounds, above); cached."""
     chat = has_chat_template(tokenizer) if chat is None else chat
     kind = "chat" if chat else "plain"
-    key = cache_key(model, kind, seq_len, temperature, seed, batch_size)
+    if answer_temperature is not None and not chat:
+        raise XecomlaError("answers at their own temperature need a teacher with a chat template")
+    key = cache_key(model, kind, seq_len, temperature, seed, batch_size, answer_temperature)
     cached = (Path(cache_dir or default_cache_dir()) / f"{kind}-{key}").with_suffix(".safetensors")
     blocks, rounds = _read_cache(cached, seq_len)
     if blocks.shape[0] < n_blocks:
@@ -171,7 +184,8 @@ def teacher_samples(
                 blocks, rounds = on_disk
                 continue
             generator = torch.Generator().manual_seed(round_seed(seed, rounds))
-            rows = _sample_round(sampler, tokenizer, seq_len, batch_size, temperature, chat, generator)
+            temperatures = (temperature, answer_temperature)
+            rows = _sample_round(sampler, tokenizer, seq_len, batch_size, temperatures, chat, generator)
             blocks, rounds = torch.cat([blocks, torch.tensor(rows, dtype=torch.int64)]), rounds + 1
             _write_cache(cached, blocks, rounds)
             if progress is not None:
@@ -214,13 +228,15 @@ def _write_cache(path: Path, blocks: torch.Tensor, rounds: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _sample_round(model, tokenizer, seq_len, batch_size, temperature, chat, generator) -> list[list[int]]:
+def _sample_round(model, tokenizer, seq_len, batch_size, temperatures, chat, generator) -> list[list[int]]:
     """One round's blocks: ``batch_size`` plain rows, or whole conversations (in batches) until they
-    fill at least one block of ``seq_len``; the tail after the last whole block is dropped."""
+    fill at least one block of ``seq_len``; the tail after the last whole block is dropped.
+    ``temperatures``: (the text's or user messages', the answers' or None for the same)."""
+    temperature, answer_temperature = temperatures
     if not chat:
         return plain_samples(model, tokenizer, batch_size, seq_len, temperature, generator)
     stream: list[int] = []
     while len(stream) < seq_len:
-        for conv in chat_conversations(model, tokenizer, batch_size, temperature, generator):
+        for conv in chat_conversations(model, tokenizer, batch_size, temperature, generator, answer_temperature):
             stream += conv
     return [stream[k : k + seq_len] for k in range(0, len(stream) - seq_len + 1, seq_len)]
