@@ -199,6 +199,8 @@ def stage_dir(work: Path, recipe: str, stage: str) -> Path:
 
 
 def parent_of(name: str) -> tuple[str, str] | None:
+    if name not in RECIPES:  # an adopted run (--adopt-demo)
+        return None
     src = RECIPES[name].get("from")
     return tuple(src.split(":")) if src else None  # type: ignore[return-value]
 
@@ -229,13 +231,35 @@ def run_recipe(name: str, work: Path, res: dict, heldout: Path, prompts: dict, s
         prev = str(out)
 
 
+DEMO_STAGES = (("init", "init-r64"), ("local", "local-r64"), ("kd", "distill-r64"))  # examples/demo.sh's outputs
+
+
+def adopt_demo(demo_dir: Path, name: str, res: dict, heldout: Path, prompts: dict, save) -> None:
+    """`make demo`'s own checkpoints as the points of recipe `name`: each step's wall and CPU time from
+    the time-STEP.txt that examples/demo.sh writes beside it (/usr/bin/time: wall, user, sys seconds)."""
+    rec = res["recipes"][name] = {"about": f"make demo's steps 2-4 ({demo_dir})", "from": None, "points": []}
+    for stage, sub in DEMO_STAGES:
+        wall, user, sys_s = (float(x) for x in (demo_dir / f"time-{stage}.txt").read_text().split()[-3:])
+        point = {
+            "stage": stage,
+            "command": json.loads((demo_dir / sub / "xecomla.json").read_text()).get("command"),
+            "cpu_min": round((user + sys_s) / 60, 2),
+            "wall_min": round(wall / 60, 2),
+            "threads": "2 (make demo)",
+        }
+        point.update(measure(str(demo_dir / sub), heldout, prompts, res["teacher"]))
+        rec["points"].append(point)
+        print(f"[recipe_curve] {name}/{stage}: LAMBADA {point['lambada_ppl']:.2f}", file=sys.stderr, flush=True)
+        save()
+
+
 def measured_stages(res: dict, name: str) -> list[str]:
     return [p["stage"] for p in res["recipes"].get(name, {}).get("points", []) if "lambada_ppl" in p]
 
 
 def curve(res: dict, name: str) -> list[dict]:
     """A recipe's points with its parent's before them, cumulative CPU and wall minutes added."""
-    parent = parent_of(name) if name in RECIPES else None
+    parent = parent_of(name)
     points = []
     if parent:
         base = curve(res, parent[0])
@@ -295,7 +319,8 @@ def table(res: dict) -> str:
         f"| {t['readme_loop_rate']:.2f} |",
     ]
     for name in res["recipes"]:
-        for p in curve(res, name):
+        own = len(res["recipes"][name]["points"])  # a recipe's parent points are its parent's rows
+        for p in curve(res, name)[-own:]:
             if "lambada_ppl" not in p:
                 continue
             rows.append(
@@ -314,6 +339,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write the PNG here")
     ap.add_argument("--plot-only", action="store_true", help="only redraw --plot (and print --table) from --out")
     ap.add_argument("--table", action="store_true", help="print the curves as a markdown table")
+    ap.add_argument("--adopt-demo", type=Path, help="measure make demo's checkpoints in this DEMO_DIR as a recipe")
+    ap.add_argument("--adopt-name", default="make-demo", help="the recipe name of --adopt-demo's points")
     args = ap.parse_args()
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     if not args.plot_only:
@@ -341,7 +368,9 @@ def main() -> None:
             print("[recipe_curve] teacher ...", file=sys.stderr, flush=True)
             res["teacher"] = measure("demo", heldout, prompts, None)
             save()
-        for name in args.recipes.split(","):
+        if args.adopt_demo:
+            adopt_demo(args.adopt_demo, args.adopt_name, res, heldout, prompts, save)
+        for name in args.recipes.split(",") if args.recipes else []:
             parent = parent_of(name)
             if parent and parent[1] not in measured_stages(res, parent[0]):
                 raise SystemExit(f"recipe {name} starts from {':'.join(parent)}: run {parent[0]} first")

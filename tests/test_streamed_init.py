@@ -207,3 +207,15 @@ def test_the_cost_is_said_before_a_long_run(tiny_model_dir, tmp_path, monkeypatc
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "GFLOP/s" in lines[0] and "peak of" in lines[0] and "samples 256 tokens" in lines[0]
     assert "--calib-data FILE" in lines[0]
+
+
+def test_teacher_calibration_that_cannot_fit_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    """--calib-data teacher loads the whole model to sample: with too little RAM free, one line, nothing written."""
+    import xecomla_cli.init.estimate as estimate
+
+    monkeypatch.setattr(estimate, "mem_available", lambda: 100 * 2**20)  # 100 MiB free
+    src = str(tiny_model_dir("llama"))
+    with pytest.raises(XecomlaError, match="samples text from the whole model.*--calib-data FILE"):
+        run_init(src, InitOptions(kv_rank=8, output=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    run_init(src, InitOptions(kv_rank=8, output=tmp_path / "file", calib_data="shakespeare", calib_tokens=256))

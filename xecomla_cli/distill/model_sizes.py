@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointInfo, build_model, read_checkpoint_info
 from ..errors import XecomlaError
+from ..host_memory import mem_available
 from ..loaded import load_hf_config, parse_device
 from ..mla.attention import MLAAttention
 from ..mla.spec import attention_shape
@@ -231,12 +232,3 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
         return props.total_memory, f"cuda: {props.name}"
     available = mem_available()
     return available, "cpu: RAM available now"
-
-
-def mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else None."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None

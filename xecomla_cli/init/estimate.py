@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from ..errors import XecomlaError
+from ..host_memory import mem_available
 from ..mla.spec import attention_shape
 from ..text.calibration import DEFAULT_SEQ_LEN, TEACHER, calibration_parts, teacher_blocks
 from ..weights_on_disk import WeightsOnDisk
@@ -35,6 +37,21 @@ SAMPLING_EFFICIENCY = 0.25  # teacher sampling's (batch 32, a token at a time) o
 LONG_SECONDS = 60  # the line is printed for runs expected to take longer (teacher sampling included)
 BASE_BYTES = 600 * 2**20  # Python, torch and transformers themselves
 BIG_MODEL = 1e9  # parameters above which sampling teacher text on a CPU deserves a word
+SAMPLING_BYTES = 6  # a parameter while teacher text is sampled: bf16 as loaded + the sampler's fp32 copy
+
+
+def check_sampling_fits(weights: WeightsOnDisk, device: torch.device, available: int | None = None) -> None:
+    """``--calib-data teacher`` loads the whole model to sample its text: refused before loading, on a
+    CPU, when that cannot fit in the memory free now (``available``: MemAvailable by default)."""
+    if device.type != "cpu":
+        return
+    available = mem_available() if available is None else available
+    need = BASE_BYTES + SAMPLING_BYTES * sum(weights.numel(n) for n in weights.names)
+    if available is not None and need > available:
+        raise XecomlaError(
+            f"--calib-data teacher samples text from the whole model, ~{gb(need)} here with {gb(available)} free: "
+            "pass --calib-data FILE (a .txt or .jsonl of your own text) or --calib-data shakespeare"
+        )
 
 
 def probe_rate(width: int, device: torch.device) -> float:
@@ -102,10 +119,11 @@ def estimate_line(
         share = opts.calib_tokens // len(parts)
         sampled = teacher_blocks(share) * min(DEFAULT_SEQ_LEN, share)
         per_s = rate * SAMPLING_EFFICIENCY / (2 * params)
+        memory = gb(SAMPLING_BYTES * params)
         seconds += sampled / per_s
         line += (
             f"; --calib-data teacher samples {sampled:,} tokens from the model itself unless cached "
-            f"(~{duration(sampled / per_s)} at ~{per_s:.0f} tokens/s, the whole model in memory: ~{gb(6 * params)})"
+            f"(~{duration(sampled / per_s)} at ~{per_s:.0f} tokens/s, the whole model in memory: ~{memory})"
         )
         if params > BIG_MODEL and dev.type == "cpu":
             line += ": on a CPU pass --calib-data FILE (a .txt or .jsonl of your own text) instead"

@@ -34,7 +34,7 @@ from ..text.calibration import (
 )
 from ..weights_on_disk import WeightsOnDisk
 from .convert import calibration_steps
-from .estimate import estimate_line
+from .estimate import check_sampling_fits, estimate_line
 from .latent import budget_ranks
 from .latent_norm import data_rank_spec
 from .layer_source import SourceModel
@@ -176,6 +176,8 @@ def _convert_and_save(source: str, opts: InitOptions, out: Path, start: float, p
     calib_ids = None
     if data is not None:
         parts = calibration_parts(data)  # a mix ('teacher+shakespeare'): the tokens shared evenly
+        if TEACHER in parts:
+            check_sampling_fits(weights, device)  # before the whole model is loaded to sample from it
         share = opts.calib_tokens // len(parts)
         calib_ids = torch.cat([
             sampled_calibration(src, share, progress, status) if part == TEACHER
