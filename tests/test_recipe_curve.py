@@ -70,3 +70,28 @@ def test_greedy_answers_see_the_whole_prompt_when_eos_is_a_chat_header():
     hidden = (seq != tok.eos_token_id).long()
     with torch.no_grad():
         assert not torch.allclose(model(seq).logits[0, -1], model(seq, attention_mask=hidden).logits[0, -1])
+
+
+def test_curves_add_up_minutes_from_the_parent_and_adopted_runs_stand_alone():
+    """A recipe's cumulative minutes start from its parent's stage; an adopted run (--adopt-demo, no
+    RECIPES entry) is a line of its own; the table lists each recipe's own points once."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import recipe_curve as rc
+
+    point = {"lambada_ppl": 1.0, "heldout_ppl": 1.0, "agreement": 0.5, "loop_rate": 0.0, "readme_loop_rate": 0.0}
+    res = {
+        "teacher": {**point, "loop_rate": 0.03},
+        "recipes": {
+            "baseline": {"points": [{"stage": s, "cpu_min": 1.0, "wall_min": 2.0, **point} for s in
+                                    ("init", "local16k", "kd32k")]},
+            "seqkd-0.5": {"points": [{"stage": "kd32k-greedy0.5", "cpu_min": 5.0, "wall_min": 5.0, **point}]},
+            "make-demo": {"points": [{"stage": "init", "cpu_min": 3.0, "wall_min": 1.0, **point}]},
+        },
+    }  # fmt: skip
+    assert [p["cum_cpu_min"] for p in rc.curve(res, "seqkd-0.5")] == [1.0, 2.0, 7.0]  # from baseline:local16k
+    assert [p["cum_cpu_min"] for p in rc.curve(res, "make-demo")] == [3.0]
+    rows = rc.table(res).splitlines()
+    assert len(rows) == 3 + 3 + 1 + 1 and sum("seqkd-0.5" in r for r in rows) == 1
