@@ -175,6 +175,8 @@ def resolve_config(
     data = options.data
     if data == "auto":
         data = "demo" if demo_available() else "teacher"
+    if options.greedy_answers and data != "teacher":  # decided here, before any model is loaded
+        raise XecomlaError("--greedy-answers needs --data teacher (the teacher's answers to its own questions)")
     val_tokens = options.val_tokens
     if val_tokens is None:
         val_tokens = 65536 if device.type == "cuda" else 4096

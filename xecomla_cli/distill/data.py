@@ -48,10 +48,10 @@ def prepare_data(
     if data is not None:
         log(f"{data.describe()} (cached in {cache})")
         return data
-    if cfg.greedy_answers and (cfg.data != "teacher" or not has_chat_template(tokenizer)):
+    if cfg.greedy_answers and not has_chat_template(tokenizer):
         raise XecomlaError(
-            "--greedy-answers needs --data teacher and a teacher with a chat template (its answers to its own "
-            "questions): drop it, or pass --data teacher"
+            "--greedy-answers needs --data teacher from a teacher with a chat template (it answers its own "
+            "questions): drop it for this teacher"
         )
     if cfg.data == "teacher":
         data = sample_teacher_data(cfg, tokenizer, teacher, dist)
