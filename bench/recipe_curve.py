@@ -60,6 +60,19 @@ RECIPES: dict[str, dict] = {
         "from": "baseline:kd32k",
         "stages": [("onpol", ["distill", "{prev}", "--on-policy", "--prompts", "64", "--lr", "3e-4"])],
     },
+    "onpol-256": {
+        "about": "baseline, then on-policy distillation (reverse KL, 256 prompts, 32 steps) at lr 1e-4",
+        "from": "baseline:kd32k",
+        "stages": [("onpol-256", ["distill", "{prev}", "--on-policy", "--prompts", "256", "--lr", "1e-4"])],
+    },
+    "dpo": {
+        "about": "baseline, then DPO on 256 teacher-built pairs (teacher's answer chosen, student's rejected), "
+        "beta 0.1, lr 5e-6, one epoch (32 steps)",
+        "from": "baseline:kd32k",
+        "stages": [
+            ("dpo", ["distill", "{prev}", "--dpo", "--prompts", "256", "--beta", "0.1", "--lr", "5e-6"]),
+        ],
+    },
     "seqkd-0.5": {
         "about": "baseline's init and --local, then KD 32k on a mix: half the blocks the teacher's greedy answers "
         "(sequence-level KD, --greedy-answers 0.5), half answers sampled at temperature 1.0",
@@ -116,6 +129,15 @@ RECIPES: dict[str, dict] = {
             ("init", [*INIT, "--calib-data", "teacher+shakespeare"]),
             ("local16k", LOCAL16),
             ("kd32k", KD32),
+        ],
+    },
+    "train-mix": {
+        "about": "calib-mix's init, then --local 16k and KD 32k on a training mix (--data teacher+demo: half the "
+        "blocks the model's chat text, half the bundled plays)",
+        "from": "calib-mix:init",
+        "stages": [
+            ("local16k", [("teacher+demo" if a == "teacher" else a) for a in LOCAL16]),
+            ("kd32k", [("teacher+demo" if a == "teacher" else a) for a in KD32]),
         ],
     },
     "rope-span16": {

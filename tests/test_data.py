@@ -286,3 +286,48 @@ def test_greedy_answer_blocks_mix_into_training_only(tokenizer, monkeypatch):
         )  # fmt: skip
     with pytest.raises(XecomlaError, match="give 0 to 1"):
         resolve_config(dataclasses.replace(opts, greedy_answers=1.5), student_source="s", device=torch.device("cpu"))
+
+
+def test_data_mix_shares_the_blocks_evenly(tmp_path, tokenizer, monkeypatch):
+    """--data teacher+FILE: half the training blocks from each source, interleaved (every batch holds
+    both), the validation tokens shared; --greedy-answers applies to the teacher's share only."""
+    from xecomla_cli.distill import DistillConfig, resolve_config
+    from xecomla_cli.distill import data as data_mod
+    from xecomla_cli.distill.dist import Dist
+
+    calls = []
+
+    def fake_samples(model, tok, n, seq_len, *, seed, answer_temperature, **kw):
+        calls.append((n, answer_temperature))
+        return torch.full((n, seq_len), -1 if answer_temperature is None else -2)
+
+    monkeypatch.setattr(data_mod, "teacher_samples", fake_samples)
+    text = tmp_path / "prose.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(3000)))
+    opts = DistillConfig(data=f"teacher+{text}", tokens=2048, seq_len=32, batch_size=4, val_tokens=128)
+    cfg = resolve_config(opts, student_source="s", device=torch.device("cpu"))
+    got = data_mod.prepare_data(cfg, tokenizer, None, Dist(), tmp_path / "run" / "data.safetensors", lambda _m: None)
+    n = cfg.budget_blocks
+    assert got.train.shape == (n, 32) and n % 2 == 0
+    from_teacher = got.train[:, 0] < 0
+    assert from_teacher[0::2].all() and not from_teacher[1::2].any()  # A B A B ...
+    assert got.val.shape[0] == (64 // 32) * 2 and int((got.val[:, 0] < 0).sum()) == 2
+    assert "teacher" in got.source and "prose.txt" in got.source
+    again = data_mod.prepare_data(cfg, tokenizer, None, Dist(), tmp_path / "run" / "data.safetensors", print)
+    assert torch.equal(again.train, got.train) and len(calls) == 1  # cached: the teacher is not asked again
+
+    greedy = resolve_config(
+        dataclasses.replace(opts, greedy_answers=0.5), student_source="s", device=torch.device("cpu")
+    )
+    mixed = data_mod.mixed_data(greedy, data_mod.data_parts(greedy.data), tokenizer, None, Dist())
+    assert int((mixed.train[0::2, 0] == -2).sum()) == n // 4  # half of the teacher's half
+    with pytest.raises(XecomlaError, match="join different sources"):
+        resolve_config(
+            dataclasses.replace(opts, data="teacher+teacher"), student_source="s", device=torch.device("cpu")
+        )
+    with pytest.raises(XecomlaError, match="--greedy-answers needs --data teacher"):
+        resolve_config(
+            dataclasses.replace(opts, data=f"demo+{text}", greedy_answers=0.5),
+            student_source="s",
+            device=torch.device("cpu"),
+        )

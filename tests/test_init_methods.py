@@ -312,7 +312,7 @@ def test_calibration_texts_and_ids(tmp_path):
     assert calibration_parts("teacher+shakespeare") == ["teacher", "shakespeare"]
     (tmp_path / "x+y.txt").write_text("a file whose name has a plus")
     assert calibration_parts(str(tmp_path / "x+y.txt")) == [str(tmp_path / "x+y.txt")]
-    with pytest.raises(XecomlaError, match="join sources with one"):
+    with pytest.raises(XecomlaError, match="join different sources with one"):
         calibration_parts("teacher++shakespeare")
 
 

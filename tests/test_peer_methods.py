@@ -114,6 +114,31 @@ def test_transmla_is_exact_at_full_rank_when_heads_share_one_real_key_per_pair()
         assert (cplx(ids).logits - ref(ids).logits).abs().max() > 1e-2
 
 
+def test_full_rank_latent_skips_the_eigendecomposition(monkeypatch):
+    """At full rank without a latent norm (the fold search's model) every basis of the latent is exact:
+    the whitened, balanced factors multiply back to W, so the conversion takes up = I, down = W and
+    never decomposes; one rank lower it does."""
+    from xecomla_cli.init import transmla
+
+    gen = torch.Generator().manual_seed(0)
+    W, X = torch.randn(16, 32, generator=gen), torch.randn(32, 200, generator=gen)
+    k_mask = torch.arange(16) < 8
+    up, down, _ = balanced_factors(W, k_mask, X @ X.T / 200, 16, alpha=2.0)
+    assert torch.allclose(up @ down, W, atol=1e-4)
+
+    calls = []
+    real = transmla.balanced_factors
+    monkeypatch.setattr(transmla, "balanced_factors", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    ids = calib()
+    for rank, decomposed in ((64, False), (48, True)):  # 64 = 2·G·h of the tiny model: full rank
+        model = structured_model("llama", real_multiples=True)
+        calls.clear()
+        convert_model(
+            model, build_spec(model.config, kv_rank=rank, rope_dim=16, method="freqfold-1+bkv"), "freqfold-1+bkv", ids
+        )
+        assert bool(calls) == decomposed
+
+
 def test_freqfold_search_doubles_while_the_loss_improves():
     spec = build_spec(make_model("llama").config, kv_rank=16, rope_dim=8, method="transmla")  # c = 2, h/2 = 8
     calls = []

@@ -108,8 +108,8 @@ def distill_command(
         mode_option(
             "--data",
             "'demo' (installed public-domain text), 'teacher' (text sampled from the teacher), a "
-            ".txt/.jsonl/.parquet/.arrow file or directory, or hf:NAME[:CONFIG][:SPLIT]. "
-            "auto: demo when installed, else teacher.",
+            ".txt/.jsonl/.parquet/.arrow file or directory, or hf:NAME[:CONFIG][:SPLIT]; sources joined by '+' "
+            "share the training blocks evenly (teacher+demo). auto: demo when installed, else teacher.",
         ),
     ] = D.data,
     seq_len: Annotated[int, mode_option("--seq-len", "tokens per packed training block.")] = D.seq_len,

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import XecomlaError
 from ..text.bundled import demo_available
+from ..text.mix import mix_parts
 from ..text.packing import steps_for_tokens
 
 PRECISIONS = ("bf16", "fp32")  # resolved (choices.Precision adds "auto")
@@ -175,12 +176,13 @@ def resolve_config(
     data = options.data
     if data == "auto":
         data = "demo" if demo_available() else "teacher"
-    if options.greedy_answers and data != "teacher":  # decided here, before any model is loaded
+    parts = data_parts(data)
+    if options.greedy_answers and "teacher" not in parts:  # decided here, before any model is loaded
         raise XecomlaError("--greedy-answers needs --data teacher (the teacher's answers to its own questions)")
     val_tokens = options.val_tokens
     if val_tokens is None:
         val_tokens = 65536 if device.type == "cuda" else 4096
-    if data == "teacher" and val_tokens > 16384 and device.type != "cuda":
+    if "teacher" in parts and val_tokens > 16384 and device.type != "cuda":
         val_tokens = 16384  # sampling from the teacher is slow on CPU
     return ResolvedConfig(
         **{
@@ -192,6 +194,11 @@ def resolve_config(
             "total_steps": total_steps,
         }
     )
+
+
+def data_parts(data: str) -> list[str]:
+    """The sources of ``--data``: one, or a mix ('teacher+demo': the training blocks shared evenly)."""
+    return mix_parts(data, "--data", "teacher+demo")
 
 
 def budget_steps(options: DistillConfig) -> int:

@@ -6,7 +6,9 @@ made with the same data settings, so it trains on exactly the same blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from ..errors import XecomlaError
 from ..text.chat import has_chat_template
 from ..text.packing import PackedData, prepare_text_data
 from ..text.teacher import round_seed, teacher_samples
-from .config import ResolvedConfig
+from .config import ResolvedConfig, data_parts
 from .dist import Dist
 
 TEACHER_SAMPLE_TOKENS = 2_000_000  # at most this many training tokens are sampled from the teacher
@@ -53,23 +55,62 @@ def prepare_data(
             "--greedy-answers needs --data teacher from a teacher with a chat template (it answers its own "
             "questions): drop it for this teacher"
         )
-    if cfg.data == "teacher":
-        data = sample_teacher_data(cfg, tokenizer, teacher, dist)
+    parts = data_parts(cfg.data)
+    if len(parts) > 1:
+        data = mixed_data(cfg, parts, tokenizer, teacher, dist)
     else:
-        budget = cfg.budget_blocks * cfg.seq_len
-        with console.status(f"tokenising {cfg.data}"):
-            data = prepare_text_data(
-                cfg.data,
-                tokenizer,
-                cfg.seq_len,
-                val_fraction=cfg.val_fraction,
-                val_tokens=cfg.val_tokens,
-                max_tokens=max(4 * budget, 10_000_000),
-            )
+        data = source_data(cfg, tokenizer, teacher, dist)
     if dist.main:
         write_cache(cache, key, data)
     log(data.describe())
     return data
+
+
+def source_data(cfg: ResolvedConfig, tokenizer, teacher, dist: Dist) -> PackedData:
+    """The blocks of one source: sampled from the teacher, or read and tokenised."""
+    if cfg.data == "teacher":
+        return sample_teacher_data(cfg, tokenizer, teacher, dist)
+    budget = cfg.budget_blocks * cfg.seq_len
+    with console.status(f"tokenising {cfg.data}"):
+        return prepare_text_data(
+            cfg.data,
+            tokenizer,
+            cfg.seq_len,
+            val_fraction=cfg.val_fraction,
+            val_tokens=cfg.val_tokens,
+            max_tokens=max(4 * budget, 10_000_000),
+        )
+
+
+def mixed_data(cfg: ResolvedConfig, parts: list[str], tokenizer, teacher, dist: Dist) -> PackedData:
+    """``--data A+B``: each source gives an equal share of the training blocks (a smaller one repeated),
+    interleaved A B A B … so that every batch holds each, and of the validation tokens.
+    --greedy-answers applies to the teacher's share."""
+    k = len(parts)
+    per_part = math.ceil(cfg.budget_blocks / k)  # training blocks from each source
+    shares = []
+    for part in parts:
+        part_cfg = dataclasses.replace(
+            cfg,
+            data=part,
+            total_steps=max(1, math.ceil(cfg.total_steps / k)),
+            val_tokens=max(cfg.seq_len, cfg.val_tokens // k),
+            greedy_answers=cfg.greedy_answers if part == "teacher" else 0.0,
+        )
+        shares.append(source_data(part_cfg, tokenizer, teacher, dist))
+    train = [repeat_to(s.train, per_part) for s in shares]  # k x (per_part, seq_len)
+    return PackedData(
+        torch.stack(train, dim=1).reshape(k * per_part, cfg.seq_len),
+        torch.cat([s.val for s in shares]),
+        " + ".join(s.source for s in shares),
+        sum(s.documents for s in shares),
+        sum(s.tokens for s in shares),
+    )
+
+
+def repeat_to(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n blocks, the whole set repeated when it holds fewer."""
+    return blocks.repeat(math.ceil(n / blocks.shape[0]), 1)[:n]
 
 
 def read_cache(cache: Path, key: dict, source: str) -> PackedData | None:

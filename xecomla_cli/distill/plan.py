@@ -21,7 +21,7 @@ from .. import console
 from ..checkpoint import CheckpointInfo, read_meta
 from ..errors import XecomlaError
 from ..outputs import Claim, claim, default_output, remove_leftovers
-from .config import RunConfig
+from .config import RunConfig, data_parts
 from .dist import Dist
 
 # the section of xecomla.json that records each stage's settings
@@ -123,9 +123,9 @@ def plan_run(
 
 
 def data_paths(data: str) -> list[Path]:
-    """The local files of --data or --prefs (none for demo, teacher and Hub datasets)."""
-    path = Path(data).expanduser()
-    return [path] if data not in ("demo", "teacher") and path.exists() else []
+    """The local files of --data (each source of a mix) or --prefs (none for demo, teacher and Hub datasets)."""
+    paths = [Path(part).expanduser() for part in data_parts(data)]
+    return [p for p in paths if str(p) not in ("demo", "teacher") and p.exists()]
 
 
 def finished_run(

@@ -79,7 +79,9 @@ def transmla_state_dict(
     # Latent: PCA of the residual keys and the values (balanced with bkv), repeated to the H heads.
     W, k_mask = residual_kv_rows(w, f, G, h)
     C = stats.cov if cfg.whiten else None
-    if cfg.balance:
+    if r >= W.shape[0] and not spec.latent_norm:  # full rank (the fold search): every basis is exact
+        up, down = torch.eye(W.shape[0]), W.float()  # (skips an eigendecomposition per layer and fold)
+    elif cfg.balance:
         up, down, _ = balanced_factors(W, k_mask, C, r, bkv_alpha(w, f, stats))
     else:
         up, down, _ = whitened_factors(W, C, r)

@@ -19,24 +19,18 @@ import torch
 from ..errors import XecomlaError
 from .bundled import DEMO_TEXT_INSTALL, demo_plays
 from .documents import iter_documents
+from .mix import mix_parts
 from .validate import TextCheck
 
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
 TEACHER, SHAKESPEARE = "teacher", "shakespeare"  # --calib-data's named sources; anything else is a path
-MIX = "+"  # --calib-data A+B: a mix of sources
 CALIB_SEED = 1009  # the calibration sample's seed: its own draws, apart from distill's (seed 0 by default)
 
 
 def calibration_parts(data: str) -> list[str]:
-    """The sources of a ``--calib-data`` value: 'teacher+shakespeare' -> ['teacher', 'shakespeare'];
-    a path that exists is one source, even with a '+' in its name."""
-    if MIX not in data or Path(data).expanduser().exists():
-        return [data]
-    parts = data.split(MIX)
-    if any(not p for p in parts):
-        raise XecomlaError(f"--calib-data '{data}': join sources with one '+', e.g. teacher+shakespeare")
-    return parts
+    """The sources of a ``--calib-data`` value: 'teacher+shakespeare' -> ['teacher', 'shakespeare']."""
+    return mix_parts(data, "--calib-data", "teacher+shakespeare")
 
 
 def calibration_documents(path: str | Path | None) -> Iterator[str]:
