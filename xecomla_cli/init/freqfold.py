@@ -48,10 +48,11 @@ def fold_slots(span: int, fold: int, collapse: int) -> tuple[torch.Tensor, torch
     return torch.arange(span).view(span // fold, fold), collapse * torch.arange(span // collapse)
 
 
-def fold_rotation(K: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real PCA of complex channels K (m, c) in the input metric C (c, c): U (m, m) real orthogonal,
-    columns by decreasing eigenvalue of Re(K C Kᴴ) = E[Re k Re kᵀ + Im k Im kᵀ], and the eigenvalues."""
-    M = (K @ C.to(K.dtype) @ K.conj().T).real
+def fold_rotation(K: torch.Tensor, KC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real PCA of complex channels K (m, c) in the input metric C (c, c), given KC = K C (m, c): U (m, m)
+    real orthogonal, columns by decreasing eigenvalue of Re(K C Kᴴ) = E[Re k Re kᵀ + Im k Im kᵀ], and
+    the eigenvalues."""
+    M = (KC @ K.conj().T).real
     with single_thread():
         evals, U = torch.linalg.eigh(M)
     return U.flip(1), evals.flip(0)
@@ -91,9 +92,11 @@ def freqfold_keys(
     groups, slot_pairs = fold_slots(span, fold, collapse)
     k_slots, q_slots, nope = [], [], [K[:, span:].reshape(-1, K.shape[-1])]  # pairs past the span: no RoPE
     resid = K.clone()
+    Cd = C.double()  # K C of the span's pairs, once for every fold group: (G, span, c), C real
+    KC = torch.complex(K[:, :span].real @ Cd, K[:, :span].imag @ Cd)
     for js in groups:
         Ka = K[:, js].reshape(G * fold, -1)  # (G·N, c): channels (g, i)
-        U, _ = fold_rotation(Ka, C)
+        U, _ = fold_rotation(Ka, KC[:, js].reshape(G * fold, -1))
         U = U.to(K.dtype)
         Kr = U.T @ Ka  # (G·N, c): rotated channels, strongest first
         k_slots.append(Kr[:m])
