@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import console
 from ..errors import XecomlaError
 from ..text.chat import has_chat_template, left_pad, stop_ids, trim_at_stop, user_header
 from ..text.sampling import sample
@@ -147,13 +148,15 @@ def teacher_pairs(teacher, student, tokenizer, n: int, *, batch: int = 16, tempe
     if not has_chat_template(tokenizer):
         raise XecomlaError("teacher-built preference pairs need a chat model (a tokenizer with a chat template)")
     pairs = Pairs([], [], [])
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), console.make_progress() as progress:
+        task = progress.add_task("building preference pairs", total=n)
         torch.manual_seed(seed)
         while len(pairs) < n:
             prompts = teacher_prompts(teacher, tokenizer, min(batch, n - len(pairs)), temperature)
             pairs.prompt += prompts
             pairs.chosen += answers(teacher, tokenizer, prompts, temperature)
             pairs.rejected += answers(student, tokenizer, prompts, temperature)
+            progress.update(task, completed=len(pairs))
     return pairs
 
 
